@@ -1,0 +1,204 @@
+"""Backend registry and dispatch of the W8A8 ops.
+
+Public functions -> ``torch.library`` custom ops ``dit_quant::w8a8_linear`` / ``dit_quant::quantize_rows``
+(with fake implementations, so torch.compile sees one opaque op) -> a registered backend:
+- ``"torch"``: the plain-torch reference (any device);
+- ``"triton"``: the Triton kernels (CUDA sm_80+, or CPU tensors under ``TRITON_INTERPRET=1``).
+
+``"auto"`` picks Triton on CUDA GPUs of compute capability >= 8.0 when Triton imports, else the
+reference, and logs the choice and its reason once per (device, reason). If a Triton kernel fails to
+compile or launch under ``"auto"``, that device falls back to the reference for the rest of the
+process, with one warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from .w8a8_reference import quantize_rows_reference, w8a8_linear_reference
+
+logger = logging.getLogger("dit_quant.kernels")
+
+LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"],
+                    torch.Tensor]
+QuantizeFn = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
+
+
+class Backend(NamedTuple):
+    """One implementation of the W8A8 ops. Both take 2-D activations [M, K]."""
+
+    linear: LinearFn
+    quantize_rows: QuantizeFn
+
+
+BACKENDS: dict[str, Backend] = {}
+REQUESTS = ("auto", "triton", "torch")
+
+_state_lock = threading.Lock()
+_logged: set[tuple[str, str]] = set()
+_triton_failed_devices: set[str] = set()
+_triton_import_error: str | None = None
+
+
+def register_backend(name: str, linear: LinearFn, quantize_rows: QuantizeFn) -> None:
+    """Register (or replace) a backend under ``name``."""
+    BACKENDS[name] = Backend(linear, quantize_rows)
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends ("torch" always; "triton" when Triton imports)."""
+    return sorted(BACKENDS)
+
+
+register_backend("torch", w8a8_linear_reference, quantize_rows_reference)
+
+try:
+    from .w8a8_autotune import choose_config
+    from .w8a8_triton import INTERPRETED as _TRITON_INTERPRETED
+    from .w8a8_triton import quantize_rows_triton, w8a8_linear_triton
+
+    def _triton_linear(x2d, weight, weight_scale, bias, smooth):
+        config = choose_config(x2d, weight, weight_scale, bias, smooth)
+        return w8a8_linear_triton(x2d, weight, weight_scale, bias, smooth, config)
+
+    register_backend("triton", _triton_linear, quantize_rows_triton)
+except ImportError as exc:  # Triton is optional: the reference runs everywhere
+    _triton_import_error = str(exc)
+    _TRITON_INTERPRETED = False
+
+
+def _log_once(device: torch.device, reason: str, message: str, level: int = logging.INFO) -> None:
+    key = (str(device), reason)
+    with _state_lock:
+        if key in _logged:
+            return
+        _logged.add(key)
+    logger.log(level, message)
+
+
+def _auto_choice(device: torch.device) -> tuple[str, str]:
+    """(backend, reason) for ``"auto"`` on a device."""
+    if "triton" not in BACKENDS:
+        return "torch", f"Triton is not importable ({_triton_import_error})"
+    if device.type != "cuda":
+        return "torch", f"{device.type} tensors have no Triton INT8 path"
+    if _TRITON_INTERPRETED:
+        return "torch", "TRITON_INTERPRET=1 is set (the interpreter is for tests only)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 0):
+        return "torch", f"GPU sm_{major}{minor} has no Triton INT8 support"
+    if str(device) in _triton_failed_devices:
+        return "torch", "the Triton kernel failed earlier on this device"
+    return "triton", f"GPU sm_{major}{minor} ({torch.cuda.get_device_name(device)})"
+
+
+def resolve_backend(device: torch.device, requested: str = "auto") -> str:
+    """Backend name ("triton" or "torch") that runs the W8A8 ops on ``device`` for a request.
+
+    ``requested`` is "auto", "triton" or "torch". An explicit "triton" that cannot run raises
+    RuntimeError; "auto" falls back to "torch" and logs the reason once per (device, reason).
+    """
+    device = torch.device(device)
+    if requested not in REQUESTS:
+        raise ValueError(f"DiT Quant: unknown W8A8 backend {requested!r}; expected one of {REQUESTS}")
+    if requested == "torch":
+        return "torch"
+    if requested == "triton":
+        if "triton" not in BACKENDS:
+            raise RuntimeError(f"DiT Quant: backend 'triton' requested but Triton is not importable "
+                               f"({_triton_import_error})")
+        if device.type == "cpu" and not _TRITON_INTERPRETED:
+            raise RuntimeError("DiT Quant: backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set "
+                               "before triton is imported; use backend='torch' or 'auto' on CPU")
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+            major, minor = torch.cuda.get_device_capability(device)
+            raise RuntimeError(f"DiT Quant: backend 'triton' needs a GPU of compute capability 8.0 or "
+                               f"newer; this one is sm_{major}{minor}. Use backend='auto' or 'torch'")
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"DiT Quant: backend 'triton' does not run on {device.type} tensors")
+        return "triton"
+    backend, reason = _auto_choice(device)
+    suffix = "" if backend == "triton" else "; using the torch reference path"
+    _log_once(device, reason, f"DiT Quant: W8A8 backend '{backend}' on {device}: {reason}{suffix}")
+    return backend
+
+
+def _run(op_name: str, device: torch.device, requested: str, *args):
+    backend = resolve_backend(device, requested)
+    impl = getattr(BACKENDS[backend], op_name)
+    if backend != "triton" or requested != "auto":
+        return impl(*args)
+    try:
+        return impl(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:  # compile/launch failure of the Triton kernel: fall back for good
+        with _state_lock:
+            _triton_failed_devices.add(str(device))
+        _log_once(device, "triton failed", f"DiT Quant: the Triton W8A8 kernel failed on {device} "
+                  f"({type(exc).__name__}: {exc}); using the torch reference path from now on",
+                  logging.WARNING)
+        return getattr(BACKENDS["torch"], op_name)(*args)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., K] -> [M, K] with K contiguous (a view when possible)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
+def _w8a8_linear_impl(x, weight, weight_scale, bias, smooth, backend):
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    out = _run("linear", x.device, backend, _rows(x), weight, weight_scale, bias, smooth)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _w8a8_linear_fake(x, weight, weight_scale, bias, smooth, backend):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _quantize_rows_impl(x, smooth, backend):
+    return _run("quantize_rows", x.device, backend, _rows(x), smooth)
+
+
+def _quantize_rows_fake(x, smooth, backend):
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1], dtype=torch.float32))
+
+
+_OPS = {
+    "w8a8_linear": ("w8a8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, Tensor? smooth, "
+                    "str backend) -> Tensor", _w8a8_linear_impl, _w8a8_linear_fake),
+    "quantize_rows": ("quantize_rows(Tensor x, Tensor? smooth, str backend) -> (Tensor, Tensor)",
+                      _quantize_rows_impl, _quantize_rows_fake),
+}
+
+
+def _op_defined(name: str) -> bool:
+    try:
+        getattr(torch.ops.dit_quant, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _define_ops() -> torch.library.Library | None:
+    """Define the custom ops unless another import of this package (ComfyUI's folder name vs
+    ``dit_quant`` in tests) already did; then its definitions are reused."""
+    if all(_op_defined(name) for name in _OPS):
+        return None
+    lib = torch.library.Library("dit_quant", "FRAGMENT")
+    register_fake = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract
+    for name, (schema, impl, fake) in _OPS.items():
+        lib.define(schema)
+        lib.impl(name, impl, "CompositeExplicitAutograd")
+        register_fake(f"dit_quant::{name}", fake, lib=lib)
+    return lib
+
+
+# Kept alive for the life of the process: dropping the Library object unregisters the ops.
+_LIBRARY = _define_ops()

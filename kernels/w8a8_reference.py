@@ -1,0 +1,96 @@
+"""Plain-torch reference of the INT8 W8A8 linear: the exact math every backend must reproduce.
+
+Math (all backends):
+    xs    = x.float() / smooth                      (smooth optional, fp32 [K])
+    scale = max(max|xs| over the row, 1e-12) / 127  (fp32, one per row/token)
+    q     = clamp(round_half_even(xs / scale), -127, 127) -> int8
+    acc   = q @ weight.T                            (int32, exact)
+    out   = acc.float() * scale[:, None] * weight_scale[None, :] (+ bias.float())  -> x.dtype
+
+The integer product is computed exactly: ``torch._int_mm`` (int32 accumulation) where the device and
+shape allow it, otherwise a float32 matmul over K chunks of at most 1024. Each chunk is exact because
+int8 values are exact in fp32/tf32 and a chunk's partial sums stay below 1024 * 127 * 127 < 2**24;
+the chunk results are then summed in int32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+QMAX = 127.0
+SCALE_FLOOR = 1e-12
+_EXACT_FP32_CHUNK = 1024  # 1024 * 127 * 127 = 16_516_096 < 2**24
+
+# Devices on which torch._int_mm raised once; they use the chunked fp32 path from then on.
+_int_mm_failed_devices: set[str] = set()
+
+
+def quantize_rows_reference(x2d: torch.Tensor, smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 quantization of a 2-D activation.
+
+    x2d: [M, K] float (any float dtype); smooth: fp32 [K] divisor or None.
+    Returns (q int8 [M, K], scale fp32 [M]) with x2d / smooth ~= q * scale[:, None].
+    """
+    xs = x2d.float()
+    if smooth is not None:
+        xs = xs / smooth.float()
+    scale = xs.abs().amax(dim=1).clamp_min(SCALE_FLOOR) / QMAX
+    q = torch.round(xs / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def _pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    if t.shape == (rows, cols):
+        return t
+    return torch.nn.functional.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]))
+
+
+def _int_mm_exact(q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """torch._int_mm with the CUDA shape rules met by zero padding (M > 16, K and N multiples of 8)."""
+    m, k = q.shape
+    n = weight.shape[0]
+    if q.device.type != "cuda":
+        return torch._int_mm(q, weight.t())
+    m_pad, k_pad, n_pad = max(m, 17), -(-k // 8) * 8, -(-n // 8) * 8
+    acc = torch._int_mm(_pad_to(q, m_pad, k_pad), _pad_to(weight, n_pad, k_pad).t())
+    return acc[:m, :n]
+
+
+def _chunked_fp32_exact(q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    acc = torch.zeros(q.shape[0], weight.shape[0], dtype=torch.int32, device=q.device)
+    for start in range(0, q.shape[1], _EXACT_FP32_CHUNK):
+        stop = start + _EXACT_FP32_CHUNK
+        part = q[:, start:stop].float() @ weight[:, start:stop].float().t()
+        acc += part.to(torch.int32)
+    return acc
+
+
+def int8_matmul_exact(q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Exact int32 product q @ weight.T of int8 q [M, K] and int8 weight [N, K] -> int32 [M, N]."""
+    device_key = str(q.device)
+    if device_key not in _int_mm_failed_devices and q.device.type in ("cpu", "cuda"):
+        try:
+            return _int_mm_exact(q, weight)
+        except (RuntimeError, NotImplementedError):
+            _int_mm_failed_devices.add(device_key)
+    return _chunked_fp32_exact(q, weight)
+
+
+def w8a8_linear_reference(
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    smooth: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference W8A8 linear on a 2-D input.
+
+    x2d: [M, K] bf16/fp16/fp32; weight: int8 [N, K]; weight_scale: fp32 [N]; bias: [N] or None;
+    smooth: fp32 [K] or None. Returns [M, N] in x2d.dtype.
+    """
+    q, scale = quantize_rows_reference(x2d, smooth)
+    acc = int8_matmul_exact(q, weight)
+    out = acc.float() * scale[:, None] * weight_scale.float()[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x2d.dtype)

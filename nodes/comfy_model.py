@@ -1,0 +1,47 @@
+"""Helpers for handing ComfyUI MODELs (ModelPatcher) to the quantizers."""
+
+import copy
+import uuid
+
+import torch
+
+import comfy.lora
+import comfy.model_management
+import comfy.model_patcher
+
+
+def release_model_weights(patcher: comfy.model_patcher.ModelPatcher) -> None:
+    """Unloads every loaded copy of this model so its module weights are the unpatched originals."""
+    loaded = comfy.model_management.current_loaded_models
+    for i in reversed(range(len(loaded))):
+        other = loaded[i].model
+        if other is not None and other.model is patcher.model:
+            loaded.pop(i).model_unload()
+
+
+def patched_weight(patcher: comfy.model_patcher.ModelPatcher, layer: str, module: torch.nn.Module) -> torch.Tensor:
+    """The layer's float weight with the patcher's weight patches (LoRA, ...) merged, in fp32."""
+    key = f"diffusion_model.{layer}.weight"
+    weight = module.weight.detach().float()
+    if key in patcher.patches:
+        weight = comfy.lora.calculate_weight(patcher.patches[key], weight.clone(), key)
+    return weight
+
+
+def with_new_diffusion_model(patcher: comfy.model_patcher.ModelPatcher, diffusion_model: torch.nn.Module,
+                             consumed_layers: list[str]) -> comfy.model_patcher.ModelPatcher:
+    """A new MODEL like ``patcher`` (options, wrappers, remaining patches) around another diffusion model.
+
+    Patches of ``consumed_layers``' weights are dropped: the caller merged them.
+    """
+    base = copy.copy(patcher.model)
+    base._modules = dict(patcher.model._modules)
+    base.diffusion_model = diffusion_model
+    new = patcher.clone()
+    consumed = {f"diffusion_model.{name}.weight" for name in consumed_layers}
+    new.model = base
+    new.patches = {k: v[:] for k, v in patcher.patches.items() if k not in consumed}
+    new.patches_uuid = uuid.uuid4()
+    new.backup, new.object_patches_backup, new.pinned, new.parent = {}, {}, set(), None
+    new.size = comfy.model_management.module_size(base)
+    return new

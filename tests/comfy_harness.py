@@ -1,0 +1,240 @@
+"""A real ComfyUI, in-process, for the tests: the pack loaded through ComfyUI's own custom-node loader,
+tiny diffusion models built from ComfyUI's own model classes, and graphs run by the real PromptExecutor.
+
+ComfyUI comes from ``$COMFYUI_PATH`` if set (a user's checkout), else from ``.cache/ComfyUI`` made by
+scripts/setup.sh (v0.3.75 from the package registry).
+
+Text encoders cannot be had offline at any size, so graphs get their conditioning from
+``DiTQuantTestConditioning`` (registered here, test-only): seeded random text tokens and pooled vector
+with the shapes the model expects. Everything downstream — loaders, KSampler, our nodes — is real.
+"""
+
+import asyncio
+import os
+import pathlib
+import sys
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACK_FOLDER_NAME = "ComfyUI-DiT-Quant"  # any folder name works; this is the one users clone into
+
+
+def comfy_root() -> pathlib.Path:
+    root = pathlib.Path(os.environ.get("COMFYUI_PATH", REPO_ROOT / ".cache" / "ComfyUI"))
+    if not (root / "nodes.py").is_file():
+        raise RuntimeError(f"no ComfyUI at {root}: run scripts/setup.sh or set COMFYUI_PATH to a ComfyUI checkout")
+    return root
+
+
+@dataclass
+class TinyModelSpec:
+    """A tiny SD3/MMDiT: ComfyUI derives hidden = 64·depth and heads = depth from the weights."""
+
+    depth: int = 2
+    in_channels: int = 16
+    patch_size: int = 2
+    context_dim: int = 64
+    adm_dim: int = 32
+    pos_embed_max_size: int = 16
+    context_tokens: int = 8
+
+
+class TestConditioning:
+    """Test-only node: seeded random conditioning shaped like a text encoder's output."""
+
+    CATEGORY = "DiT Quant/testing"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0}), "tokens": ("INT", {"default": 8}),
+                             "context_dim": ("INT", {"default": 64}), "pooled_dim": ("INT", {"default": 32})}}
+
+    def make(self, seed: int, tokens: int, context_dim: int, pooled_dim: int):
+        g = torch.Generator().manual_seed(seed)
+        context = torch.randn(1, tokens, context_dim, generator=g)
+        pooled = torch.randn(1, pooled_dim, generator=g)
+        return ([[context, {"pooled_output": pooled}]],)
+
+
+class _ServerStandIn:
+    """What PromptExecutor needs of the server: progress messages go nowhere."""
+
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+    sockets_metadata: dict = {}
+
+    def send_sync(self, event, data, sid=None):
+        pass
+
+
+@dataclass
+class Comfy:
+    root: pathlib.Path
+    base_dir: pathlib.Path
+    pack: Any
+    nodes: Any
+    modules: dict = field(default_factory=dict)
+
+    @property
+    def diffusion_models_dir(self) -> pathlib.Path:
+        return self.base_dir / "models" / "diffusion_models"
+
+    def run(self, prompt: dict) -> dict:
+        """Validates and executes an API-format graph; returns {node_id: ui outputs}. Raises on failure."""
+        import execution
+
+        prompt_id = str(uuid.uuid4())
+        valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        if not valid[0]:
+            raise RuntimeError(f"graph rejected: {valid[1]} {valid[3]}")
+        executor = execution.PromptExecutor(_ServerStandIn(), cache_args={"lru": 0, "ram": 0})
+        executor.execute(prompt, prompt_id, {}, valid[2])
+        if not executor.success:
+            errors = [m for m in executor.status_messages if m[0] == "execution_error"]
+            raise RuntimeError(f"graph failed: {errors}")
+        return executor.history_result["outputs"]
+
+    def module(self, name: str):
+        """A pack module as ComfyUI imported it, e.g. ``comfy.module("quant.int8_linear")``."""
+        import importlib
+
+        return importlib.import_module(f"{self.pack.__name__}.{name}")
+
+    def run_node(self, class_name: str, **inputs) -> tuple:
+        """Calls one node's function directly (for inputs that cannot be expressed in a graph)."""
+        cls = self.nodes.NODE_CLASS_MAPPINGS[class_name]
+        return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+_COMFY: Comfy | None = None
+
+
+def load_comfy(base_dir: pathlib.Path) -> Comfy:
+    """Imports ComfyUI (CPU), registers model folders under ``base_dir`` and loads the pack as ComfyUI does."""
+    global _COMFY
+    if _COMFY is not None:
+        return _COMFY
+    root = comfy_root()
+    sys.path.insert(0, str(root))
+    from comfy.cli_args import args
+
+    args.cpu = True
+    args.bf16_unet = True  # diffusion models compute in bf16, as on a GPU (ComfyUI's CPU default is fp32)
+    import utils.extra_config  # noqa: F401  (must precede `import nodes`, which shadows `utils`)
+    import folder_paths
+    import nodes
+
+    for sub in ("checkpoints", "loras", "diffusion_models"):  # "unet" is a legacy alias of diffusion_models
+        (base_dir / "models" / sub).mkdir(parents=True, exist_ok=True)
+        folder_paths.add_model_folder_path(sub, str(base_dir / "models" / sub), is_default=True)
+    for sub in ("output", "input", "temp"):
+        (base_dir / sub).mkdir(exist_ok=True)
+    folder_paths.set_output_directory(str(base_dir / "output"))
+    folder_paths.set_input_directory(str(base_dir / "input"))
+    folder_paths.set_temp_directory(str(base_dir / "temp"))
+
+    custom_nodes = base_dir / "custom_nodes"
+    custom_nodes.mkdir(parents=True, exist_ok=True)
+    link = custom_nodes / PACK_FOLDER_NAME
+    if not link.exists():
+        link.symlink_to(REPO_ROOT, target_is_directory=True)
+    asyncio.run(nodes.init_builtin_extra_nodes())
+    before = set(nodes.NODE_CLASS_MAPPINGS)
+    ok = asyncio.run(nodes.load_custom_node(str(link)))
+    if not ok:
+        raise RuntimeError("ComfyUI failed to load the pack (see the log above)")
+    loaded = set(nodes.NODE_CLASS_MAPPINGS) - before
+    register_test_nodes(nodes)
+    # ComfyUI registers a pack folder under its full path as the module name.
+    _COMFY = Comfy(root=root, base_dir=base_dir, pack=sys.modules[str(link).replace(".", "_x_")], nodes=nodes,
+                   modules={"loaded_node_classes": sorted(loaded)})
+    return _COMFY
+
+
+def init_random_(module: torch.nn.Module, seed: int) -> None:
+    """Fresh random weights (never zeros): fan-in scaled for matrices, small values for vectors."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        tensors = list(module.named_parameters()) + [(n, b) for n, b in module.named_buffers() if b.is_floating_point()]
+        for _, p in sorted(tensors, key=lambda item: item[0]):
+            fan_in = p[0].numel() if p.ndim >= 2 else 1
+            std = fan_in ** -0.5 if p.ndim >= 2 else 0.02
+            p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+
+
+def build_tiny_mmdit(spec: TinyModelSpec, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """A random-weight MMDiT from ComfyUI's own class (its state dict is detected as SD3)."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+
+    hidden = 64 * spec.depth
+    model = MMDiT(
+        input_size=None, patch_size=spec.patch_size, in_channels=spec.in_channels, depth=spec.depth,
+        adm_in_channels=spec.adm_dim, out_channels=spec.in_channels,
+        context_embedder_config={"target": "torch.nn.Linear",
+                                 "params": {"in_features": spec.context_dim, "out_features": hidden}},
+        pos_embed_max_size=spec.pos_embed_max_size, num_patches=spec.pos_embed_max_size ** 2,
+        pos_embed_scaling_factor=None, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    init_random_(model, seed)
+    return model.to(dtype)
+
+
+def save_tiny_mmdit(path: pathlib.Path, spec: TinyModelSpec | None = None, seed: int = 0,
+                    dtype: torch.dtype = torch.bfloat16) -> pathlib.Path:
+    from safetensors.torch import save_file
+
+    model = build_tiny_mmdit(spec or TinyModelSpec(), seed, dtype)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def sampling_graph(model_node: list | dict, *, seed: int = 1, steps: int = 2, size: int = 64,
+                   spec: TinyModelSpec | None = None, extra: dict | None = None) -> dict:
+    """API-format graph: conditioning → KSampler(model) → latent output node "save" (SaveLatent)."""
+    spec = spec or TinyModelSpec()
+    graph = {
+        "pos": {"class_type": "DiTQuantTestConditioning",
+                "inputs": {"seed": 11, "tokens": spec.context_tokens, "context_dim": spec.context_dim,
+                           "pooled_dim": spec.adm_dim}},
+        "neg": {"class_type": "DiTQuantTestConditioning",
+                "inputs": {"seed": 12, "tokens": spec.context_tokens, "context_dim": spec.context_dim,
+                           "pooled_dim": spec.adm_dim}},
+        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "sample": {"class_type": "KSampler",
+                   "inputs": {"model": model_node, "positive": ["pos", 0], "negative": ["neg", 0],
+                              "latent_image": ["latent", 0], "seed": seed, "steps": steps, "cfg": 3.0,
+                              "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "save": {"class_type": "DiTQuantTestCaptureLatent", "inputs": {"samples": ["sample", 0]}},
+    }
+    graph.update(extra or {})
+    return graph
+
+
+class CaptureLatent:
+    """Test-only output node: keeps the last latent it saw, keyed by prompt, for comparisons."""
+
+    CATEGORY = "DiT Quant/testing"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "capture"
+    captured: list[torch.Tensor] = []
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",)}}
+
+    def capture(self, samples):
+        CaptureLatent.captured.append(samples["samples"].detach().clone())
+        return {"ui": {"shape": list(samples["samples"].shape)}}
+
+
+def register_test_nodes(nodes_module) -> None:
+    nodes_module.NODE_CLASS_MAPPINGS["DiTQuantTestConditioning"] = TestConditioning
+    nodes_module.NODE_CLASS_MAPPINGS["DiTQuantTestCaptureLatent"] = CaptureLatent

@@ -1,0 +1,292 @@
+"""W8A8 linear: both backends against a float64 computation of the same math, the custom op, the
+dispatcher. On CPU the Triton backend runs in the interpreter (TRITON_INTERPRET=1, set by conftest.py);
+on a GPU natively.
+
+Tolerances (stated once, used below):
+- quantized ints vs a float64 quantization: >= 99.9% equal, none off by more than 1 (fp32 vs fp64
+  division can land on the other side of a .5 tie);
+- row scales vs float64: relative 1e-6 (two fp32 roundings);
+- outputs vs the float64 epilogue applied to the backend's own int8 rows: one ulp of the output dtype
+  relative (the interpreter truncates fp32 -> bf16/fp16 instead of rounding), plus 2**-21 of the
+  magnitude of the fp32 terms (product and bias) for the fp32 epilogue's own roundings.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from dit_quant.kernels import available_backends, dispatch, quantize_rows, resolve_backend, w8a8_linear
+from dit_quant.kernels.w8a8_reference import int8_matmul_exact
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = ["torch"] + (["triton"] if "triton" in available_backends() else [])
+ULP_REL = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 0.0}
+
+
+def _inputs(m_shape, k, n, dtype, has_bias, has_smooth, seed):
+    """Fresh random activation (with a few outlier channels), int8 weight, scales, bias, smooth."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*m_shape, k, generator=g)
+    outliers = torch.randperm(k, generator=g)[:3]
+    x[..., outliers] *= 40.0  # DiT-like outlier channels
+    weight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    weight_scale = torch.rand(n, generator=g) * 0.02 + 1e-3
+    bias = torch.randn(n, generator=g) if has_bias else None
+    smooth = torch.rand(k, generator=g) * 4.0 + 0.25 if has_smooth else None
+    move = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return move(x.to(dtype)), move(weight), move(weight_scale), move(bias), move(smooth)
+
+
+def _quantize_fp64(x2d, smooth):
+    xs = x2d.double() / (smooth.double() if smooth is not None else 1.0)
+    scale = xs.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    return torch.round(xs / scale[:, None]).clamp(-127, 127), scale
+
+
+def _check_quantized(q, scale, x2d, smooth):
+    q64, scale64 = _quantize_fp64(x2d, smooth)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32
+    torch.testing.assert_close(scale.double(), scale64, rtol=1e-6, atol=0)
+    diff = (q.double() - q64).abs()
+    assert diff.max().item() <= 1, f"quantized ints off by {diff.max().item()}"
+    assert (diff == 0).double().mean().item() >= 0.999
+
+
+CASES = [  # (leading shape, K, N, dtype, bias, smooth)
+    ((1,), 256, 96, torch.bfloat16, True, True),  # M = 1 (small-M path)
+    ((77,), 200, 72, torch.bfloat16, False, True),  # K not a multiple of 64, ragged N
+    ((77,), 192, 40, torch.float16, True, False),
+    ((130,), 200, 100, torch.bfloat16, True, False),  # large-M path, M not a multiple of the tile
+    ((130,), 128, 64, torch.float32, False, True),
+    ((2, 33), 96, 48, torch.float16, True, True),  # 3-D input
+    ((3, 5), 64, 24, torch.float32, True, False),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"m{'x'.join(map(str, c[0]))}-k{c[1]}-n{c[2]}-"
+                         f"{str(c[3])[6:]}-bias{int(c[4])}-smooth{int(c[5])}")
+def test_w8a8_linear_matches_fp64(backend, case):
+    lead, k, n, dtype, has_bias, has_smooth = case
+    x, weight, weight_scale, bias, smooth = _inputs(lead, k, n, dtype, has_bias, has_smooth, seed=CASES.index(case))
+    out = w8a8_linear(x, weight, weight_scale, bias, smooth, backend=backend)
+    assert out.shape == (*lead, n) and out.dtype == dtype and out.device.type == DEVICE.type
+
+    x2d = x.reshape(-1, k)
+    q, scale = quantize_rows(x2d, smooth, backend=backend)
+    _check_quantized(q, scale, x2d, smooth)
+    product = (q.double() @ weight.double().t()) * scale.double()[:, None] * weight_scale.double()[None, :]
+    bias64 = bias.double() if bias is not None else torch.zeros_like(product[0])
+    expected = product + bias64
+    bound = ULP_REL[dtype] * expected.abs() + 2.0**-21 * (product.abs() + bias64.abs()) + 1e-30
+    err = (out.reshape(-1, n).double() - expected).abs()
+    assert (err <= bound).all(), f"max error / bound = {(err / bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_input_and_zero_rows(backend):
+    x, weight, weight_scale, bias, smooth = _inputs((40,), 64, 32, torch.bfloat16, True, True, seed=7)
+    x_t = x.t().contiguous().t()  # same values, column-major strides
+    assert not x_t.is_contiguous()
+    torch.testing.assert_close(w8a8_linear(x_t, weight, weight_scale, bias, smooth, backend=backend),
+                               w8a8_linear(x, weight, weight_scale, bias, smooth, backend=backend), rtol=0, atol=0)
+    # An all-zero row quantizes to zeros with the floor scale; its output is exactly the bias.
+    x[3] = 0
+    out = w8a8_linear(x, weight, weight_scale, bias, smooth, backend=backend)
+    torch.testing.assert_close(out[3].float(), bias.to(torch.bfloat16).float(), rtol=0, atol=0)
+    empty = w8a8_linear(x[:0], weight, weight_scale, bias, smooth, backend=backend)
+    assert empty.shape == (0, 32)
+
+
+def test_backends_agree_on_larger_problem():
+    """Both backends compute the same function: quantized rows equal, outputs within 1 bf16 ulp."""
+    if "triton" not in BACKENDS:
+        pytest.skip("Triton is not importable here")
+    x, weight, weight_scale, bias, smooth = _inputs((200,), 320, 136, torch.bfloat16, True, True, seed=11)
+    ref = w8a8_linear(x, weight, weight_scale, bias, smooth, backend="torch").float()
+    out = w8a8_linear(x, weight, weight_scale, bias, smooth, backend="triton").float()
+    assert ((out - ref).abs() <= 2.0**-7 * ref.abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("k", [300, 2100])
+def test_exact_int8_matmul_paths(k, monkeypatch):
+    """int8 x int8 -> int32 product is exact on both reference paths (_int_mm and chunked fp32)."""
+    g = torch.Generator().manual_seed(k)
+    q = torch.randint(-127, 128, (5, k), generator=g, dtype=torch.int8).to(DEVICE)
+    w = torch.randint(-127, 128, (9, k), generator=g, dtype=torch.int8).to(DEVICE)
+    exact = (q.long() @ w.long().t()) if DEVICE.type == "cpu" else (q.double() @ w.double().t()).long()
+    assert torch.equal(int8_matmul_exact(q, w).long(), exact)
+    from dit_quant.kernels import w8a8_reference
+
+    monkeypatch.setattr(w8a8_reference, "_int_mm_failed_devices", {str(q.device)})
+    assert torch.equal(int8_matmul_exact(q, w).long(), exact)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_op_opcheck(backend):
+    x, weight, weight_scale, bias, smooth = _inputs((2, 5), 64, 48, torch.bfloat16, True, True, seed=3)
+    torch.library.opcheck(torch.ops.dit_quant.w8a8_linear.default, (x, weight, weight_scale, bias, smooth, backend))
+    torch.library.opcheck(torch.ops.dit_quant.quantize_rows.default, (x[0], smooth, backend))
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    x, weight, weight_scale, bias, smooth = _inputs((3, 7), 64, 32, torch.bfloat16, True, True, seed=5)
+
+    class Block(torch.nn.Module):
+        def forward(self, h):
+            return w8a8_linear(torch.nn.functional.gelu(h), weight, weight_scale, bias, smooth) * 2.0
+
+    block = Block()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), block(x), rtol=0, atol=0)
+
+
+def test_input_validation_errors():
+    x, weight, weight_scale, bias, smooth = _inputs((4,), 64, 16, torch.bfloat16, True, True, seed=1)
+    with pytest.raises(ValueError, match="int8"):
+        w8a8_linear(x, weight.float(), weight_scale)
+    with pytest.raises(ValueError, match="K=64"):
+        w8a8_linear(x[:, :32], weight, weight_scale)
+    with pytest.raises(ValueError, match="weight_scale"):
+        w8a8_linear(x, weight, weight_scale[:8])
+    with pytest.raises(ValueError, match="smooth"):
+        w8a8_linear(x, weight, weight_scale, smooth=smooth[:10])
+    with pytest.raises(ValueError, match="unknown W8A8 backend"):
+        w8a8_linear(x, weight, weight_scale, backend="cuda")
+
+
+# ---------------------------------------------------------------- dispatcher
+
+
+@pytest.fixture
+def fresh_dispatch_state(monkeypatch):
+    monkeypatch.setattr(dispatch, "_logged", set())
+    monkeypatch.setattr(dispatch, "_triton_failed_devices", set())
+    return monkeypatch
+
+
+def _fake_gpu(monkeypatch, capability):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(dispatch, "_TRITON_INTERPRETED", False)
+
+
+def test_auto_on_cpu_picks_reference_and_logs_once(fresh_dispatch_state, caplog):
+    caplog.set_level(logging.INFO, logger="dit_quant.kernels")
+    assert resolve_backend(torch.device("cpu"), "auto") == "torch"
+    assert resolve_backend(torch.device("cpu"), "auto") == "torch"
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "torch reference path" in messages[0] and "cpu" in messages[0]
+    assert resolve_backend(torch.device("cpu"), "torch") == "torch"
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not importable here")
+def test_auto_on_gpus_by_compute_capability(fresh_dispatch_state, caplog):
+    caplog.set_level(logging.INFO, logger="dit_quant.kernels")
+    _fake_gpu(fresh_dispatch_state, (7, 5))
+    assert resolve_backend(torch.device("cuda:0"), "auto") == "torch"
+    assert "GPU sm_75 has no Triton INT8 support; using the torch reference path" in caplog.text
+    with pytest.raises(RuntimeError, match="compute capability 8.0"):
+        resolve_backend(torch.device("cuda:0"), "triton")
+    _fake_gpu(fresh_dispatch_state, (8, 6))
+    caplog.clear()
+    assert resolve_backend(torch.device("cuda:1"), "auto") == "triton"
+    assert resolve_backend(torch.device("cuda:1"), "auto") == "triton"
+    assert len(caplog.records) == 1 and "sm_86" in caplog.text
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not importable here")
+def test_explicit_triton_on_cpu_needs_interpreter(fresh_dispatch_state):
+    fresh_dispatch_state.setattr(dispatch, "_TRITON_INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resolve_backend(torch.device("cpu"), "triton")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not importable here")
+def test_triton_failure_falls_back_once(fresh_dispatch_state, caplog):
+    caplog.set_level(logging.INFO, logger="dit_quant.kernels")
+    _fake_gpu(fresh_dispatch_state, (8, 0))
+    calls = []
+
+    def broken_linear(*args):
+        calls.append(1)
+        raise RuntimeError("PTX JIT compilation failed")
+
+    fresh_dispatch_state.setitem(dispatch.BACKENDS, "triton",
+                                 dispatch.Backend(broken_linear, dispatch.BACKENDS["triton"].quantize_rows))
+    x, weight, weight_scale, bias, smooth = _inputs((6,), 64, 16, torch.float32, True, False, seed=2)
+    fake_gpu = torch.device("cuda:3")
+    expected = dispatch.BACKENDS["torch"].linear(x, weight, weight_scale, bias, None)
+    for _ in range(2):
+        out = dispatch._run("linear", fake_gpu, "auto", x, weight, weight_scale, bias, None)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert len(calls) == 1  # the failing kernel is not retried
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "PTX JIT compilation failed" in warnings[0].getMessage()
+    assert resolve_backend(fake_gpu, "auto") == "torch"
+    with pytest.raises(RuntimeError, match="PTX JIT"):  # an explicit request surfaces the error
+        dispatch._run("linear", fake_gpu, "triton", x, weight, weight_scale, bias, None)
+
+
+def test_second_import_under_another_name_reuses_ops():
+    """ComfyUI imports the pack under its folder name while tests use ``dit_quant``: both must work."""
+    alias = types.ModuleType("dit_quant_alias_for_test")
+    alias.__path__ = list(sys.modules["dit_quant"].__path__)
+    sys.modules[alias.__name__] = alias
+    try:
+        import importlib
+
+        kernels_copy = importlib.import_module(f"{alias.__name__}.kernels")
+        assert kernels_copy.w8a8_linear is not w8a8_linear
+        x, weight, weight_scale, bias, smooth = _inputs((5,), 64, 16, torch.bfloat16, True, True, seed=4)
+        torch.testing.assert_close(kernels_copy.w8a8_linear(x, weight, weight_scale, bias, smooth, backend="torch"),
+                                   w8a8_linear(x, weight, weight_scale, bias, smooth, backend="torch"),
+                                   rtol=0, atol=0)
+    finally:
+        for name in [n for n in sys.modules if n.startswith(alias.__name__)]:
+            del sys.modules[name]
+
+
+def test_import_without_triton_uses_reference():
+    script = (
+        "import sys, types, logging\n"
+        "sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+        f"pkg = types.ModuleType('dit_quant'); pkg.__path__ = {list(sys.modules['dit_quant'].__path__)!r}\n"
+        "sys.modules['dit_quant'] = pkg\n"
+        "import torch\n"
+        "from dit_quant.kernels import available_backends, w8a8_linear\n"
+        "assert available_backends() == ['torch'], available_backends()\n"
+        "x = torch.randn(3, 32); w = torch.randint(-127, 128, (8, 32), dtype=torch.int8)\n"
+        "print(tuple(w8a8_linear(x, w, torch.rand(8)).shape))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "(3, 8)" in done.stdout
+    assert "Triton is not importable" in done.stderr
+
+
+# ---------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_capture_and_replay():
+    x, weight, weight_scale, bias, smooth = _inputs((300,), 512, 256, torch.bfloat16, True, True, seed=9)
+    eager = w8a8_linear(x, weight, weight_scale, bias, smooth)  # also tunes/caches outside the capture
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        static_out = w8a8_linear(static_x, weight, weight_scale, bias, smooth)
+    fresh = torch.randn_like(x)
+    static_x.copy_(fresh)
+    graph.replay()
+    torch.testing.assert_close(static_out, w8a8_linear(fresh, weight, weight_scale, bias, smooth), rtol=0, atol=0)
+    assert not torch.equal(static_out, eager)
