@@ -84,7 +84,7 @@ def _tune(candidates: list[GemmConfig], args: tuple) -> GemmConfig:
     best, best_ms = candidates[0], float("inf")
     for config in candidates:
         try:
-            ms = triton.testing.do_bench(lambda: w8a8_linear_triton(*args, config), warmup=5, rep=20)
+            ms = triton.testing.do_bench(lambda c=config: w8a8_linear_triton(*args, c), warmup=5, rep=20)
         except Exception as exc:  # a config the compiler or the GPU rejects is skipped, not fatal
             logger.debug("DiT Quant: W8A8 config %s failed while tuning: %s", config, exc)
             continue

@@ -25,7 +25,9 @@ _EXACT_FP32_CHUNK = 1024  # 1024 * 127 * 127 = 16_516_096 < 2**24
 _int_mm_failed_devices: set[str] = set()
 
 
-def quantize_rows_reference(x2d: torch.Tensor, smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_reference(
+    x2d: torch.Tensor, smooth: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8 quantization of a 2-D activation.
 
     x2d: [M, K] float (any float dtype); smooth: fp32 [K] divisor or None.

@@ -26,7 +26,8 @@ import triton.language as tl
 # triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding then subtracting it rounds an fp32 to the nearest even int
+# 1.5 * 2**23: adding then subtracting it rounds an fp32 to the nearest even integer.
+_ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
@@ -124,7 +125,8 @@ def _w8a8_gemm_kernel(
     for k_step in range(0, tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - k_step * BLOCK_K
         if QUANTIZE_A:
-            a = _quantize_tile(_load_a_tile(a_ptrs, smooth_ptrs, k_mask, EVEN_K, HAS_SMOOTH), a_scale[:, None])
+            a = _load_a_tile(a_ptrs, smooth_ptrs, k_mask, EVEN_K, HAS_SMOOTH)
+            a = _quantize_tile(a, a_scale[:, None])
         elif EVEN_K:
             a = tl.load(a_ptrs)
         else:
@@ -221,7 +223,9 @@ def _check_launchable(t: torch.Tensor) -> None:
         )
 
 
-def quantize_rows_triton(x2d: torch.Tensor, smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_triton(
+    x2d: torch.Tensor, smooth: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton per-row int8 quantization. x2d [M, K] float with K contiguous; smooth fp32 [K] or None.
 
     Returns (q int8 [M, K], scale fp32 [M]).

@@ -5,7 +5,7 @@ activations themselves:
 
 * ``absmax[layer]``         fp32 [K]     max |x[..., k]| over every row seen (all timesteps, both CFG halves)
 * ``rows[layer]``           int          number of rows (tokens × batch) seen
-* ``bucket_absmax[layer]``  fp32 [B, K]  the same maxima split by timestep bucket (only when ``num_buckets`` > 0)
+* ``bucket_absmax[layer]``  fp32 [B, K]  the same maxima per timestep bucket (when ``num_buckets`` > 0)
 * ``reservoir[layer]``      fp32 [R, K]  a uniform random sample of at most ``reservoir_rows`` real input rows
   (reservoir sampling, seeded), the proxy input of the per-layer α search in ``smoothquant``. Memory is
   bounded: R × K × 4 bytes per layer (32 rows of a K=12288 layer: 1.5 MiB).
@@ -82,16 +82,21 @@ class ActivationStats:
         amax = x2d.abs().amax(dim=0).float()
         known = self.absmax.get(layer)
         if known is not None and known.shape != amax.shape:
-            raise ValueError(f"layer {layer}: input has K={amax.shape[0]} channels, earlier inputs had "
-                             f"K={known.shape[0]}")
+            raise ValueError(
+                f"layer {layer}: input has K={amax.shape[0]} channels, earlier inputs had K={known.shape[0]}"
+            )
         self.absmax[layer] = amax if known is None else torch.maximum(known, amax.to(known.device))
         if self.num_buckets:
             if bucket is None or not 0 <= bucket < self.num_buckets:
-                raise ValueError(f"layer {layer}: bucket {bucket!r} is not in 0..{self.num_buckets - 1}; "
-                                 "set the recorder's bucket before running the model")
+                raise ValueError(
+                    f"layer {layer}: bucket {bucket!r} is not in 0..{self.num_buckets - 1}; "
+                    "set the recorder's bucket before running the model"
+                )
             per_bucket = self.bucket_absmax.get(layer)
             if per_bucket is None:
-                per_bucket = torch.zeros(self.num_buckets, amax.shape[0], dtype=torch.float32, device=amax.device)
+                per_bucket = torch.zeros(
+                    self.num_buckets, amax.shape[0], dtype=torch.float32, device=amax.device
+                )
                 self.bucket_absmax[layer] = per_bucket
             per_bucket[bucket] = torch.maximum(per_bucket[bucket], amax.to(per_bucket.device))
         if self.reservoir_rows:
@@ -100,7 +105,7 @@ class ActivationStats:
 
     def _sample_rows(self, layer: str, x2d: torch.Tensor) -> None:
         """Reservoir sampling (Algorithm R), vectorized: the row with global index t replaces slot
-        j ~ U{0..t} when j < R; when several rows pick one slot the last one wins, as in the sequential form."""
+        j ~ U{0..t} when j < R; when several rows pick one slot the last one wins, as sequentially."""
         capacity, seen, m = self.reservoir_rows, self.rows.get(layer, 0), x2d.shape[0]
         t = torch.arange(seen, seen + m, dtype=torch.float64)
         j = torch.floor(torch.rand(m, generator=self._generator, dtype=torch.float64) * (t + 1)).long()
@@ -109,7 +114,8 @@ class ActivationStats:
         if chosen.numel() == 0:
             return
         last = torch.full((capacity,), -1, dtype=torch.long).scatter_reduce_(
-            0, slot[chosen], chosen, reduce="amax")
+            0, slot[chosen], chosen, reduce="amax"
+        )
         filled = min(seen + m, capacity)
         reservoir = self.reservoir.get(layer)
         if reservoir is None or reservoir.shape[0] < filled:
@@ -140,12 +146,16 @@ class ActivationStats:
         result is again a uniform sample of all rows seen by both.
         """
         if other.num_buckets != self.num_buckets:
-            raise ValueError(f"cannot merge stats with {other.num_buckets} timestep buckets into stats with "
-                             f"{self.num_buckets}")
+            raise ValueError(
+                f"cannot merge stats with {other.num_buckets} timestep buckets into stats with "
+                f"{self.num_buckets}"
+            )
         for layer, amax in other.absmax.items():
             mine = self.absmax.get(layer)
             if mine is not None and mine.shape != amax.shape:
-                raise ValueError(f"layer {layer}: K={amax.shape[0]} in the merged stats, K={mine.shape[0]} here")
+                raise ValueError(
+                    f"layer {layer}: K={amax.shape[0]} in the merged stats, K={mine.shape[0]} here"
+                )
             if mine is None:
                 self.absmax[layer] = amax.clone()
             else:
@@ -153,8 +163,9 @@ class ActivationStats:
             if layer in other.bucket_absmax:
                 theirs = other.bucket_absmax[layer]
                 mine_b = self.bucket_absmax.get(layer)
-                self.bucket_absmax[layer] = (theirs.clone() if mine_b is None
-                                             else torch.maximum(mine_b, theirs.to(mine_b.device)))
+                self.bucket_absmax[layer] = (
+                    theirs.clone() if mine_b is None else torch.maximum(mine_b, theirs.to(mine_b.device))
+                )
             if self.reservoir_rows and layer in other.reservoir:
                 self._merge_reservoir(layer, other.reservoir[layer], other.rows[layer])
             self.rows[layer] = self.rows.get(layer, 0) + other.rows[layer]
@@ -172,10 +183,12 @@ class ActivationStats:
         if mine is None:
             self.reservoir[layer] = theirs[: self.reservoir_rows].clone()
             return
-        weights = torch.cat([
-            torch.full((mine.shape[0],), self.rows[layer] / mine.shape[0], dtype=torch.float64),
-            torch.full((theirs.shape[0],), their_rows / theirs.shape[0], dtype=torch.float64),
-        ])
+        weights = torch.cat(
+            [
+                torch.full((mine.shape[0],), self.rows[layer] / mine.shape[0], dtype=torch.float64),
+                torch.full((theirs.shape[0],), their_rows / theirs.shape[0], dtype=torch.float64),
+            ]
+        )
         keys = torch.rand(weights.shape[0], generator=self._generator, dtype=torch.float64) ** (1.0 / weights)
         keep = torch.topk(keys, min(self.reservoir_rows, weights.shape[0])).indices.sort().values
         both = torch.cat([mine, theirs.to(mine.device)])
@@ -206,12 +219,14 @@ class ActivationStats:
             "rows_per_layer_max": max(self.rows.values(), default=0),
             "absmax_max": max(maxima.values(), default=0.0),
             "nonfinite_layers": [layer for layer, v in maxima.items() if not math.isfinite(v)],
-            "outlier_layers": [{"layer": layer, "max": maxima[layer], "max_over_median": self.max_ratio(layer)}
-                               for layer in by_ratio],
+            "outlier_layers": [
+                {"layer": layer, "max": maxima[layer], "max_over_median": self.max_ratio(layer)}
+                for layer in by_ratio
+            ],
         }
 
     def summary(self) -> str:
-        """Human-readable summary: what was seen, and the layers whose inputs have the strongest outlier channels."""
+        """Human-readable summary: what was seen, and the layers with the strongest input outlier channels."""
         info = self.summary_dict()
         steps = f" × {info['steps_per_prompt']} steps" if info["steps_per_prompt"] else ""
         lines = [
@@ -221,13 +236,16 @@ class ActivationStats:
             f"Largest input |x| over all layers: {info['absmax_max']:.4g}.",
         ]
         if info["nonfinite_layers"]:
-            lines.append(f"WARNING: non-finite inputs in {len(info['nonfinite_layers'])} layer(s): "
-                         + ", ".join(info["nonfinite_layers"][:5]))
+            lines.append(
+                f"WARNING: non-finite inputs in {len(info['nonfinite_layers'])} layer(s): "
+                + ", ".join(info["nonfinite_layers"][:5])
+            )
         if info["outlier_layers"]:
             lines.append("Strongest outlier channels (max / median of the per-channel maxima):")
             width = max(len(row["layer"]) for row in info["outlier_layers"])
             for row in info["outlier_layers"]:
-                lines.append(f"  {row['layer']:<{width}}  max {row['max']:>10.4g}  ratio {row['max_over_median']:>8.1f}")
+                ratio = row["max_over_median"]
+                lines.append(f"  {row['layer']:<{width}}  max {row['max']:>10.4g}  ratio {ratio:>8.1f}")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ files
@@ -238,7 +256,9 @@ class ActivationStats:
             tensors[f"absmax/{layer}"] = self.absmax[layer].detach().float().cpu().contiguous()
             tensors[f"rows/{layer}"] = torch.tensor([self.rows[layer]], dtype=torch.int64)
             if layer in self.bucket_absmax:
-                tensors[f"bucket_absmax/{layer}"] = self.bucket_absmax[layer].detach().float().cpu().contiguous()
+                tensors[f"bucket_absmax/{layer}"] = (
+                    self.bucket_absmax[layer].detach().float().cpu().contiguous()
+                )
             if layer in self.reservoir:
                 tensors[f"reservoir/{layer}"] = self.reservoir[layer].detach().float().cpu().contiguous()
         with atomic_path(path) as tmp:
@@ -254,7 +274,9 @@ class ActivationStats:
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CalibrationFileError(f"{path}: not a readable safetensors file ({e})") from e
         if METADATA_KEY not in metadata:
-            raise CalibrationFileError(f"{path}: no {METADATA_KEY} metadata; not a DiT Quant calibration file")
+            raise CalibrationFileError(
+                f"{path}: no {METADATA_KEY} metadata; not a DiT Quant calibration file"
+            )
         try:
             info = json.loads(metadata[METADATA_KEY])
         except json.JSONDecodeError as e:
@@ -262,8 +284,10 @@ class ActivationStats:
         if info.get("format") != STATS_FORMAT:
             raise CalibrationFileError(f"{path}: format {info.get('format')!r} is not {STATS_FORMAT!r}")
         if int(info.get("format_version", 0)) > STATS_FORMAT_VERSION:
-            raise CalibrationFileError(f"{path}: format version {info['format_version']} is newer than this pack "
-                                       f"understands ({STATS_FORMAT_VERSION}); update DiT Quant")
+            raise CalibrationFileError(
+                f"{path}: format version {info['format_version']} is newer than this pack "
+                f"understands ({STATS_FORMAT_VERSION}); update DiT Quant"
+            )
         stats = cls(int(info["num_buckets"]), int(info["reservoir_rows"]), int(info.get("seed", 0)))
         stats.prompts = int(info.get("prompts", 0))
         stats.steps_per_prompt = int(info.get("steps_per_prompt", 0))
@@ -286,20 +310,26 @@ class ActivationStats:
                     raise CalibrationFileError(f"{where}: {table_name}/{layer} has no absmax/{layer} tensor")
         for layer, amax in self.absmax.items():
             if amax.dtype != torch.float32 or amax.ndim != 1:
-                raise CalibrationFileError(f"{where}: absmax/{layer} must be fp32 [K], got {amax.dtype} "
-                                           f"{tuple(amax.shape)}")
+                raise CalibrationFileError(
+                    f"{where}: absmax/{layer} must be fp32 [K], got {amax.dtype} {tuple(amax.shape)}"
+                )
             if layer not in self.rows:
                 raise CalibrationFileError(f"{where}: layer {layer} lacks its rows/{layer} count")
             k = amax.shape[0]
             per_bucket = self.bucket_absmax.get(layer)
             if self.num_buckets and (per_bucket is None or tuple(per_bucket.shape) != (self.num_buckets, k)):
-                raise CalibrationFileError(f"{where}: bucket_absmax/{layer} must be fp32 [{self.num_buckets}, {k}], "
-                                           f"got {None if per_bucket is None else tuple(per_bucket.shape)}")
+                raise CalibrationFileError(
+                    f"{where}: bucket_absmax/{layer} must be fp32 [{self.num_buckets}, {k}], "
+                    f"got {None if per_bucket is None else tuple(per_bucket.shape)}"
+                )
             sample = self.reservoir.get(layer)
-            if sample is not None and (sample.ndim != 2 or sample.shape[1] != k
-                                       or sample.shape[0] > self.reservoir_rows):
-                raise CalibrationFileError(f"{where}: reservoir/{layer} must be fp32 [<= {self.reservoir_rows}, {k}], "
-                                           f"got {tuple(sample.shape)}")
+            if sample is not None and (
+                sample.ndim != 2 or sample.shape[1] != k or sample.shape[0] > self.reservoir_rows
+            ):
+                raise CalibrationFileError(
+                    f"{where}: reservoir/{layer} must be fp32 [<= {self.reservoir_rows}, {k}], "
+                    f"got {tuple(sample.shape)}"
+                )
 
 
 def _linear_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -323,8 +353,12 @@ class ActivationRecorder:
     Set ``recorder.bucket`` before each model call when the stats keep timestep buckets.
     """
 
-    def __init__(self, root: torch.nn.Module, stats: ActivationStats | None = None,
-                 include: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        root: torch.nn.Module,
+        stats: ActivationStats | None = None,
+        include: Callable[[str], bool] | None = None,
+    ) -> None:
         self.root = root
         self.stats = stats if stats is not None else ActivationStats()
         self.include = include
@@ -344,6 +378,7 @@ class ActivationRecorder:
             x = _linear_input(args, kwargs)
             if x is not None:
                 self.stats.observe(name, x, self.bucket)
+
         return hook
 
     def __exit__(self, *exc_info: object) -> None:

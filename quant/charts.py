@@ -1,4 +1,4 @@
-"""Simple, readable bar charts rendered with Pillow into ComfyUI IMAGE tensors ([1, H, W, 3] float in [0, 1])."""
+"""Simple, readable bar charts drawn with Pillow into ComfyUI IMAGE tensors ([1, H, W, 3] float in [0, 1])."""
 
 from __future__ import annotations
 
@@ -14,9 +14,15 @@ _GRID = (225, 225, 225)
 _PALETTE = ((66, 114, 196), (221, 132, 82), (85, 168, 104), (196, 78, 82), (129, 114, 179), (147, 120, 96))
 
 
-def bar_chart(labels: Sequence[str], values: Sequence[float], title: str,
-              intervals: Sequence[tuple[float, float]] | None = None, colors: Sequence[int] | None = None,
-              value_format: str = "{:.3g}", width: int = 960) -> torch.Tensor:
+def bar_chart(
+    labels: Sequence[str],
+    values: Sequence[float],
+    title: str,
+    intervals: Sequence[tuple[float, float]] | None = None,
+    colors: Sequence[int] | None = None,
+    value_format: str = "{:.3g}",
+    width: int = 960,
+) -> torch.Tensor:
     """Horizontal bar chart, one row per label, top to bottom → fp32 [1, H, W, 3] in [0, 1].
 
     values must be finite and >= 0 (errors, ratios). intervals: optional (low, high) whiskers per bar
@@ -49,7 +55,9 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], title: str,
     for tick in range(5):
         x = plot_left + span * tick / 4
         draw.line([(x, top - 4), (x, height - bottom)], fill=_GRID)
-        draw.text((x - 14, height - bottom + 6), value_format.format(scale_max * tick / 4), fill=_TEXT, font=font)
+        draw.text(
+            (x - 14, height - bottom + 6), value_format.format(scale_max * tick / 4), fill=_TEXT, font=font
+        )
     for i, (label, value) in enumerate(zip(labels, values, strict=True)):
         y = top + i * row
         text = str(label)

@@ -21,7 +21,9 @@ from .layer_rules import DEFAULT_RULES, LayerRule, protect_rules
 #   HiDream  ...block.ff_i.shared_experts.w2, ...ff_i.experts.N.w2, ...ff_t.w2
 FFN_DOWN = LayerRule(
     r"(\.mlp\.fc2|_mlp\.2|(^|\.)single_blocks\.\d+\.linear2|\.ffn\.2|_mlp\.net\.2|\.w2)$",
-    False, "protected: FFN down-projection")
+    False,
+    "protected: FFN down-projection",
+)
 
 # Attention output projections:
 #   MMDiT  ...attn.proj / attn2.proj      Flux  double_blocks.N.{img,txt}_attn.proj
@@ -29,7 +31,9 @@ FFN_DOWN = LayerRule(
 #   Lumina2  attention.out                HiDream  attn1.to_out, attn1.to_out_t
 ATTN_OUT = LayerRule(
     r"(\.attn2?\.proj|_attn\.proj|_attn\.o|\.to_out\.0|\.to_add_out|\.attention\.out|\.to_out(_t)?)$",
-    False, "protected: attention output projection")
+    False,
+    "protected: attention output projection",
+)
 
 PRESETS: dict[str, tuple[LayerRule, ...]] = {
     "none": (),
@@ -47,8 +51,9 @@ def protection_rules(preset: str = DEFAULT_PRESET, extra_layers: Iterable[str] =
     return protect_rules(extra_layers, "protected: sensitivity budget") + PRESETS[preset] + DEFAULT_RULES
 
 
-def protection_for_budget(ranked_layers: Sequence[str], param_counts: Mapping[str, int],
-                          fraction: float) -> list[str]:
+def protection_for_budget(
+    ranked_layers: Sequence[str], param_counts: Mapping[str, int], fraction: float
+) -> list[str]:
     """The most sensitive layers whose parameters fit in ``fraction`` of all quantizable parameters.
 
     ranked_layers: most sensitive first (a sensitivity report's order); param_counts: parameters of

@@ -48,7 +48,9 @@ def relative_error(outputs: Outputs, reference: Outputs) -> float:
     outs, refs = _as_list(outputs), _as_list(reference)
     if len(outs) != len(refs) or any(o.shape != r.shape for o, r in zip(outs, refs, strict=True)):
         raise ValueError("denoiser outputs do not match the reference outputs in number or shape")
-    num = sum(((o.double() - r.double().to(o.device)) ** 2).sum().item() for o, r in zip(outs, refs, strict=True))
+    num = sum(
+        ((o.double() - r.double().to(o.device)) ** 2).sum().item() for o, r in zip(outs, refs, strict=True)
+    )
     den = sum((r.double() ** 2).sum().item() for r in refs)
     return math.sqrt(num / den) if den > 0 else math.inf
 
@@ -81,8 +83,10 @@ class SensitivityReport:
         rows = self.rows if top is None else self.rows[:top]
         width = max([len(r.name) for r in rows] + [len(self.unit)])
         lines = [f"{'#':>3}  {self.unit:<{width}}  {'params':>12}  {'rel. error':>10}"]
-        lines += [f"{i + 1:>3}  {r.name:<{width}}  {r.params:>12,}  {r.relative_error:>10.3e}"
-                  for i, r in enumerate(rows)]
+        lines += [
+            f"{i + 1:>3}  {r.name:<{width}}  {r.params:>12,}  {r.relative_error:>10.3e}"
+            for i, r in enumerate(rows)
+        ]
         if top is not None and len(self.rows) > top:
             lines.append(f"... {len(self.rows) - top} more")
         return "\n".join(lines)
@@ -90,19 +94,25 @@ class SensitivityReport:
     def chart(self, top: int = 30) -> torch.Tensor:
         """Bar chart of the ``top`` most sensitive units → IMAGE tensor [1, H, W, 3] in [0, 1]."""
         rows = self.rows[:top]
-        return bar_chart([r.name for r in rows], [r.relative_error for r in rows],
-                         f"Denoiser output error when only this {self.unit} is INT8 (top {len(rows)})",
-                         value_format="{:.2e}")
+        return bar_chart(
+            [r.name for r in rows],
+            [r.relative_error for r in rows],
+            f"Denoiser output error when only this {self.unit} is INT8 (top {len(rows)})",
+            value_format="{:.2e}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"unit": self.unit, "rows": [vars(r) for r in self.rows], "members": self.members}
 
 
-def measure_sensitivity(units: Mapping[str, Sequence[str]], param_counts: Mapping[str, int],
-                        run_denoiser: Callable[[], Outputs],
-                        quantize_only: Callable[[Sequence[str]], contextlib.AbstractContextManager],
-                        unit: str = "layer",
-                        progress: Callable[[int, int], None] | None = None) -> SensitivityReport:
+def measure_sensitivity(
+    units: Mapping[str, Sequence[str]],
+    param_counts: Mapping[str, int],
+    run_denoiser: Callable[[], Outputs],
+    quantize_only: Callable[[Sequence[str]], contextlib.AbstractContextManager],
+    unit: str = "layer",
+    progress: Callable[[int, int], None] | None = None,
+) -> SensitivityReport:
     """Ranks ``units`` ({unit name: its layers}) by the error quantizing only that unit causes.
 
     run_denoiser(): runs the denoiser on fixed calibration inputs (same noise, timesteps, conditioning

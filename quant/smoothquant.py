@@ -32,7 +32,9 @@ def weight_input_absmax(*weights: torch.Tensor) -> torch.Tensor:
         raise ValueError("weight_input_absmax needs at least one weight")
     ks = {w.shape[-1] for w in weights}
     if len(ks) != 1 or any(w.ndim != 2 for w in weights):
-        raise ValueError(f"weights must be 2-D with one common K, got shapes {[tuple(w.shape) for w in weights]}")
+        raise ValueError(
+            f"weights must be 2-D with one common K, got shapes {[tuple(w.shape) for w in weights]}"
+        )
     return torch.stack([w.detach().abs().amax(dim=0).float().cpu() for w in weights]).amax(dim=0)
 
 
@@ -47,8 +49,10 @@ def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alp
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
     if act_absmax.shape != weight_absmax.shape or act_absmax.ndim != 1:
-        raise ValueError(f"act_absmax {tuple(act_absmax.shape)} and weight_absmax {tuple(weight_absmax.shape)} "
-                         "must both be [K]")
+        raise ValueError(
+            f"act_absmax {tuple(act_absmax.shape)} and weight_absmax {tuple(weight_absmax.shape)} "
+            "must both be [K]"
+        )
     a = act_absmax.detach().double().cpu()
     w = weight_absmax.detach().double().cpu().to(a.device)
     valid = torch.isfinite(a) & torch.isfinite(w) & (a > 0) & (w > 0)
@@ -90,8 +94,9 @@ def proxy_inputs(stats: ActivationStats, layer: str, rows: int = PROXY_ROWS, see
     return synthetic_inputs(stats.absmax[layer], rows, seed)
 
 
-def quantized_output_error(weights: Sequence[torch.Tensor], x: torch.Tensor,
-                           smooth: torch.Tensor | None) -> float:
+def quantized_output_error(
+    weights: Sequence[torch.Tensor], x: torch.Tensor, smooth: torch.Tensor | None
+) -> float:
     """Relative error ‖Q(x/s) Q(W·s)ᵀ − x Wᵀ‖_F / ‖x Wᵀ‖_F of the W8A8 product, summed over a group of
     weights [N_i, K] that share the input x [M, K]; bias is left out (it is added exactly).
 
@@ -99,8 +104,9 @@ def quantized_output_error(weights: Sequence[torch.Tensor], x: torch.Tensor,
     """
     weight = torch.cat([w.detach().float() for w in weights]).to(x.device)
     q, scale = quantize_weight_per_channel(weight, smooth)
-    approx = w8a8_linear_reference(x.float(), q, scale, None,
-                                   None if smooth is None else smooth.to(x.device)).double()
+    approx = w8a8_linear_reference(
+        x.float(), q, scale, None, None if smooth is None else smooth.to(x.device)
+    ).double()
     exact = x.double() @ weight.double().t()
     return ((approx - exact).norm() / exact.norm().clamp_min(1e-300)).item()
 
@@ -114,8 +120,13 @@ class AlphaSearchResult:
     errors: dict[str, float] = field(default_factory=dict)
 
 
-def search_alpha(weights: Sequence[torch.Tensor], act_absmax: torch.Tensor, x: torch.Tensor,
-                 alphas: Sequence[float] = ALPHA_GRID, default: float = DEFAULT_ALPHA) -> AlphaSearchResult:
+def search_alpha(
+    weights: Sequence[torch.Tensor],
+    act_absmax: torch.Tensor,
+    x: torch.Tensor,
+    alphas: Sequence[float] = ALPHA_GRID,
+    default: float = DEFAULT_ALPHA,
+) -> AlphaSearchResult:
     """Grid search of α for one layer (or a group of layers sharing one input): the candidate with the
     lowest ``quantized_output_error`` on the proxy input x [M, K] wins.
 
@@ -168,27 +179,47 @@ FOLD_RULES: tuple[FoldRule, ...] = (
     FoldRule(_FLUX_DOUBLE + r"\.txt_attn\.qkv", "{block}.txt_mod.lin", "modulation", {6: (0, 1)}),
     FoldRule(_FLUX_DOUBLE + r"\.txt_mlp\.0", "{block}.txt_mod.lin", "modulation", {6: (3, 4)}),
     # Flux single block: modulation.lin → [shift, scale, gate]; pre_norm(x)·(1+scale)+shift feeds linear1.
-    FoldRule(r"(?P<block>(.*\.)?single_blocks\.\d+)\.linear1", "{block}.modulation.lin", "modulation",
-             {3: (0, 1)}),
+    FoldRule(
+        r"(?P<block>(.*\.)?single_blocks\.\d+)\.linear1", "{block}.modulation.lin", "modulation", {3: (0, 1)}
+    ),
     # SD3/MMDiT (mmdit.py DismantledBlock): adaLN_modulation.1 has 6 chunks (shift/scale/gate msa, mlp),
     # 2 (last context block, pre_only), 4 or 1 (scale_mod_only: no shift), 9 (x_block_self_attn, SD3.5M).
-    FoldRule(_MMDIT + r"\.attn\.qkv", "{block}.adaLN_modulation.1", "modulation",
-             {6: (0, 1), 2: (0, 1), 9: (0, 1), 4: (None, 0), 1: (None, 0)}),
-    FoldRule(_MMDIT + r"\.mlp\.fc1", "{block}.adaLN_modulation.1", "modulation", {6: (3, 4), 9: (3, 4), 4: (None, 2)}),
+    FoldRule(
+        _MMDIT + r"\.attn\.qkv",
+        "{block}.adaLN_modulation.1",
+        "modulation",
+        {6: (0, 1), 2: (0, 1), 9: (0, 1), 4: (None, 0), 1: (None, 0)},
+    ),
+    FoldRule(
+        _MMDIT + r"\.mlp\.fc1",
+        "{block}.adaLN_modulation.1",
+        "modulation",
+        {6: (3, 4), 9: (3, 4), 4: (None, 2)},
+    ),
     FoldRule(_MMDIT + r"\.attn2\.qkv", "{block}.adaLN_modulation.1", "modulation", {9: (6, 7)}),
     # Qwen-Image (qwen_image/model.py): img_mod.1/txt_mod.1 → [shift1, scale1, gate1, shift2, scale2, gate2];
     # the modulated stream feeds to_q/to_k/to_v (txt: add_q/k/v_proj) together, then the MLP input proj.
     FoldRule(_QWEN + r"\.attn\.(to_q|to_k|to_v)", "{block}.img_mod.1", "modulation", {6: (0, 1)}),
-    FoldRule(_QWEN + r"\.attn\.(add_q_proj|add_k_proj|add_v_proj)", "{block}.txt_mod.1", "modulation", {6: (0, 1)}),
+    FoldRule(
+        _QWEN + r"\.attn\.(add_q_proj|add_k_proj|add_v_proj)", "{block}.txt_mod.1", "modulation", {6: (0, 1)}
+    ),
     FoldRule(_QWEN + r"\.img_mlp\.net\.0\.proj", "{block}.img_mod.1", "modulation", {6: (3, 4)}),
     FoldRule(_QWEN + r"\.txt_mlp\.net\.0\.proj", "{block}.txt_mod.1", "modulation", {6: (3, 4)}),
     # HiDream (hidream/model.py): adaLN_modulation.1 → 12 chunks (image msa/mlp, text msa/mlp) in double
     # blocks, 6 in single blocks. The image FFN is a mixture of experts whose router reads the same input
     # through a plain weight, so only attention inputs and the text FFN fold.
-    FoldRule(_HIDREAM + r"\.attn1\.(to_q|to_k|to_v)", "{block}.adaLN_modulation.1", "modulation",
-             {12: (0, 1), 6: (0, 1)}),
-    FoldRule(_HIDREAM + r"\.attn1\.(to_q_t|to_k_t|to_v_t)", "{block}.adaLN_modulation.1", "modulation",
-             {12: (6, 7)}),
+    FoldRule(
+        _HIDREAM + r"\.attn1\.(to_q|to_k|to_v)",
+        "{block}.adaLN_modulation.1",
+        "modulation",
+        {12: (0, 1), 6: (0, 1)},
+    ),
+    FoldRule(
+        _HIDREAM + r"\.attn1\.(to_q_t|to_k_t|to_v_t)",
+        "{block}.adaLN_modulation.1",
+        "modulation",
+        {12: (6, 7)},
+    ),
     FoldRule(_HIDREAM + r"\.ff_t\.(w1|w3)", "{block}.adaLN_modulation.1", "modulation", {12: (9, 10)}),
     # Lumina2 / Z-Image (lumina/model.py): RMSNorm with a weight, then ·(1+scale) (no shift).
     FoldRule(_LUMINA + r"\.attention\.qkv", "{block}.attention_norm1", "norm"),
@@ -209,8 +240,9 @@ class FoldSite:
     scale_chunk: int | None = None
 
 
-def find_fold_sites(param_shapes: Mapping[str, Sequence[int]],
-                    rules: Sequence[FoldRule] = FOLD_RULES) -> list[FoldSite]:
+def find_fold_sites(
+    param_shapes: Mapping[str, Sequence[int]], rules: Sequence[FoldRule] = FOLD_RULES
+) -> list[FoldSite]:
     """Fold sites of a model from its parameter names and shapes (``{k: v.shape for k, v in state_dict}``).
 
     A site is returned only when the source exists with the expected shape (modulation: [C·K, D] with C
@@ -233,18 +265,26 @@ def find_fold_sites(param_shapes: Mapping[str, Sequence[int]],
                 if source_shape is not None and tuple(source_shape) == (k,):
                     groups.setdefault((source, None, None), []).append(layer)
                     kinds[source] = "norm"
-            elif (source_shape is not None and len(source_shape) == 2 and source_shape[0] % k == 0
-                  and f"{source}.bias" in param_shapes and source_shape[0] // k in rule.chunks):
+            elif (
+                source_shape is not None
+                and len(source_shape) == 2
+                and source_shape[0] % k == 0
+                and f"{source}.bias" in param_shapes
+                and source_shape[0] // k in rule.chunks
+            ):
                 shift, scale = rule.chunks[source_shape[0] // k]
                 groups.setdefault((source, shift, scale), []).append(layer)
                 kinds[source] = "modulation"
             break
-    return [FoldSite(tuple(sorted(targets)), source, kinds[source], shift, scale)
-            for (source, shift, scale), targets in sorted(groups.items(), key=lambda item: item[0][0])]
+    return [
+        FoldSite(tuple(sorted(targets)), source, kinds[source], shift, scale)
+        for (source, shift, scale), targets in sorted(groups.items(), key=lambda item: item[0][0])
+    ]
 
 
-def fold_into_modulation(weight: torch.Tensor, bias: torch.Tensor, s: torch.Tensor, scale_chunk: int,
-                         shift_chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_into_modulation(
+    weight: torch.Tensor, bias: torch.Tensor, s: torch.Tensor, scale_chunk: int, shift_chunk: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Folds 1/s into an adaLN modulation Linear [C·K, D] whose chunks drive y = n·(1 + scale) + shift.
 
     y/s = n·(1 + scale') + shift' with scale' = (1 + scale)/s − 1 = scale/s + (1/s − 1) and shift' = shift/s,
@@ -255,8 +295,10 @@ def fold_into_modulation(weight: torch.Tensor, bias: torch.Tensor, s: torch.Tens
     """
     k = s.shape[0]
     if weight.ndim != 2 or weight.shape[0] % k or bias is None or bias.shape != (weight.shape[0],):
-        raise ValueError(f"modulation Linear weight {tuple(weight.shape)} / bias "
-                         f"{None if bias is None else tuple(bias.shape)} does not split into chunks of K={k}")
+        raise ValueError(
+            f"modulation Linear weight {tuple(weight.shape)} / bias "
+            f"{None if bias is None else tuple(bias.shape)} does not split into chunks of K={k}"
+        )
     chunks = weight.shape[0] // k
     for index in (scale_chunk, shift_chunk):
         if index is not None and not 0 <= index < chunks:
@@ -268,27 +310,33 @@ def fold_into_modulation(weight: torch.Tensor, bias: torch.Tensor, s: torch.Tens
             rows = slice(index * k, (index + 1) * k)
             w[rows] *= inv[:, None]
             b[rows] *= inv
-    b[scale_chunk * k:(scale_chunk + 1) * k] += inv - 1.0
+    b[scale_chunk * k : (scale_chunk + 1) * k] += inv - 1.0
     return w.to(weight.dtype), b.to(bias.dtype)
 
 
-def fold_into_norm(weight: torch.Tensor, bias: torch.Tensor | None,
-                   s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fold_into_norm(
+    weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Folds 1/s into an affine norm's per-channel weight [K] (and bias [K]): returns (weight/s, bias/s)."""
     if weight.shape != s.shape or (bias is not None and bias.shape != s.shape):
-        raise ValueError(f"norm weight {tuple(weight.shape)} does not match smoothing vector {tuple(s.shape)}")
+        raise ValueError(
+            f"norm weight {tuple(weight.shape)} does not match smoothing vector {tuple(s.shape)}"
+        )
     inv = 1.0 / s.double().to(weight.device)
     new_bias = None if bias is None else (bias.double() * inv).to(bias.dtype)
     return (weight.double() * inv).to(weight.dtype), new_bias
 
 
-def fold_smoothing(site: FoldSite, s: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fold_smoothing(
+    site: FoldSite, s: torch.Tensor, tensors: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Exact SmoothQuant rewrite of one site: returns the replaced tensors (state-dict keys → new tensors).
 
     The source's output is divided by s and every target's float weight multiplied by s (in its dtype) —
     including targets kept in high precision, since they read the same input. Quantize the returned
     target weights with no smoothing vector. ``tensors`` must hold the source's and targets' tensors.
     """
+
     def need(key: str) -> torch.Tensor:
         if key not in tensors:
             raise KeyError(f"fold site {site.source}: tensor {key!r} is missing")
@@ -296,8 +344,9 @@ def fold_smoothing(site: FoldSite, s: torch.Tensor, tensors: Mapping[str, torch.
 
     out: dict[str, torch.Tensor] = {}
     if site.kind == "modulation":
-        w, b = fold_into_modulation(need(f"{site.source}.weight"), need(f"{site.source}.bias"), s,
-                                    site.scale_chunk, site.shift_chunk)
+        w, b = fold_into_modulation(
+            need(f"{site.source}.weight"), need(f"{site.source}.bias"), s, site.scale_chunk, site.shift_chunk
+        )
         out[f"{site.source}.weight"], out[f"{site.source}.bias"] = w, b
     elif site.kind == "norm":
         w, b = fold_into_norm(need(f"{site.source}.weight"), tensors.get(f"{site.source}.bias"), s)

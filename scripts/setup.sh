@@ -50,3 +50,8 @@ PYEOF
   rm -rf "$tmp"
 fi
 echo "setup done: $VENV, ComfyUI at ${COMFYUI_PATH:-$CACHE/ComfyUI}"
+
+# Headless Chromium for the browser test (tests/test_browser_workflows.py); only when it is missing.
+if ! command -v chromium >/dev/null 2>&1 && [ -z "${DIT_QUANT_CHROMIUM:-}" ]; then
+  bash scripts/install_browser.sh || echo "warning: chromium not installed; the browser test will fail" >&2
+fi

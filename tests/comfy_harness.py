@@ -32,15 +32,34 @@ def comfy_root() -> pathlib.Path:
 
 @dataclass
 class TinyModelSpec:
-    """A tiny SD3/MMDiT: ComfyUI derives hidden = 64·depth and heads = depth from the weights."""
+    """A tiny DiT of one family, built from ComfyUI's own model class.
 
+    sd3: MMDiT; ComfyUI derives hidden = 64·depth and heads = depth from the weights.
+    wan: Wan 2.1 text-to-video; hidden = width (heads = width / 128), FFN width ``ffn``.
+    """
+
+    family: str = "sd3"
     depth: int = 2
+    width: int = 128
+    ffn: int = 256
     in_channels: int = 16
     patch_size: int = 2
-    context_dim: int = 64
-    adm_dim: int = 32
-    pos_embed_max_size: int = 16
     context_tokens: int = 8
+    pos_embed_max_size: int = 16
+
+    @property
+    def context_dim(self) -> int:
+        return {"sd3": 64, "wan": 4096}[self.family]
+
+    @property
+    def pooled_dim(self) -> int:
+        return {"sd3": 32, "wan": 0}[self.family]
+
+    def latent_node(self, size: int) -> dict:
+        if self.family == "wan":
+            return {"class_type": "EmptyHunyuanLatentVideo",
+                    "inputs": {"width": size, "height": size, "length": 1, "batch_size": 1}}
+        return {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}}
 
 
 class TestConditioning:
@@ -53,13 +72,14 @@ class TestConditioning:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0}), "tokens": ("INT", {"default": 8}),
-                             "context_dim": ("INT", {"default": 64}), "pooled_dim": ("INT", {"default": 32})}}
+                             "context_dim": ("INT", {"default": 64, "max": 1 << 16}),
+                             "pooled_dim": ("INT", {"default": 32, "max": 1 << 16})}}
 
     def make(self, seed: int, tokens: int, context_dim: int, pooled_dim: int):
         g = torch.Generator().manual_seed(seed)
         context = torch.randn(1, tokens, context_dim, generator=g)
-        pooled = torch.randn(1, pooled_dim, generator=g)
-        return ([[context, {"pooled_output": pooled}]],)
+        extra = {"pooled_output": torch.randn(1, pooled_dim, generator=g)} if pooled_dim else {}
+        return ([[context, extra]],)
 
 
 class _ServerStandIn:
@@ -169,30 +189,45 @@ def init_random_(module: torch.nn.Module, seed: int) -> None:
             p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
 
 
-def build_tiny_mmdit(spec: TinyModelSpec, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
-    """A random-weight MMDiT from ComfyUI's own class (its state dict is detected as SD3)."""
+def build_tiny_model(spec: TinyModelSpec, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """A random-weight diffusion model of ``spec.family`` from ComfyUI's own class."""
     import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
-    hidden = 64 * spec.depth
-    model = MMDiT(
-        input_size=None, patch_size=spec.patch_size, in_channels=spec.in_channels, depth=spec.depth,
-        adm_in_channels=spec.adm_dim, out_channels=spec.in_channels,
-        context_embedder_config={"target": "torch.nn.Linear",
-                                 "params": {"in_features": spec.context_dim, "out_features": hidden}},
-        pos_embed_max_size=spec.pos_embed_max_size, num_patches=spec.pos_embed_max_size ** 2,
-        pos_embed_scaling_factor=None, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    common = {"dtype": torch.float32, "device": "cpu", "operations": comfy.ops.disable_weight_init}
+    if spec.family == "sd3":
+        from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+
+        hidden = 64 * spec.depth
+        model = MMDiT(
+            input_size=None, patch_size=spec.patch_size, in_channels=spec.in_channels, depth=spec.depth,
+            adm_in_channels=spec.pooled_dim, out_channels=spec.in_channels,
+            context_embedder_config={"target": "torch.nn.Linear",
+                                     "params": {"in_features": spec.context_dim, "out_features": hidden}},
+            pos_embed_max_size=spec.pos_embed_max_size, num_patches=spec.pos_embed_max_size ** 2,
+            pos_embed_scaling_factor=None, **common)
+    elif spec.family == "wan":
+        from comfy.ldm.wan.model import WanModel
+
+        model = WanModel(model_type="t2v", in_dim=spec.in_channels, out_dim=spec.in_channels, dim=spec.width,
+                         ffn_dim=spec.ffn, num_heads=spec.width // 128, num_layers=spec.depth,
+                         text_dim=spec.context_dim, image_model="wan2.1", **common)
+    else:
+        raise ValueError(f"unknown tiny model family {spec.family!r}")
     init_random_(model, seed)
     return model.to(dtype)
 
 
-def save_tiny_mmdit(path: pathlib.Path, spec: TinyModelSpec | None = None, seed: int = 0,
+def save_tiny_model(path: pathlib.Path, spec: TinyModelSpec | None = None, seed: int = 0,
                     dtype: torch.dtype = torch.bfloat16) -> pathlib.Path:
+    """Writes a tiny model's state dict (ComfyUI diffusion-model keys) as safetensors."""
     from safetensors.torch import save_file
 
-    model = build_tiny_mmdit(spec or TinyModelSpec(), seed, dtype)
+    model = build_tiny_model(spec or TinyModelSpec(), seed, dtype)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
+
+
+save_tiny_mmdit = save_tiny_model  # the SD3 default; kept as a short name for callers
 
 
 def sampling_graph(model_node: list | dict, *, seed: int = 1, steps: int = 2, size: int = 64,
@@ -202,11 +237,11 @@ def sampling_graph(model_node: list | dict, *, seed: int = 1, steps: int = 2, si
     graph = {
         "pos": {"class_type": "DiTQuantTestConditioning",
                 "inputs": {"seed": 11, "tokens": spec.context_tokens, "context_dim": spec.context_dim,
-                           "pooled_dim": spec.adm_dim}},
+                           "pooled_dim": spec.pooled_dim}},
         "neg": {"class_type": "DiTQuantTestConditioning",
                 "inputs": {"seed": 12, "tokens": spec.context_tokens, "context_dim": spec.context_dim,
-                           "pooled_dim": spec.adm_dim}},
-        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+                           "pooled_dim": spec.pooled_dim}},
+        "latent": spec.latent_node(size),
         "sample": {"class_type": "KSampler",
                    "inputs": {"model": model_node, "positive": ["pos", 0], "negative": ["neg", 0],
                               "latent_image": ["latent", 0], "seed": seed, "steps": steps, "cfg": 3.0,

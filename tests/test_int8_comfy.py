@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from comfy_harness import CaptureLatent, TinyModelSpec, sampling_graph, save_tiny_mmdit
+from comfy_harness import CaptureLatent, TinyModelSpec, sampling_graph, save_tiny_model
 
 NODE_NAMES = ["LoadInt8DiffusionModel", "QuantizeModelInt8", "SaveInt8Model", "Int8KernelPatch"]
 
@@ -11,17 +11,25 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+FAMILIES = {"sd3": TinyModelSpec(family="sd3", depth=2), "wan": TinyModelSpec(family="wan", depth=2)}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def tiny_sd3(comfy):
-    path = comfy.diffusion_models_dir / "tiny_sd3.safetensors"
+def tiny_file(comfy, family):
+    path = comfy.diffusion_models_dir / f"tiny_{family}.safetensors"
     if not path.exists():
-        save_tiny_mmdit(path, TinyModelSpec(depth=2), seed=0)
+        save_tiny_model(path, FAMILIES[family], seed=0)
     return path.name
 
 
-def sample(comfy, model_nodes: dict, model_ref: list, seed: int = 1) -> torch.Tensor:
+def sample(comfy, model_nodes: dict, model_ref: list, family: str, seed: int = 1) -> torch.Tensor:
     CaptureLatent.captured.clear()
-    comfy.run(sampling_graph(model_ref, seed=seed, extra=model_nodes))
+    comfy.run(sampling_graph(model_ref, seed=seed, spec=FAMILIES[family], extra=model_nodes))
     assert len(CaptureLatent.captured) == 1
     return CaptureLatent.captured[0]
 
@@ -37,28 +45,33 @@ def test_pack_loads_through_comfyui_loader(comfy):
 
 
 @pytest.fixture(scope="module")
-def int8_file(comfy, tiny_sd3):
+def int8_file(comfy, tiny_file, family):
     comfy.run({
-        "load": {"class_type": "UNETLoader", "inputs": {"unet_name": tiny_sd3, "weight_dtype": "default"}},
+        "load": {"class_type": "UNETLoader", "inputs": {"unet_name": tiny_file, "weight_dtype": "default"}},
         "quant": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
         "save": {"class_type": "SaveInt8Model",
-                 "inputs": {"model": ["quant", 0], "filename": "tiny_sd3_int8", "overwrite": True}},
+                 "inputs": {"model": ["quant", 0], "filename": f"tiny_{family}_int8", "overwrite": True}},
     })
-    path = comfy.diffusion_models_dir / "tiny_sd3_int8.safetensors"
+    path = comfy.diffusion_models_dir / f"tiny_{family}_int8.safetensors"
     assert path.exists()
     return path
 
 
-def test_saved_checkpoint_keeps_layers_int8(comfy, int8_file):
+# Per family: a layer that must stay high precision (output) and the input embedder's key prefix.
+KEPT = {"sd3": ("final_layer.linear", "x_embedder"), "wan": ("head.head", "patch_embedding")}
+
+
+def test_saved_checkpoint_keeps_layers_int8(comfy, int8_file, family):
     checkpoint = comfy.module("quant.int8_checkpoint")
     state_dict, recipe = checkpoint.load_int8_checkpoint(int8_file)
-    assert len(recipe["quantized_layers"]) >= 8  # qkv/proj/fc1/fc2/adaLN of 2 blocks × 2 streams
+    assert len(recipe["quantized_layers"]) >= 8  # attention + MLP (+ modulation) of 2 blocks
     for layer in recipe["quantized_layers"]:
         assert state_dict[f"{layer}.weight"].dtype == torch.int8
         assert state_dict[f"{layer}.weight_scale"].dtype == torch.float32
-    assert "final_layer.linear" in recipe["protected_layers"]
-    assert state_dict["final_layer.linear.weight"].dtype == torch.bfloat16
-    assert not any(k.startswith("x_embedder") and v.dtype == torch.int8 for k, v in state_dict.items())
+    final, embedder = KEPT[family]
+    assert final in recipe["protected_layers"]
+    assert state_dict[f"{final}.weight"].dtype == torch.bfloat16
+    assert not any(k.startswith(embedder) and v.dtype == torch.int8 for k, v in state_dict.items())
 
 
 def test_loaded_int8_model_holds_int8_weights(comfy, int8_file):
@@ -72,22 +85,22 @@ def test_loaded_int8_model_holds_int8_weights(comfy, int8_file):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_int8_sampling_matches_bf16(comfy, tiny_sd3, int8_file, backend):
-    reference = sample(comfy, {"load": {"class_type": "UNETLoader",
-                                        "inputs": {"unet_name": tiny_sd3, "weight_dtype": "default"}}}, ["load", 0])
+def test_int8_sampling_matches_bf16(comfy, tiny_file, int8_file, family, backend):
+    unet = {"class_type": "UNETLoader", "inputs": {"unet_name": tiny_file, "weight_dtype": "default"}}
+    reference = sample(comfy, {"load": unet}, ["load", 0], family)
     on_the_fly = sample(comfy, {
-        "load": {"class_type": "UNETLoader", "inputs": {"unet_name": tiny_sd3, "weight_dtype": "default"}},
+        "load": unet,
         "quant": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
         "patch": {"class_type": "Int8KernelPatch", "inputs": {"model": ["quant", 0], "backend": backend}},
-    }, ["patch", 0])
+    }, ["patch", 0], family)
     loaded = sample(comfy, {
         "load": {"class_type": "LoadInt8DiffusionModel", "inputs": {"unet_name": int8_file.name}},
         "patch": {"class_type": "Int8KernelPatch", "inputs": {"model": ["load", 0], "backend": backend}},
-    }, ["patch", 0])
+    }, ["patch", 0], family)
     assert torch.isfinite(loaded).all()
     # The saved file reproduces the on-the-fly model exactly.
     assert torch.equal(loaded, on_the_fly)
     # W8A8 of a random-weight model: a few percent of the latent's norm (measured ~1-2%).
     err = rel_err(loaded, reference)
-    print(f"latent relative error vs bf16 ({backend}): {err:.4f}")
+    print(f"latent relative error vs bf16 ({family}, {backend}): {err:.4f}")
     assert 1e-4 < err < 0.05, err

@@ -1,0 +1,115 @@
+"""Ahead-of-time compile of the Triton W8A8 kernels for sm_80/86/89/90 without a GPU.
+
+Proves, on a CPU-only CI machine, that every config the dispatcher may pick on an architecture builds
+(PTX and ptxas cubin), lowers the int8 dot to the int8 tensor-core instruction, and fits the
+architecture's shared memory. Needs a Triton that carries ptxas (the 3.9 wheel does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+from dit_quant.kernels import w8a8_triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+ARCHS = (80, 86, 89, 90)
+# Maximum shared memory per block (opt-in) from the CUDA programming guide, by compute capability.
+PACK_ROOT = pathlib.Path(__file__).resolve().parent.parent
+SMEM_LIMIT_KB = {80: 163, 86: 99, 89: 99, 90: 227}
+MMA_SYNC_S8 = re.compile(r"mma\.sync\.aligned\.m16n8k32\.row\.col(\.satfinite)?\.s32\.s8\.s8\.s32")
+WGMMA_S8 = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8")
+POINTER_TYPES = {"a_ptr": "*i8", "b_ptr": "*i8", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
+                 "bias_ptr": "*bf16", "smooth_ptr": "*fp32", "out_ptr": "*bf16"}
+
+
+def _compile(fn, signature, constexprs, cc, num_warps, num_stages):
+    for name in constexprs:
+        signature[name] = "constexpr"
+    # The JIT marks 16-byte aligned pointers and multiple-of-16 ints the same way for real tensors.
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+               if signature.get(name, "constexpr") != "constexpr" and name not in ("M", "N")}
+    source = triton.compiler.ASTSource(fn, signature, constexprs, aligned)
+    kernel = triton.compile(source, target=GPUTarget("cuda", cc, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = kernel.asm["ptx"]
+    return {"mma_sync_s8": bool(MMA_SYNC_S8.search(ptx)), "wgmma_s8": bool(WGMMA_S8.search(ptx)),
+            "div_rn": "div.rn.f32" in ptx, "shared": kernel.metadata.shared,
+            "cubin_bytes": len(kernel.asm["cubin"])}
+
+
+def _case_id(cc, config):
+    return (f"sm{cc}-{'small' if config.quantize_a else 'large'}-"
+            f"{config.block_m}x{config.block_n}x{config.block_k}-w{config.num_warps}-s{config.num_stages}")
+
+
+GEMM_CASES = [(cc, config) for cc in ARCHS for small_m in (False, True)
+              for config in w8a8_triton.candidate_configs(cc, small_m)]
+
+
+def compile_all(shard: int, num_shards: int) -> dict[str, dict]:
+    """Compile one shard of the cases; runs in a subprocess where TRITON_INTERPRET is unset (the
+    interpreter's kernel objects cannot be compiled)."""
+    results = {}
+    for cc, config in GEMM_CASES[shard::num_shards]:
+        signature = dict(POINTER_TYPES, M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32",
+                         stride_om="i32")
+        if config.quantize_a:
+            signature["a_ptr"] = "*bf16"
+        constexprs = {"QUANTIZE_A": config.quantize_a, "HAS_BIAS": True, "HAS_SMOOTH": config.quantize_a,
+                      "EVEN_K": False, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+                      "BLOCK_K": config.block_k, "GROUP_M": config.group_m}
+        results[_case_id(cc, config)] = _compile(w8a8_triton._w8a8_gemm_kernel, signature, constexprs, cc,
+                                                 config.num_warps, config.num_stages)
+    for cc in ARCHS[shard::num_shards]:
+        signature = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "q_ptr": "*i8", "scale_ptr": "*fp32",
+                     "K": "i32", "stride_xm": "i32", "stride_qm": "i32"}
+        results[f"sm{cc}-quantize_rows"] = _compile(w8a8_triton._quantize_rows_kernel, signature,
+                                                    {"HAS_SMOOTH": True, "BLOCK_K": 1024}, cc, 4, 2)
+    return results
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[str, dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    num_shards = max(2, os.cpu_count() or 1)
+    workers = []
+    for shard in range(num_shards):
+        code = (f"import json, runpy, sys; sys.path.insert(0, {str(PACK_ROOT / 'scripts')!r}); "
+                "from _pack import import_pack; import_pack(); "
+                f"print(json.dumps(runpy.run_path({__file__!r})['compile_all']({shard}, {num_shards})))")
+        workers.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env=env))
+    results = {}
+    for worker in workers:
+        stdout, stderr = worker.communicate(timeout=900)
+        assert worker.returncode == 0, stderr[-4000:]
+        results.update(json.loads(stdout.strip().splitlines()[-1]))
+    return results
+
+
+@pytest.mark.parametrize(("cc", "config"), GEMM_CASES, ids=[_case_id(cc, c) for cc, c in GEMM_CASES])
+def test_gemm_compiles_to_int8_tensor_cores(compiled, cc, config):
+    result = compiled[_case_id(cc, config)]
+    assert result["cubin_bytes"] > 0
+    if cc == 90 and config.block_m >= 64:
+        assert result["wgmma_s8"], "sm_90 GEMM does not use wgmma s8"
+    else:  # small-M tiles on Hopper use mma.sync, as Ampere/Ada do
+        assert result["mma_sync_s8"], f"sm_{cc} GEMM does not use mma.sync s8"
+    assert result["shared"] <= SMEM_LIMIT_KB[cc] * 1024, (
+        f"{result['shared']} B of shared memory > {SMEM_LIMIT_KB[cc]} KB on sm_{cc}")
+
+
+@pytest.mark.parametrize("cc", ARCHS)
+def test_quantize_rows_kernel_compiles(compiled, cc):
+    result = compiled[f"sm{cc}-quantize_rows"]
+    assert result["cubin_bytes"] > 0
+    assert result["div_rn"]  # IEEE division, so the quantized ints match torch's
