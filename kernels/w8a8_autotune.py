@@ -27,11 +27,13 @@ from .w8a8_triton import (
     GemmConfig,
     arch_key,
     candidate_configs,
+    tma_compatible,
     w8a8_linear_triton,
 )
 
 logger = logging.getLogger("dit_quant.kernels")
 
+_KEY_VERSION = "v1"  # bump when GemmConfig or the kernels change meaning
 _lock = threading.Lock()
 _memory_cache: dict[str, GemmConfig] | None = None
 
@@ -54,10 +56,10 @@ def _load_disk_cache() -> dict[str, GemmConfig]:
     path = cache_path()
     try:
         raw = json.loads(path.read_text())
-        return {key: GemmConfig(**fields) for key, fields in raw.items()}
+        return {key: GemmConfig(**fields) for key, fields in raw.items() if key.startswith(_KEY_VERSION)}
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
         logger.warning("DiT Quant: ignoring unreadable autotune cache %s (%s)", path, exc)
         return {}
 
@@ -76,7 +78,7 @@ def _save_disk_cache(entries: dict[str, GemmConfig]) -> None:
 
 def _tuning_key(x2d: torch.Tensor, n: int, k: int, has_bias: bool, has_smooth: bool) -> str:
     props = torch.cuda.get_device_properties(x2d.device)
-    return (f"{props.name}|sm{props.major}{props.minor}|triton{triton.__version__}|m{m_bucket(x2d.shape[0])}"
+    return (f"{_KEY_VERSION}|{props.name}|sm{props.major}{props.minor}|triton{triton.__version__}|m{m_bucket(x2d.shape[0])}"
             f"|n{n}|k{k}|{str(x2d.dtype).removeprefix('torch.')}|bias{int(has_bias)}|smooth{int(has_smooth)}")
 
 
@@ -106,6 +108,8 @@ def choose_config(
     if INTERPRETED or x2d.device.type != "cuda":
         return INTERPRETER_CONFIGS[small_m]
     candidates = candidate_configs(arch_key(torch.cuda.get_device_capability(x2d.device)), small_m)
+    if not tma_compatible(weight, x2d.dtype):
+        candidates = [c for c in candidates if c.kind != "tma"]
     if os.environ.get("DIT_QUANT_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
         return candidates[0]
     n, k = weight.shape

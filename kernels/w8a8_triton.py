@@ -43,9 +43,9 @@ def _quantize_tile(xs, scale):
 def _quantize_rows_kernel(
     x_ptr, smooth_ptr, q_ptr, scale_ptr,
     K, stride_xm, stride_qm,
-    HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, WRITE_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One program per row: amax over the row, then the int8 row and its fp32 scale."""
+    """One program per row: amax over the row, then its fp32 scale and (WRITE_Q) the int8 row."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     offs = tl.arange(0, BLOCK_K)
@@ -58,12 +58,32 @@ def _quantize_rows_kernel(
         amax = tl.maximum(amax, tl.abs(xs))
     scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), 127.0)
     tl.store(scale_ptr + row, scale)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, K if WRITE_Q else 0, BLOCK_K):
         mask = k0 + offs < K
         xs = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             xs = tl.math.div_rn(xs, tl.load(smooth_ptr + k0 + offs, mask=mask, other=1.0))
         tl.store(q_ptr + row * stride_qm + k0 + offs, _quantize_tile(xs, scale), mask=mask)
+
+
+@triton.jit
+def _tile_coords(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile index -> (row block, column block) in grouped order: GROUP_M row blocks sweep the column
+    blocks together, so weight tiles are reused from L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    group_size = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_pid_m = (tile_id // group_size) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + (tile_id % group_size) % group_rows, (tile_id % group_size) // group_rows
+
+
+@triton.jit
+def _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, cols, HAS_BIAS: tl.constexpr):
+    """int32 acc -> fp32 acc * a_scale[:, None] * b_scale[cols][None, :] (+ bias[cols]); cols in range."""
+    out = acc.to(tl.float32) * a_scale[:, None] * tl.load(b_scale_ptr + cols)[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    return out
 
 
 @triton.jit
@@ -81,24 +101,18 @@ def _load_a_tile(a_ptrs, smooth_ptrs, k_mask, EVEN_K: tl.constexpr, HAS_SMOOTH: 
 def _w8a8_gemm_kernel(
     a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, smooth_ptr, out_ptr,
     M, N, K, stride_am, stride_bn, stride_om,
-    QUANTIZE_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr,
+    QUANTIZE_A: tl.constexpr, A_SCALE_GIVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[M, N] = (q(A) @ B.T) * a_scale[:, None] * b_scale[None, :] (+ bias), B int8 [N, K].
 
     QUANTIZE_A=False: A is int8 [M, K] and a_scale its fp32 row scales.
-    QUANTIZE_A=True: A is the float activation; this program computes its rows' scales over the whole
-    K (smoothing included) and quantizes each A tile on load (a_scale_ptr is unused).
+    QUANTIZE_A=True: A is the float activation, quantized tile by tile on load (smoothing included),
+    with the row scales read from a_scale_ptr (A_SCALE_GIVEN) or computed by this program over the
+    whole K.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row blocks sweep the N blocks together so weight tiles are reused in L2.
-    group_size = GROUP_M * num_pid_n
-    first_pid_m = (pid // group_size) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % group_size) % group_rows
-    pid_n = (pid % group_size) // group_rows
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -110,7 +124,7 @@ def _w8a8_gemm_kernel(
     b_ptrs = b_ptr + rows_b[:, None] * stride_bn + offs_k[None, :]
     smooth_ptrs = smooth_ptr + offs_k
 
-    if QUANTIZE_A:
+    if QUANTIZE_A and not A_SCALE_GIVEN:
         amax = tl.zeros((BLOCK_M,), tl.float32)
         for k_step in range(0, tl.cdiv(K, BLOCK_K)):
             k_mask = offs_k < K - k_step * BLOCK_K
@@ -140,39 +154,83 @@ def _w8a8_gemm_kernel(
         b_ptrs += BLOCK_K
         smooth_ptrs += BLOCK_K
 
-    b_scale = tl.load(b_scale_ptr + rows_b)
-    out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + rows_b).to(tl.float32)[None, :]
+    out = _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, rows_b, HAS_BIAS)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+
+
+@triton.jit
+def _w8a8_gemm_tma_kernel(
+    a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, bias_ptr,
+    M, N, K,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+):
+    """Persistent variant of the int8-A GEMM for Hopper: tensor-memory-accelerator (TMA) descriptor
+    loads/stores (out-of-range tiles are zero-filled on load and clipped on store, so no masks), one
+    program per SM looping over output tiles. SPLIT_EPILOGUE stores each tile in two column halves to
+    halve the epilogue's shared-memory staging (room for one more pipeline stage)."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k_step in range(k_tiles):
+            a = a_desc.load([off_m, k_step * BLOCK_K])
+            b = b_desc.load([off_n, k_step * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        rows = off_m + tl.arange(0, BLOCK_M)
+        cols = (off_n + tl.arange(0, BLOCK_N)) % N  # clipped columns read a valid scale; not stored
+        a_scale = tl.load(a_scale_ptr + rows % M)
+        out = _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, cols, HAS_BIAS).to(out_desc.dtype)
+        if SPLIT_EPILOGUE:
+            left, right = tl.split(tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            out_desc.store([off_m, off_n], left)
+            out_desc.store([off_m, off_n + BLOCK_N // 2], right)
+        else:
+            out_desc.store([off_m, off_n], out)
+
+
+# How a config computes the product:
+#   "int8":        _quantize_rows_kernel writes int8 A + row scales, then the pointer GEMM (any GPU);
+#   "tma":         same quantization, then the persistent TMA GEMM (Hopper; needs 16-byte aligned rows);
+#   "fused":       the pointer GEMM alone, quantizing A on load with row scales it computes itself (small M);
+#   "fused_scale": a scale-only pass of _quantize_rows_kernel, then the pointer GEMM quantizing A on load.
+KINDS = ("int8", "tma", "fused", "fused_scale")
+
+
 @dataclass(frozen=True)
 class GemmConfig:
-    """Launch configuration of ``_w8a8_gemm_kernel``."""
+    """Launch configuration of the W8A8 GEMM (see KINDS)."""
 
+    kind: str
     block_m: int
     block_n: int
     block_k: int
     group_m: int
     num_warps: int
     num_stages: int
-    quantize_a: bool  # True: the one-launch quantize-on-load path (small M)
+    split_epilogue: bool = False
 
     def operand_smem_bytes(self) -> int:
-        """Shared memory of the pipelined operand tiles (the compiler may add epilogue scratch)."""
-        return self.num_stages * (self.block_m + self.block_n) * self.block_k
+        """Shared memory of the pipelined operand tiles, counting a float A tile where A is quantized
+        on load (the compiler may add epilogue scratch on top)."""
+        a_bytes = 2 if self.kind in ("fused", "fused_scale") else 1
+        return self.num_stages * (self.block_m * a_bytes + self.block_n) * self.block_k
 
 
 # Shared memory per block that Triton may use (opt-in maximum), by compute capability.
 SMEM_LIMIT_BYTES = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-SMALL_M_MAX = 64  # rows up to which the one-launch quantize-on-load path runs
+SMALL_M_MAX = 64  # rows up to which the one-launch "fused" path is the default
 
 # Interpreter (CPU tests): big tiles, one stage; its cost grows with the number of tiles, not FLOPs.
 INTERPRETER_CONFIGS = {
-    False: GemmConfig(64, 64, 64, 8, 4, 1, quantize_a=False),
-    True: GemmConfig(16, 64, 64, 8, 4, 1, quantize_a=True),
+    False: GemmConfig("int8", 64, 64, 64, 8, 4, 1),
+    True: GemmConfig("fused", 16, 64, 64, 8, 4, 1),
 }
 
 
@@ -185,34 +243,56 @@ def candidate_configs(cc: int, small_m: bool) -> list[GemmConfig]:
     """Configs worth trying on an architecture (compute capability as an int, e.g. 86).
 
     The first entry is the default used without autotuning. All fit the architecture's shared memory.
+    "tma" configs are listed for sm_90 only; callers drop them where the tensors are not TMA-aligned.
     """
     if small_m:
         configs = [
-            GemmConfig(16, 64, 128, 1, 4, 4, quantize_a=True),
-            GemmConfig(16, 32, 128, 1, 4, 4, quantize_a=True),
-            GemmConfig(16, 64, 256, 1, 4, 3, quantize_a=True),
-            GemmConfig(32, 64, 128, 1, 4, 4, quantize_a=True),
-            GemmConfig(64, 64, 128, 1, 4, 4, quantize_a=True),
+            GemmConfig("fused", 16, 64, 128, 1, 4, 4),
+            GemmConfig("fused", 16, 32, 128, 1, 4, 4),
+            GemmConfig("fused", 16, 64, 256, 1, 4, 3),
+            GemmConfig("fused", 32, 64, 128, 1, 4, 4),
+            GemmConfig("fused", 64, 64, 128, 1, 4, 3),
         ]
     elif cc >= 90:
         configs = [
-            GemmConfig(128, 256, 128, 8, 8, 3, quantize_a=False),
-            GemmConfig(128, 128, 128, 8, 4, 4, quantize_a=False),
-            GemmConfig(128, 256, 64, 8, 8, 4, quantize_a=False),
-            GemmConfig(256, 128, 128, 8, 8, 3, quantize_a=False),
-            GemmConfig(64, 128, 128, 8, 4, 4, quantize_a=False),
+            GemmConfig("tma", 128, 256, 128, 8, 8, 3, split_epilogue=True),
+            GemmConfig("tma", 128, 256, 128, 8, 8, 4, split_epilogue=True),
+            GemmConfig("tma", 128, 128, 128, 8, 8, 4),
+            GemmConfig("tma", 256, 128, 128, 8, 8, 3, split_epilogue=True),
+            GemmConfig("int8", 128, 256, 128, 8, 8, 3),
+            GemmConfig("int8", 128, 128, 128, 8, 4, 4),
+            GemmConfig("fused_scale", 128, 256, 64, 8, 8, 3),
         ]
     else:
         configs = [
-            GemmConfig(128, 256, 64, 8, 8, 3, quantize_a=False),
-            GemmConfig(128, 128, 64, 8, 4, 4, quantize_a=False),
-            GemmConfig(128, 128, 128, 8, 8, 3, quantize_a=False),
-            GemmConfig(64, 128, 64, 8, 4, 4, quantize_a=False),
-            GemmConfig(256, 128, 64, 8, 8, 3, quantize_a=False),
+            GemmConfig("int8", 128, 256, 64, 8, 8, 3),
+            GemmConfig("int8", 128, 128, 64, 8, 4, 4),
+            GemmConfig("int8", 128, 128, 128, 8, 8, 3),
+            GemmConfig("int8", 64, 128, 64, 8, 4, 4),
+            GemmConfig("int8", 256, 128, 64, 8, 8, 3),
         ]
     limit = SMEM_LIMIT_BYTES.get(cc, 99 * 1024)
     # Leave room for the epilogue's layout-conversion scratch the compiler adds on top of the operands.
     return [c for c in configs if c.operand_smem_bytes() <= limit - 16 * 1024]
+
+
+def tma_compatible(weight: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether "tma" configs can run: TMA descriptors need 16-byte aligned bases and row strides, i.e.
+    an aligned weight with K % 16 == 0 (the int8 activation and the output are fresh allocations)
+    and output rows of a multiple of 16 bytes."""
+    n = weight.shape[0]
+    return (weight.data_ptr() % 16 == 0 and weight.stride(0) % 16 == 0 and weight.shape[1] % 16 == 0
+            and (n * out_dtype.itemsize) % 16 == 0)
+
+
+_num_sms: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _num_sms:
+        _num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _num_sms[index]
 
 
 def _check_launchable(t: torch.Tensor) -> None:
@@ -223,6 +303,20 @@ def _check_launchable(t: torch.Tensor) -> None:
         )
 
 
+def _row_pass(x2d: torch.Tensor, smooth: torch.Tensor | None, write_q: bool):
+    m, k = x2d.shape
+    q = torch.empty((m, k) if write_q else (0, k), dtype=torch.int8, device=x2d.device)
+    scale = torch.empty((m,), dtype=torch.float32, device=x2d.device)
+    if m:
+        block_k = min(triton.next_power_of_2(k), 4096 if INTERPRETED else 1024)
+        _quantize_rows_kernel[(m,)](
+            x2d, smooth if smooth is not None else scale, q, scale,
+            k, x2d.stride(0), k,
+            HAS_SMOOTH=smooth is not None, WRITE_Q=write_q, BLOCK_K=block_k, num_warps=4,
+        )
+    return q, scale
+
+
 def quantize_rows_triton(
     x2d: torch.Tensor, smooth: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,45 +325,41 @@ def quantize_rows_triton(
     Returns (q int8 [M, K], scale fp32 [M]).
     """
     _check_launchable(x2d)
-    m, k = x2d.shape
-    q = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
-    scale = torch.empty((m,), dtype=torch.float32, device=x2d.device)
-    if m == 0:
-        return q, scale
-    block_k = min(triton.next_power_of_2(k), 4096 if INTERPRETED else 1024)
-    _quantize_rows_kernel[(m,)](
-        x2d, smooth if smooth is not None else scale, q, scale,
-        k, x2d.stride(0), q.stride(0),
-        HAS_SMOOTH=smooth is not None, BLOCK_K=block_k, num_warps=4,
-    )
-    return q, scale
+    return _row_pass(x2d, smooth, write_q=True)
 
 
-def launch_gemm(
-    config: GemmConfig,
-    a: torch.Tensor,
-    a_scale: torch.Tensor | None,
-    weight: torch.Tensor,
-    weight_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    smooth: torch.Tensor | None,
-    out: torch.Tensor,
-) -> None:
-    """Launch ``_w8a8_gemm_kernel`` with one config, writing into out [M, N].
-
-    a: int8 [M, K] with a_scale fp32 [M] (config.quantize_a False), or the float activation [M, K]
-    with a_scale None (config.quantize_a True). All tensors have their last dim contiguous.
-    """
+def _launch_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth, out) -> None:
     m, k = a.shape
     n = weight.shape[0]
+    quantize_a = config.kind in ("fused", "fused_scale")
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
     _w8a8_gemm_kernel[grid](
         a, weight, a_scale if a_scale is not None else weight_scale, weight_scale,
         bias if bias is not None else weight_scale, smooth if smooth is not None else weight_scale, out,
         m, n, k, a.stride(0), weight.stride(0), out.stride(0),
-        QUANTIZE_A=config.quantize_a, HAS_BIAS=bias is not None, HAS_SMOOTH=smooth is not None,
-        EVEN_K=k % config.block_k == 0,
+        QUANTIZE_A=quantize_a, A_SCALE_GIVEN=a_scale is not None, HAS_BIAS=bias is not None,
+        HAS_SMOOTH=smooth is not None, EVEN_K=k % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+def _launch_tma_gemm(config, q, a_scale, weight, weight_scale, bias, out) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = q.shape
+    n = weight.shape[0]
+    out_block_n = config.block_n // 2 if config.split_epilogue else config.block_n
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    num_programs = min(tiles, 4 if INTERPRETED else _sm_count(q.device))
+    _w8a8_gemm_tma_kernel[(num_programs,)](
+        TensorDescriptor.from_tensor(q, [config.block_m, config.block_k]),
+        TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
+        TensorDescriptor.from_tensor(out, [config.block_m, out_block_n]),
+        a_scale, weight_scale, bias if bias is not None else weight_scale,
+        m, n, k,
+        HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GROUP_M=config.group_m, SPLIT_EPILOGUE=config.split_epilogue, NUM_PROGRAMS=num_programs,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
@@ -285,16 +375,23 @@ def w8a8_linear_triton(
     """W8A8 linear through the Triton kernels with a given config (see ``candidate_configs``).
 
     x2d: [M, K] float, K contiguous; weight int8 [N, K]; weight_scale fp32 [N]; bias [N] or None;
-    smooth fp32 [K] or None. Returns [M, N] in x2d.dtype.
+    smooth fp32 [K] or None. Returns [M, N] in x2d.dtype. A "tma" config needs ``tma_compatible``
+    tensors.
     """
     _check_launchable(x2d)
     m = x2d.shape[0]
     out = torch.empty((m, weight.shape[0]), dtype=x2d.dtype, device=x2d.device)
     if m == 0:
         return out
-    if config.quantize_a:
-        launch_gemm(config, x2d, None, weight, weight_scale, bias, smooth, out)
+    if config.kind == "fused":
+        _launch_pointer_gemm(config, x2d, None, weight, weight_scale, bias, smooth, out)
+    elif config.kind == "fused_scale":
+        _, scale = _row_pass(x2d, smooth, write_q=False)
+        _launch_pointer_gemm(config, x2d, scale, weight, weight_scale, bias, smooth, out)
     else:
-        q, scale = quantize_rows_triton(x2d, smooth)
-        launch_gemm(config, q, scale, weight, weight_scale, bias, None, out)
+        q, scale = _row_pass(x2d, smooth, write_q=True)
+        if config.kind == "tma":
+            _launch_tma_gemm(config, q, scale, weight, weight_scale, bias, out)
+        else:
+            _launch_pointer_gemm(config, q, scale, weight, weight_scale, bias, None, out)
     return out

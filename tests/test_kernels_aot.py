@@ -46,8 +46,8 @@ def _compile(fn, signature, constexprs, cc, num_warps, num_stages):
 
 
 def _case_id(cc, config):
-    return (f"sm{cc}-{'small' if config.quantize_a else 'large'}-"
-            f"{config.block_m}x{config.block_n}x{config.block_k}-w{config.num_warps}-s{config.num_stages}")
+    return (f"sm{cc}-{config.kind}-{config.block_m}x{config.block_n}x{config.block_k}-w{config.num_warps}"
+            f"-s{config.num_stages}{'-split' if config.split_epilogue else ''}")
 
 
 GEMM_CASES = [(cc, config) for cc in ARCHS for small_m in (False, True)
@@ -59,20 +59,32 @@ def compile_all(shard: int, num_shards: int) -> dict[str, dict]:
     interpreter's kernel objects cannot be compiled)."""
     results = {}
     for cc, config in GEMM_CASES[shard::num_shards]:
-        signature = dict(POINTER_TYPES, M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32",
-                         stride_om="i32")
-        if config.quantize_a:
-            signature["a_ptr"] = "*bf16"
-        constexprs = {"QUANTIZE_A": config.quantize_a, "HAS_BIAS": True, "HAS_SMOOTH": config.quantize_a,
-                      "EVEN_K": False, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
-                      "BLOCK_K": config.block_k, "GROUP_M": config.group_m}
-        results[_case_id(cc, config)] = _compile(w8a8_triton._w8a8_gemm_kernel, signature, constexprs, cc,
-                                                 config.num_warps, config.num_stages)
+        tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
+                 "GROUP_M": config.group_m}
+        if config.kind == "tma":
+            out_n = config.block_n // 2 if config.split_epilogue else config.block_n
+            signature = {"a_desc": f"tensordesc<i8[{config.block_m}, {config.block_k}]>",
+                         "b_desc": f"tensordesc<i8[{config.block_n}, {config.block_k}]>",
+                         "out_desc": f"tensordesc<bf16[{config.block_m}, {out_n}]>",
+                         "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "bias_ptr": "*bf16",
+                         "M": "i32", "N": "i32", "K": "i32"}
+            kernel = w8a8_triton._w8a8_gemm_tma_kernel
+            constexprs = dict(tiles, HAS_BIAS=True, SPLIT_EPILOGUE=config.split_epilogue, NUM_PROGRAMS=132)
+        else:
+            quantize_a = config.kind in ("fused", "fused_scale")
+            signature = dict(POINTER_TYPES, M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32",
+                             stride_om="i32", a_ptr="*bf16" if quantize_a else "*i8")
+            kernel = w8a8_triton._w8a8_gemm_kernel
+            constexprs = dict(tiles, QUANTIZE_A=quantize_a, A_SCALE_GIVEN=config.kind != "fused", HAS_BIAS=True,
+                              HAS_SMOOTH=quantize_a, EVEN_K=False)
+        results[_case_id(cc, config)] = _compile(kernel, signature, constexprs, cc, config.num_warps,
+                                                 config.num_stages)
     for cc in ARCHS[shard::num_shards]:
         signature = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "q_ptr": "*i8", "scale_ptr": "*fp32",
                      "K": "i32", "stride_xm": "i32", "stride_qm": "i32"}
         results[f"sm{cc}-quantize_rows"] = _compile(w8a8_triton._quantize_rows_kernel, signature,
-                                                    {"HAS_SMOOTH": True, "BLOCK_K": 1024}, cc, 4, 2)
+                                                    {"HAS_SMOOTH": True, "WRITE_Q": True, "BLOCK_K": 1024}, cc,
+                                                    4, 2)
     return results
 
 
