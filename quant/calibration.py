@@ -7,8 +7,8 @@ activations themselves:
 * ``rows[layer]``           int          number of rows (tokens × batch) seen
 * ``bucket_absmax[layer]``  fp32 [B, K]  the same maxima per timestep bucket (when ``num_buckets`` > 0)
 * ``reservoir[layer]``      fp32 [R, K]  a uniform random sample of at most ``reservoir_rows`` real input rows
-  (reservoir sampling, seeded), the proxy input of the per-layer α search in ``smoothquant``. Memory is
-  bounded: R × K × 4 bytes per layer (32 rows of a K=12288 layer: 1.5 MiB).
+  (reservoir sampling, seeded), the proxy input of the per-layer α search in ``smoothquant``. It is kept
+  in CPU memory, bounded by R × K × 4 bytes per layer (32 rows of a K=12288 layer: 1.5 MiB).
 
 ``ActivationRecorder`` fills an ``ActivationStats`` from forward pre-hooks on a module tree.
 Files are safetensors (tensors + a JSON summary in the header metadata), written atomically.
@@ -71,7 +71,8 @@ class ActivationStats:
     def observe(self, layer: str, x: torch.Tensor, bucket: int | None = None) -> None:
         """Folds one Linear input ``x`` [..., K] (any float dtype/device) into the statistics of ``layer``.
 
-        The maxima stay on ``x``'s device until ``to(...)``/``save`` so recording adds no host sync.
+        The maxima stay on ``x``'s device until ``to(...)``/``save``, so recording adds no host sync unless
+        a reservoir is kept (its sampled rows are copied to the CPU).
         ``bucket`` (0..num_buckets-1) is required when the stats keep timestep buckets.
         """
         if x.ndim == 0 or x.shape[-1] == 0:
@@ -119,12 +120,12 @@ class ActivationStats:
         filled = min(seen + m, capacity)
         reservoir = self.reservoir.get(layer)
         if reservoir is None or reservoir.shape[0] < filled:
-            grown = torch.zeros(filled, x2d.shape[1], dtype=torch.float32, device=x2d.device)
+            grown = torch.zeros(filled, x2d.shape[1], dtype=torch.float32)
             if reservoir is not None:
-                grown[: reservoir.shape[0]] = reservoir.to(x2d.device)
+                grown[: reservoir.shape[0]] = reservoir
             reservoir = grown
         slots = torch.nonzero(last >= 0).flatten()
-        reservoir[slots.to(reservoir.device)] = x2d[last[slots].to(x2d.device)].float().to(reservoir.device)
+        reservoir[slots] = x2d[last[slots].to(x2d.device)].float().cpu()
         self.reservoir[layer] = reservoir
 
     # ------------------------------------------------------------------ combining
