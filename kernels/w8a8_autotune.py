@@ -78,8 +78,8 @@ def _save_disk_cache(entries: dict[str, GemmConfig]) -> None:
 
 def _tuning_key(x2d: torch.Tensor, n: int, k: int, has_bias: bool, has_smooth: bool) -> str:
     props = torch.cuda.get_device_properties(x2d.device)
-    return (f"{_KEY_VERSION}|{props.name}|sm{props.major}{props.minor}|triton{triton.__version__}|m{m_bucket(x2d.shape[0])}"
-            f"|n{n}|k{k}|{str(x2d.dtype).removeprefix('torch.')}|bias{int(has_bias)}|smooth{int(has_smooth)}")
+    return (f"{_KEY_VERSION}|{props.name}|sm{props.major}{props.minor}|triton{triton.__version__}"
+            f"|m{m_bucket(x2d.shape[0])}|n{n}|k{k}|{str(x2d.dtype).removeprefix('torch.')}|bias{int(has_bias)}|smooth{int(has_smooth)}")
 
 
 def _tune(candidates: list[GemmConfig], args: tuple) -> GemmConfig:

@@ -1,9 +1,8 @@
-"""ComfyUI side of the INT8 layer: weight offloading (low VRAM), LoRA hooks, and the loader's operations class."""
-
-import torch
+"""ComfyUI side of the INT8 layer: low-VRAM weight offloading, LoRA hooks, the loader's operations class."""
 
 import comfy.model_management
 import comfy.ops
+import torch
 
 from ..kernels import w8a8_linear
 from ..quant.int8_linear import Int8Linear, active_backend
@@ -29,9 +28,15 @@ class ComfyInt8Linear(Int8Linear, comfy.ops.CastWeightBiasOp):
         non_blocking = comfy.model_management.device_supports_non_blocking(device)
 
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else comfy.model_management.cast_to(t, None, device, non_blocking=non_blocking)
+            return (
+                None
+                if t is None
+                else comfy.model_management.cast_to(t, None, device, non_blocking=non_blocking)
+            )
 
-        weight, scale, smooth, bias = (move(t) for t in (self.weight, self.weight_scale, self.smooth, self.bias))
+        weight, scale, smooth, bias = (
+            move(t) for t in (self.weight, self.weight_scale, self.smooth, self.bias)
+        )
         for f in self.weight_function:
             weight = f(weight)
         for f in self.bias_function:
@@ -45,20 +50,32 @@ class ComfyInt8Linear(Int8Linear, comfy.ops.CastWeightBiasOp):
             w = w / self.smooth.to(weight.device)[None, :]
         return w
 
-    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed: int | None = None,
-                   return_weight: bool = False, **kwargs) -> torch.Tensor | None:
+    def set_weight(
+        self,
+        weight: torch.Tensor,
+        inplace_update: bool = False,
+        seed: int | None = None,
+        return_weight: bool = False,
+        **kwargs,
+    ) -> torch.Tensor | None:
         """Re-quantizes a merged float weight with this layer's fixed scales (values past ±127 saturate)."""
         w = weight.float()
         if self.smooth is not None:
             w = w * self.smooth.to(w.device)[None, :]
-        q = torch.round(w / self.weight_scale.to(w.device)[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+        q = (
+            torch.round(w / self.weight_scale.to(w.device)[:, None])
+            .clamp_(-INT8_MAX, INT8_MAX)
+            .to(torch.int8)
+        )
         if return_weight:
             return q
         self.weight = torch.nn.Parameter(q, requires_grad=False)
         return None
 
 
-def make_int8_layer(weight: torch.Tensor, bias: torch.Tensor | None, smooth: torch.Tensor | None) -> ComfyInt8Linear:
+def make_int8_layer(
+    weight: torch.Tensor, bias: torch.Tensor | None, smooth: torch.Tensor | None
+) -> ComfyInt8Linear:
     """Quantizes one float layer into a ComfyInt8Linear (the factory for quant.model_quantizer)."""
     return ComfyInt8Linear.from_float(weight, bias, smooth)
 
@@ -72,22 +89,30 @@ class Int8Operations(comfy.ops.manual_cast):
     """
 
     class Linear(comfy.ops.manual_cast.Linear):
-        def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                     device=None, dtype=None) -> None:
+        def __init__(
+            self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None
+        ) -> None:
             torch.nn.Module.__init__(self)
             self.in_features, self.out_features = in_features, out_features
             self.compute_dtype = dtype
             # Zero-size placeholders: the model is moved between devices before weights arrive.
             self.weight = torch.nn.Parameter(torch.empty(0, device=device, dtype=dtype), requires_grad=False)
-            self.bias = (torch.nn.Parameter(torch.empty(0, device=device, dtype=dtype), requires_grad=False)
-                         if bias else None)
+            self.bias = (
+                torch.nn.Parameter(torch.empty(0, device=device, dtype=dtype), requires_grad=False)
+                if bias
+                else None
+            )
 
         def reset_parameters(self) -> None:
             return None
 
-        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                                  unexpected_keys, error_msgs) -> None:
-            tensors = {name: state_dict.pop(prefix + name, None) for name in ("weight", "weight_scale", "smooth", "bias")}
+        def _load_from_state_dict(
+            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        ) -> None:
+            tensors = {
+                name: state_dict.pop(prefix + name, None)
+                for name in ("weight", "weight_scale", "smooth", "bias")
+            }
             weight = tensors["weight"]
             if weight is None:
                 missing_keys.append(prefix + "weight")
@@ -109,5 +134,8 @@ class Int8Operations(comfy.ops.manual_cast):
 
 def unloaded_layers(root: torch.nn.Module) -> list[str]:
     """Names of Linear layers of an Int8Operations model that received no weight from the checkpoint."""
-    return [name for name, m in root.named_modules()
-            if isinstance(m, Int8Operations.Linear) and m.weight.numel() == 0]
+    return [
+        name
+        for name, m in root.named_modules()
+        if isinstance(m, Int8Operations.Linear) and m.weight.numel() == 0
+    ]

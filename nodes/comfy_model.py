@@ -3,11 +3,10 @@
 import copy
 import uuid
 
-import torch
-
 import comfy.lora
 import comfy.model_management
 import comfy.model_patcher
+import torch
 
 
 def release_model_weights(patcher: comfy.model_patcher.ModelPatcher) -> None:
@@ -19,7 +18,9 @@ def release_model_weights(patcher: comfy.model_patcher.ModelPatcher) -> None:
             loaded.pop(i).model_unload()
 
 
-def patched_weight(patcher: comfy.model_patcher.ModelPatcher, layer: str, module: torch.nn.Module) -> torch.Tensor:
+def patched_weight(
+    patcher: comfy.model_patcher.ModelPatcher, layer: str, module: torch.nn.Module
+) -> torch.Tensor:
     """The layer's float weight with the patcher's weight patches (LoRA, ...) merged, in fp32."""
     key = f"diffusion_model.{layer}.weight"
     weight = module.weight.detach().float()
@@ -28,8 +29,9 @@ def patched_weight(patcher: comfy.model_patcher.ModelPatcher, layer: str, module
     return weight
 
 
-def with_new_diffusion_model(patcher: comfy.model_patcher.ModelPatcher, diffusion_model: torch.nn.Module,
-                             consumed_layers: list[str]) -> comfy.model_patcher.ModelPatcher:
+def with_new_diffusion_model(
+    patcher: comfy.model_patcher.ModelPatcher, diffusion_model: torch.nn.Module, consumed_layers: list[str]
+) -> comfy.model_patcher.ModelPatcher:
     """A new MODEL like ``patcher`` (options, wrappers, remaining patches) around another diffusion model.
 
     Patches of ``consumed_layers``' weights are dropped: the caller merged them.

@@ -33,9 +33,11 @@ def int8_layer_names(diffusion_model) -> list[str]:
 class LoadInt8DiffusionModel:
     DISPLAY_NAME = "Load Diffusion Model (INT8)"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Loads a DiT Quant INT8 W8A8 checkpoint from models/diffusion_models. Quantized layers stay "
-                   "int8 in memory and VRAM (never expanded to bf16); the architecture is detected like the "
-                   "stock loader does.")
+    DESCRIPTION = (
+        "Loads a DiT Quant INT8 W8A8 checkpoint from models/diffusion_models. Quantized layers stay "
+        "int8 in memory and VRAM (never expanded to bf16); the architecture is detected like the "
+        "stock loader does."
+    )
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The INT8 diffusion model; add 'INT8 Kernel Patch' to pick the kernel backend.",)
@@ -44,24 +46,41 @@ class LoadInt8DiffusionModel:
     @classmethod
     def INPUT_TYPES(cls):
         names = [n for n in folder_paths.get_filename_list("diffusion_models") if n.endswith(".safetensors")]
-        return {"required": {"unet_name": (names, {"tooltip": "An INT8 checkpoint written by 'Save INT8 Model' "
-                                                              "(safetensors with a dit_quant_recipe header)."})}}
+        return {
+            "required": {
+                "unet_name": (
+                    names,
+                    {
+                        "tooltip": "An INT8 checkpoint written by 'Save INT8 Model' "
+                        "(safetensors with a dit_quant_recipe header)."
+                    },
+                )
+            }
+        }
 
     def load(self, unet_name: str):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         state_dict, recipe = load_int8_checkpoint(path)
-        model = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options={"custom_operations": Int8Operations})
+        model = comfy.sd.load_diffusion_model_state_dict(
+            state_dict, model_options={"custom_operations": Int8Operations}
+        )
         if model is None:
-            raise CheckpointError(f"{unet_name}: ComfyUI could not detect the model architecture from its tensors")
+            raise CheckpointError(
+                f"{unet_name}: ComfyUI could not detect the model architecture from its tensors"
+            )
         diffusion_model = model.model.diffusion_model
         missing = unloaded_layers(diffusion_model)
         if missing:
-            raise CheckpointError(f"{unet_name}: the detected architecture expects layers the file lacks: "
-                                  f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+            raise CheckpointError(
+                f"{unet_name}: the detected architecture expects layers the file lacks: "
+                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+            )
         loaded = set(int8_layer_names(diffusion_model))
         if loaded != set(recipe["quantized_layers"]):
-            raise CheckpointError(f"{unet_name}: {len(set(recipe['quantized_layers']) - loaded)} quantized layers of "
-                                  "the recipe do not exist in the detected architecture")
+            raise CheckpointError(
+                f"{unet_name}: {len(set(recipe['quantized_layers']) - loaded)} quantized layers of "
+                "the recipe do not exist in the detected architecture"
+            )
         setattr(diffusion_model, RECIPE_ATTR, recipe)
         logging.info("DiT Quant: loaded %s with %d INT8 layers", unet_name, len(loaded))
         return (model,)
@@ -70,9 +89,11 @@ class LoadInt8DiffusionModel:
 class QuantizeModelInt8:
     DISPLAY_NAME = "Quantize Model to INT8"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Quantizes a loaded bf16/fp16/fp8 diffusion model to INT8 W8A8 on the fly: per-output-channel "
-                   "int8 weights, per-token int8 activations at run time. Embedders and final layers stay in "
-                   "high precision. LoRA patches already on the model are merged into the quantized weights.")
+    DESCRIPTION = (
+        "Quantizes a loaded bf16/fp16/fp8 diffusion model to INT8 W8A8 on the fly: per-output-channel "
+        "int8 weights, per-token int8 activations at run time. Embedders and final layers stay in "
+        "high precision. LoRA patches already on the model are merged into the quantized weights."
+    )
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The INT8 model (the input model is left unchanged).",)
@@ -80,12 +101,23 @@ class QuantizeModelInt8:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "A diffusion model from any loader (bf16, fp16 or fp8 weights)."}),
-            "keep_layers": ("STRING", {"default": "", "multiline": True,
-                                       "tooltip": "Extra layer names to keep in high precision, one per line "
-                                                  "(e.g. joint_blocks.0.x_block.mlp.fc2)."}),
-        }}
+        return {
+            "required": {
+                "model": (
+                    "MODEL",
+                    {"tooltip": "A diffusion model from any loader (bf16, fp16 or fp8 weights)."},
+                ),
+                "keep_layers": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "multiline": True,
+                        "tooltip": "Extra layer names to keep in high precision, one per line "
+                        "(e.g. joint_blocks.0.x_block.mlp.fc2).",
+                    },
+                ),
+            }
+        }
 
     def quantize(self, model, keep_layers: str = ""):
         from ..quant.layer_rules import DEFAULT_RULES, protect_rules
@@ -100,31 +132,52 @@ class QuantizeModelInt8:
             raise ValueError(f"keep_layers names no Linear layer of this model: {', '.join(unknown)}")
         release_model_weights(model)
         bar = comfy.utils.ProgressBar(len(names))
-        new_dm = quantized_copy(diffusion_model, names, make_layer=make_int8_layer,
-                                weight_of=lambda name, module: patched_weight(model, name, module),
-                                progress=lambda done, total: bar.update_absolute(done, total))
+        new_dm = quantized_copy(
+            diffusion_model,
+            names,
+            make_layer=make_int8_layer,
+            weight_of=lambda name, module: patched_weight(model, name, module),
+            progress=lambda done, total: bar.update_absolute(done, total),
+        )
         setattr(new_dm, RECIPE_ATTR, make_recipe(names, list(kept), method="per-channel W8A8 (on the fly)"))
-        logging.info("DiT Quant: quantized %d Linear layers to INT8, kept %d in high precision", len(names), len(kept))
+        logging.info(
+            "DiT Quant: quantized %d Linear layers to INT8, kept %d in high precision", len(names), len(kept)
+        )
         return (with_new_diffusion_model(model, new_dm, names),)
 
 
 class SaveInt8Model:
     DISPLAY_NAME = "Save INT8 Model"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Writes an INT8 model to models/diffusion_models as safetensors (int8 weights, fp32 scales, "
-                   "the recipe in the header), atomically. Load it back with 'Load Diffusion Model (INT8)'.")
+    DESCRIPTION = (
+        "Writes an INT8 model to models/diffusion_models as safetensors (int8 weights, fp32 scales, "
+        "the recipe in the header), atomically. Load it back with 'Load Diffusion Model (INT8)'."
+    )
     RETURN_TYPES = ()
     OUTPUT_NODE = True
     FUNCTION = "save"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "An INT8 model from 'Quantize Model to INT8' or 'Apply SmoothQuant'."}),
-            "filename": ("STRING", {"default": "dit_int8", "tooltip": "File name in models/diffusion_models; "
-                                                                     ".safetensors is added."}),
-            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
-        }}
+        return {
+            "required": {
+                "model": (
+                    "MODEL",
+                    {"tooltip": "An INT8 model from 'Quantize Model to INT8' or 'Apply SmoothQuant'."},
+                ),
+                "filename": (
+                    "STRING",
+                    {
+                        "default": "dit_int8",
+                        "tooltip": "File name in models/diffusion_models; .safetensors is added.",
+                    },
+                ),
+                "overwrite": (
+                    "BOOLEAN",
+                    {"default": False, "tooltip": "Replace an existing file of that name."},
+                ),
+            }
+        }
 
     def save(self, model, filename: str, overwrite: bool):
         diffusion_model = model.model.diffusion_model
@@ -132,8 +185,10 @@ class SaveInt8Model:
         if recipe is None or not int8_layer_names(diffusion_model):
             raise ValueError("This model has no INT8 layers: quantize it first ('Quantize Model to INT8').")
         if any(k.startswith("diffusion_model.") for k in model.patches):
-            raise ValueError("This model has LoRA/weight patches; save the INT8 model before applying LoRAs "
-                             "(or quantize after them: 'Quantize Model to INT8' merges them).")
+            raise ValueError(
+                "This model has LoRA/weight patches; save the INT8 model before applying LoRAs "
+                "(or quantize after them: 'Quantize Model to INT8' merges them)."
+            )
         name = os.path.basename(filename.strip())
         if not name:
             raise ValueError("filename is empty")
@@ -153,33 +208,46 @@ class SaveInt8Model:
 class Int8KernelPatch:
     DISPLAY_NAME = "INT8 Kernel Patch"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Routes every INT8 Linear of the model through the chosen W8A8 kernel while sampling. "
-                   "auto: fused Triton kernels on NVIDIA sm_80+ (Ampere, Ada, Hopper), the torch reference "
-                   "elsewhere (logged once). Unquantized layers, LoRA and low-VRAM offloading are unaffected.")
+    DESCRIPTION = (
+        "Routes every INT8 Linear of the model through the chosen W8A8 kernel while sampling. "
+        "auto: fused Triton kernels on NVIDIA sm_80+ (Ampere, Ada, Hopper), the torch reference "
+        "elsewhere (logged once). Unquantized layers, LoRA and low-VRAM offloading are unaffected."
+    )
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "A model with INT8 layers."}),
-            "backend": (BACKENDS, {"default": "auto", "tooltip": "auto: Triton where supported, else torch. "
-                                                                 "triton: force the Triton kernels. torch: the "
-                                                                 "plain-torch reference (any device)."}),
-        }}
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "A model with INT8 layers."}),
+                "backend": (
+                    BACKENDS,
+                    {
+                        "default": "auto",
+                        "tooltip": "auto: Triton where supported, else torch. "
+                        "triton: force the Triton kernels. torch: the "
+                        "plain-torch reference (any device).",
+                    },
+                ),
+            }
+        }
 
     def patch(self, model, backend: str):
         if not int8_layer_names(model.model.diffusion_model):
-            raise ValueError("This model has no INT8 layers: load an INT8 checkpoint or quantize the model first.")
+            raise ValueError(
+                "This model has no INT8 layers: load an INT8 checkpoint or quantize the model first."
+            )
         patched = model.clone()
 
         def run_with_backend(executor, *args, **kwargs):
             with kernel_backend(backend):
                 return executor(*args, **kwargs)
 
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "dit_quant_int8_backend",
-                                     run_with_backend)
+        patched.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.APPLY_MODEL, "dit_quant_int8_backend", run_with_backend
+        )
         return (patched,)
 
 

@@ -42,8 +42,9 @@ def make_recipe(quantized_layers: list[str], protected_layers: list[str], **sett
     }
 
 
-def save_int8_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
-                         recipe: dict[str, Any]) -> None:
+def save_int8_checkpoint(
+    path: str | os.PathLike, state_dict: dict[str, torch.Tensor], recipe: dict[str, Any]
+) -> None:
     """Validates and writes ``state_dict`` + ``recipe`` to ``path`` atomically."""
     validate_int8_state_dict(state_dict, recipe, str(path))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
@@ -71,13 +72,17 @@ def load_int8_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     """Reads and validates an INT8 checkpoint; returns (state_dict, recipe)."""
     recipe = read_recipe(path)
     if recipe is None:
-        raise CheckpointError(f"{path}: no {RECIPE_KEY} metadata, so this is not a DiT Quant INT8 checkpoint "
-                              "(use ComfyUI's stock 'Load Diffusion Model' for ordinary files)")
+        raise CheckpointError(
+            f"{path}: no {RECIPE_KEY} metadata, so this is not a DiT Quant INT8 checkpoint "
+            "(use ComfyUI's stock 'Load Diffusion Model' for ordinary files)"
+        )
     if recipe.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: recipe format {recipe.get('format')!r} is not {FORMAT_NAME!r}")
     if int(recipe.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {recipe['format_version']} is newer than this pack "
-                              f"understands ({FORMAT_VERSION}); update DiT Quant")
+        raise CheckpointError(
+            f"{path}: format version {recipe['format_version']} is newer than this pack "
+            f"understands ({FORMAT_VERSION}); update DiT Quant"
+        )
     try:
         state_dict: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt") as f:
@@ -95,17 +100,24 @@ def validate_int8_state_dict(state_dict: dict[str, torch.Tensor], recipe: dict[s
         weight = state_dict.get(f"{layer}.weight")
         scale = state_dict.get(f"{layer}.weight_scale")
         if weight is None or scale is None:
-            raise CheckpointError(f"{where}: quantized layer {layer!r} lacks its weight or weight_scale tensor")
+            raise CheckpointError(
+                f"{where}: quantized layer {layer!r} lacks its weight or weight_scale tensor"
+            )
         if weight.dtype != torch.int8 or weight.ndim != 2:
-            raise CheckpointError(f"{where}: {layer}.weight must be a 2-D int8 tensor, got "
-                                  f"{weight.dtype} {tuple(weight.shape)}")
+            raise CheckpointError(
+                f"{where}: {layer}.weight must be a 2-D int8 tensor, got {weight.dtype} {tuple(weight.shape)}"
+            )
         if scale.dtype != torch.float32 or scale.shape != (weight.shape[0],):
-            raise CheckpointError(f"{where}: {layer}.weight_scale must be fp32 [{weight.shape[0]}], got "
-                                  f"{scale.dtype} {tuple(scale.shape)}")
+            raise CheckpointError(
+                f"{where}: {layer}.weight_scale must be fp32 [{weight.shape[0]}], got "
+                f"{scale.dtype} {tuple(scale.shape)}"
+            )
         smooth = state_dict.get(f"{layer}.smooth")
         if smooth is not None and (smooth.dtype != torch.float32 or smooth.shape != (weight.shape[1],)):
-            raise CheckpointError(f"{where}: {layer}.smooth must be fp32 [{weight.shape[1]}], got "
-                                  f"{smooth.dtype} {tuple(smooth.shape)}")
+            raise CheckpointError(
+                f"{where}: {layer}.smooth must be fp32 [{weight.shape[1]}], got "
+                f"{smooth.dtype} {tuple(smooth.shape)}"
+            )
     quantized = set(recipe["quantized_layers"])
     for key, tensor in state_dict.items():
         if tensor.dtype == torch.int8 and key.rsplit(".", 1)[0] not in quantized:

@@ -9,7 +9,9 @@ import torch
 from ..kernels import w8a8_linear
 from .int8_weights import dequantize_weight, quantize_weight_per_channel
 
-_ACTIVE_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("dit_quant_int8_backend", default="auto")
+_ACTIVE_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "dit_quant_int8_backend", default="auto"
+)
 
 
 @contextlib.contextmanager
@@ -34,25 +36,40 @@ class Int8Linear(torch.nn.Module):
     optional ``bias`` [N] in the compute dtype.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 smooth: bool = False, device: torch.device | str | None = None,
-                 bias_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        smooth: bool = False,
+        device: torch.device | str | None = None,
+        bias_dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         frozen = dict(requires_grad=False)
-        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
-                                         **frozen)
-        self.weight_scale = torch.nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device),
-                                               **frozen)
-        self.smooth = (torch.nn.Parameter(torch.empty(in_features, dtype=torch.float32, device=device), **frozen)
-                       if smooth else None)
-        self.bias = (torch.nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), **frozen)
-                     if bias else None)
+        self.weight = torch.nn.Parameter(
+            torch.empty(out_features, in_features, dtype=torch.int8, device=device), **frozen
+        )
+        self.weight_scale = torch.nn.Parameter(
+            torch.empty(out_features, dtype=torch.float32, device=device), **frozen
+        )
+        self.smooth = (
+            torch.nn.Parameter(torch.empty(in_features, dtype=torch.float32, device=device), **frozen)
+            if smooth
+            else None
+        )
+        self.bias = (
+            torch.nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), **frozen)
+            if bias
+            else None
+        )
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   smooth: torch.Tensor | None = None) -> "Int8Linear":
+    def from_float(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, smooth: torch.Tensor | None = None
+    ) -> "Int8Linear":
         """Quantizes a float weight [N, K] per output channel (after multiplying by ``smooth`` [K])."""
         q, scale = quantize_weight_per_channel(weight, smooth)
         module = cls.__new__(cls)
@@ -61,8 +78,13 @@ class Int8Linear(torch.nn.Module):
         module.set_quantized(q, scale, smooth=smooth, bias=bias)
         return module
 
-    def set_quantized(self, weight: torch.Tensor, weight_scale: torch.Tensor,
-                      smooth: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+    def set_quantized(
+        self,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        smooth: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> None:
         """Installs already-quantized tensors (int8 [N, K], fp32 [N], fp32 [K] or None, [N] or None)."""
         n, k = weight.shape
         if weight.dtype != torch.int8:
@@ -90,8 +112,12 @@ class Int8Linear(torch.nn.Module):
         return dequantize_weight(self.weight, self.weight_scale, self.smooth, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return w8a8_linear(x, self.weight, self.weight_scale, self.bias, self.smooth, backend=active_backend())
+        return w8a8_linear(
+            x, self.weight, self.weight_scale, self.bias, self.smooth, backend=active_backend()
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, smooth={self.smooth is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, smooth={self.smooth is not None}"
+        )

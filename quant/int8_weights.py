@@ -28,9 +28,12 @@ def quantize_weight_per_channel(
 
 
 def dequantize_weight(
-    q: torch.Tensor, scale: torch.Tensor, smooth: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    smooth: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Inverse of ``quantize_weight_per_channel``: int8 [N, K] × fp32 [N] (÷ smooth [K]) → [N, K] ``dtype``."""
+    """Inverse of ``quantize_weight_per_channel``: int8 [N, K] × fp32 [N] (÷ smooth [K]) → [N, K]."""
     w = q.float() * scale.float()[:, None]
     if smooth is not None:
         w = w / smooth.float().to(w.device)[None, :]

@@ -23,12 +23,22 @@ class LayerRule:
 # Input embedders, timestep/guidance/text-pooled embedders and output layers are small and
 # disproportionately sensitive; every published W8A8 DiT recipe keeps them in high precision.
 DEFAULT_RULES: tuple[LayerRule, ...] = (
-    LayerRule(r"(^|\.)(x_embedder|t_embedder|y_embedder|context_embedder|pos_embed)(\.|$)", False, "embedder"),
-    LayerRule(r"(^|\.)(img_in|txt_in|time_in|vector_in|guidance_in|time_text_embed)(\.|$)", False, "embedder"),
-    LayerRule(r"(^|\.)(patch_embedding|text_embedding|time_embedding|time_projection|img_emb)(\.|$)", False,
-              "embedder"),
-    LayerRule(r"(^|\.)(cap_embedder|t_embedder|caption_projection|p_embedder|pooled_text_embed)(\.|$)", False,
-              "embedder"),
+    LayerRule(
+        r"(^|\.)(x_embedder|t_embedder|y_embedder|context_embedder|pos_embed)(\.|$)", False, "embedder"
+    ),
+    LayerRule(
+        r"(^|\.)(img_in|txt_in|time_in|vector_in|guidance_in|time_text_embed)(\.|$)", False, "embedder"
+    ),
+    LayerRule(
+        r"(^|\.)(patch_embedding|text_embedding|time_embedding|time_projection|img_emb)(\.|$)",
+        False,
+        "embedder",
+    ),
+    LayerRule(
+        r"(^|\.)(cap_embedder|t_embedder|caption_projection|p_embedder|pooled_text_embed)(\.|$)",
+        False,
+        "embedder",
+    ),
     LayerRule(r"(^|\.)(final_layer|norm_out|proj_out|head|final_layer_norm)(\.|$)", False, "final layer"),
 )
 
@@ -36,8 +46,9 @@ DEFAULT_RULES: tuple[LayerRule, ...] = (
 MIN_FEATURES = 32
 
 
-def should_quantize(name: str, in_features: int, out_features: int,
-                    rules: Iterable[LayerRule] = DEFAULT_RULES) -> tuple[bool, str]:
+def should_quantize(
+    name: str, in_features: int, out_features: int, rules: Iterable[LayerRule] = DEFAULT_RULES
+) -> tuple[bool, str]:
     """Decides one Linear layer; returns (quantize?, reason)."""
     for rule in rules:
         if re.search(rule.pattern, name):

@@ -16,13 +16,18 @@ def float_linear_layers(root: torch.nn.Module) -> Iterator[tuple[str, torch.nn.M
     """(name, module) of every not-yet-quantized Linear-like layer: a 2-D ``weight`` and ``in_features``."""
     for name, module in root.named_modules():
         weight = getattr(module, "weight", None)
-        if (isinstance(module, torch.nn.Linear) or hasattr(module, "in_features")) and not isinstance(
-                module, Int8Linear) and isinstance(weight, torch.Tensor) and weight.ndim == 2:
+        if (
+            (isinstance(module, torch.nn.Linear) or hasattr(module, "in_features"))
+            and not isinstance(module, Int8Linear)
+            and isinstance(weight, torch.Tensor)
+            and weight.ndim == 2
+        ):
             yield name, module
 
 
-def plan_quantization(root: torch.nn.Module, rules: Iterable[LayerRule] = DEFAULT_RULES
-                      ) -> tuple[list[str], dict[str, str]]:
+def plan_quantization(
+    root: torch.nn.Module, rules: Iterable[LayerRule] = DEFAULT_RULES
+) -> tuple[list[str], dict[str, str]]:
     """Applies the layer rules: returns (names to quantize, {kept name: reason})."""
     rules = tuple(rules)
     quantize, keep = [], {}
@@ -41,16 +46,20 @@ def _shallow_tree_copy(module: torch.nn.Module) -> torch.nn.Module:
     clone = copy.copy(module)
     clone._parameters = dict(module._parameters)
     clone._buffers = dict(module._buffers)
-    clone._modules = {name: None if child is None else _shallow_tree_copy(child)
-                      for name, child in module._modules.items()}
+    clone._modules = {
+        name: None if child is None else _shallow_tree_copy(child) for name, child in module._modules.items()
+    }
     return clone
 
 
-def quantized_copy(root: torch.nn.Module, names: Iterable[str],
-                   make_layer: LayerFactory = Int8Linear.from_float,
-                   weight_of: Callable[[str, torch.nn.Module], torch.Tensor] | None = None,
-                   smooth_of: Callable[[str], torch.Tensor | None] | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> torch.nn.Module:
+def quantized_copy(
+    root: torch.nn.Module,
+    names: Iterable[str],
+    make_layer: LayerFactory = Int8Linear.from_float,
+    weight_of: Callable[[str, torch.nn.Module], torch.Tensor] | None = None,
+    smooth_of: Callable[[str], torch.Tensor | None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.nn.Module:
     """A copy of ``root`` whose layers ``names`` are quantized; ``root`` itself is left untouched.
 
     weight_of(name, module) gives the float weight to quantize (default: ``module.weight``; use it to

@@ -26,7 +26,7 @@ SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; capped so that means and CIs stay finite
 
 # metric name → True when larger is better
-METRICS: dict[str, bool] = {"latent_rel_error": False, "psnr": True, "ssim": True}
+METRICS: dict[str, bool] = {"latent_rel_error": False, "psnr": True, "ssim": True, "clip_score": True}
 
 
 # ---------------------------------------------------------------------------------------- per sample
@@ -268,6 +268,7 @@ def evaluate_quality(
     variant_images: Mapping[str, torch.Tensor] | None = None,
     sample_labels: Sequence[str] | None = None,
     comparisons: Sequence[tuple[str, str]] = (),
+    extra_metrics: Mapping[str, Mapping[str, Sequence[float] | np.ndarray]] | None = None,
     n_boot: int = 10000,
     seed: int = 0,
 ) -> QualityReport:
@@ -276,6 +277,7 @@ def evaluate_quality(
     reference_latents / variant_latents[v]: [S, ...] latents; reference_images / variant_images[v]:
     optional [S, H, W, C] images in [0, 1]. comparisons: (variant, baseline) pairs to test with paired
     bootstrap CIs on every metric both have (e.g. ("smoothquant+protect", "plain W8A8")).
+    extra_metrics: {variant (may be "reference"): {metric of ``METRICS``: [S] values}}, e.g. CLIP scores.
     """
     count = reference_latents.shape[0]
     labels = list(sample_labels) if sample_labels is not None else [f"sample {i}" for i in range(count)]
@@ -291,6 +293,14 @@ def evaluate_quality(
                 raise ValueError("variant images given without reference images")
             metrics[variant]["psnr"] = psnr(variant_images[variant], reference_images).cpu().numpy()
             metrics[variant]["ssim"] = ssim(variant_images[variant], reference_images).cpu().numpy()
+    for variant, per_metric in (extra_metrics or {}).items():
+        for metric, values in per_metric.items():
+            if metric not in METRICS:
+                raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+            array = np.asarray(values, dtype=np.float64).ravel()
+            if array.size != count:
+                raise ValueError(f"{metric} of {variant}: {array.size} values for {count} samples")
+            metrics.setdefault(variant, {})[metric] = array
     results = []
     for variant, baseline in comparisons:
         for name in (variant, baseline):
@@ -309,3 +319,32 @@ def evaluate_quality(
                     Comparison(metric, variant, baseline, paired_bootstrap_ci(a, b, n_boot, seed), ratio)
                 )
     return QualityReport(metrics, labels, results, n_boot, seed)
+
+
+def clip_scores(images: torch.Tensor, captions: Sequence[str], model_path: str) -> np.ndarray:
+    """CLIP score per image: 100 · max(cos(image embedding, caption embedding), 0) → float64 [S].
+
+    images: [S, H, W, C] in [0, 1]; model_path: a local Hugging Face CLIP folder (model + processor
+    files; nothing is downloaded). Needs the ``transformers`` package.
+    """
+    import os
+
+    if not os.path.isdir(model_path):
+        raise FileNotFoundError(f"CLIP model folder {model_path!r} does not exist")
+    if len(captions) != images.shape[0]:
+        raise ValueError(f"{len(captions)} captions for {images.shape[0]} images")
+    try:
+        from transformers import CLIPModel, CLIPProcessor
+    except ImportError as e:
+        raise RuntimeError("CLIP scores need the 'transformers' package") from e
+    model = CLIPModel.from_pretrained(model_path, local_files_only=True).eval()
+    processor = CLIPProcessor.from_pretrained(model_path, local_files_only=True)
+    pixels = [(image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy() for image in images]
+    inputs = processor(text=list(captions), images=pixels, return_tensors="pt", padding=True, truncation=True)
+    with torch.no_grad():
+        image_embeds = model.get_image_features(pixel_values=inputs["pixel_values"])
+        text_embeds = model.get_text_features(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        )
+    cosine = torch.nn.functional.cosine_similarity(image_embeds.double(), text_embeds.double(), dim=-1)
+    return (100 * cosine.clamp(min=0)).numpy()

@@ -10,7 +10,7 @@ that operation exactly (``find_fold_sites`` / ``fold_smoothing``) and the layer 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -359,3 +359,89 @@ def fold_smoothing(
         weight = need(f"{target}.weight")
         out[f"{target}.weight"] = apply_smoothing(weight, s).to(weight.dtype)
     return out
+
+
+# ---------------------------------------------------------------------------------------- whole model
+@dataclass
+class SmoothQuantPlan:
+    """How to SmoothQuant a model's quantized layers.
+
+    ``smooth``: layer → s [K] to store in its Int8Linear (divides the activations at run time).
+    ``replaced``: state-dict key → new float tensor from folding (sources' weights/biases and the
+    targets' weights W·s; quantize those targets from these weights, with no smoothing vector).
+    ``alphas``: layer → α used (None: no smoothing; a folded site's α is listed for each target).
+    ``unseen``: quantized layers the calibration never saw (quantized without smoothing).
+    """
+
+    smooth: dict[str, torch.Tensor] = field(default_factory=dict)
+    replaced: dict[str, torch.Tensor] = field(default_factory=dict)
+    alphas: dict[str, float | None] = field(default_factory=dict)
+    folded: list[FoldSite] = field(default_factory=list)
+    unseen: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """JSON-serializable description for a checkpoint recipe."""
+        return {
+            "smoothed_layers": sorted(self.smooth),
+            "folded_sites": [{"source": s.source, "targets": list(s.targets)} for s in self.folded],
+            "layer_alpha": dict(sorted(self.alphas.items())),
+            "unseen_layers": sorted(self.unseen),
+        }
+
+
+def plan_smoothquant(
+    quantized: Sequence[str],
+    tensor_of: Callable[[str], torch.Tensor],
+    param_shapes: Mapping[str, Sequence[int]],
+    stats: ActivationStats,
+    alpha: float = DEFAULT_ALPHA,
+    search: bool = False,
+    fold: bool = False,
+    alphas: Sequence[float] = ALPHA_GRID,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> SmoothQuantPlan:
+    """Smoothing for every layer in ``quantized`` from calibration statistics.
+
+    tensor_of(key): the float tensor of a state-dict key (e.g. ``"blocks.0.ffn.0.weight"``), LoRA merged.
+    param_shapes: every parameter's shape (to find fold sites). alpha: the fixed α, or the default the
+    search prefers on ties when ``search`` is on (grid ``alphas``, proxy inputs from ``proxy_inputs``).
+    fold: fold s into the preceding modulation/norm where ``find_fold_sites`` allows it (only sites with
+    a quantized target); other layers keep s in their Int8Linear. device: where the α search runs.
+    """
+    plan = SmoothQuantPlan()
+    to_quantize = set(quantized)
+    sites = [s for s in find_fold_sites(param_shapes) if to_quantize & set(s.targets)] if fold else []
+    folded_targets = {t for s in sites for t in s.targets}
+    units: list[tuple[str, ...] | FoldSite] = [*sites, *((n,) for n in quantized if n not in folded_targets)]
+
+    def plan_unit(unit: tuple[str, ...] | FoldSite) -> None:
+        layers = unit.targets if isinstance(unit, FoldSite) else unit
+        seen = [layer for layer in layers if layer in stats.absmax]
+        if not seen:
+            plan.unseen.extend(layer for layer in layers if layer in to_quantize)
+            return
+        act_absmax = torch.stack([stats.absmax[layer].float().cpu() for layer in seen]).amax(dim=0)
+        weights = [tensor_of(f"{layer}.weight") for layer in layers]
+        if search:
+            x = proxy_inputs(stats, seen[0]).to(device)
+            result = search_alpha([w.to(device) for w in weights], act_absmax, x, alphas, default=alpha)
+            chosen, s = result.alpha, result.smooth
+        else:
+            chosen, s = alpha, smoothing_factors(act_absmax, weight_input_absmax(*weights), alpha)
+        plan.alphas.update({layer: chosen for layer in layers if layer in to_quantize})
+        if s is None:
+            return
+        if isinstance(unit, FoldSite):
+            keys = [f"{unit.source}.weight", f"{unit.source}.bias"] + [f"{t}.weight" for t in unit.targets]
+            tensors = {k: tensor_of(k) for k in keys if k in param_shapes}
+            plan.replaced.update(fold_smoothing(unit, s, tensors))
+            plan.folded.append(unit)
+        else:
+            plan.smooth[layers[0]] = s
+
+    for i, unit in enumerate(units):
+        plan_unit(unit)
+        if progress is not None:
+            progress(i + 1, len(units))
+    return plan

@@ -26,8 +26,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=128, help="image size in pixels (latent = size / 8)")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--triton-interpreter", action="store_true",
-                        help="without a GPU, also run the Triton kernels in Triton's CPU interpreter (slow)")
+    parser.add_argument(
+        "--triton-interpreter",
+        action="store_true",
+        help="without a GPU, also run the Triton kernels in Triton's CPU interpreter (slow)",
+    )
     args = parser.parse_args()
 
     base = pathlib.Path(tempfile.mkdtemp(prefix="dit_quant_demo_"))
@@ -36,19 +39,31 @@ def main() -> None:
     logging.getLogger().setLevel(logging.INFO)
     spec = TinyModelSpec(depth=args.depth)
     save_tiny_model(comfy.diffusion_models_dir / "demo_sd3.safetensors", spec, seed=0)
-    unet = {"class_type": "UNETLoader", "inputs": {"unet_name": "demo_sd3.safetensors", "weight_dtype": "default"}}
+    unet = {
+        "class_type": "UNETLoader",
+        "inputs": {"unet_name": "demo_sd3.safetensors", "weight_dtype": "default"},
+    }
 
     def run(name: str, nodes: dict, model_ref: list) -> tuple[torch.Tensor, float]:
         CaptureLatent.captured.clear()
         start = time.perf_counter()
-        comfy.run(sampling_graph(model_ref, seed=args.seed, steps=args.steps, size=args.size, spec=spec,
-                                 extra=nodes))
+        comfy.run(
+            sampling_graph(
+                model_ref, seed=args.seed, steps=args.steps, size=args.size, spec=spec, extra=nodes
+            )
+        )
         return CaptureLatent.captured[-1], time.perf_counter() - start
 
-    comfy.run({"load": unet,
-               "quant": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
-               "save": {"class_type": "SaveInt8Model",
-                        "inputs": {"model": ["quant", 0], "filename": "demo_sd3_int8", "overwrite": True}}})
+    comfy.run(
+        {
+            "load": unet,
+            "quant": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
+            "save": {
+                "class_type": "SaveInt8Model",
+                "inputs": {"model": ["quant", 0], "filename": "demo_sd3_int8", "overwrite": True},
+            },
+        }
+    )
     int8_path = comfy.diffusion_models_dir / "demo_sd3_int8.safetensors"
     float_path = comfy.diffusion_models_dir / "demo_sd3.safetensors"
 
@@ -57,15 +72,24 @@ def main() -> None:
     rows.append(("bf16 (stock UNETLoader)", float_path.stat().st_size, 0.0, t_ref))
     backends = ["torch"] + (["triton"] if torch.cuda.is_available() or args.triton_interpreter else [])
     for backend in backends:
-        latent, t = run(backend, {
-            "load": {"class_type": "LoadInt8DiffusionModel", "inputs": {"unet_name": int8_path.name}},
-            "patch": {"class_type": "Int8KernelPatch", "inputs": {"model": ["load", 0], "backend": backend}},
-        }, ["patch", 0])
+        latent, t = run(
+            backend,
+            {
+                "load": {"class_type": "LoadInt8DiffusionModel", "inputs": {"unet_name": int8_path.name}},
+                "patch": {
+                    "class_type": "Int8KernelPatch",
+                    "inputs": {"model": ["load", 0], "backend": backend},
+                },
+            },
+            ["patch", 0],
+        )
         err = ((latent.double() - reference.double()).norm() / reference.double().norm()).item()
         rows.append((f"INT8 W8A8, {backend} kernel", int8_path.stat().st_size, err, t))
 
-    print(f"\nDiT Quant demo: SD3/MMDiT depth {args.depth} (hidden {64 * args.depth}), {args.size}px, "
-          f"{args.steps} euler steps, seed {args.seed}, ComfyUI at {comfy.root}")
+    print(
+        f"\nDiT Quant demo: SD3/MMDiT depth {args.depth} (hidden {64 * args.depth}), {args.size}px, "
+        f"{args.steps} euler steps, seed {args.seed}, ComfyUI at {comfy.root}"
+    )
     print(f"{'variant':34} {'file MB':>8} {'latent rel. err vs bf16':>24} {'graph time s':>13}")
     for name, size, err, t in rows:
         print(f"{name:34} {size / 1e6:8.2f} {err:24.4f} {t:13.2f}")

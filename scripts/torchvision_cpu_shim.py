@@ -20,7 +20,9 @@ class _DefineNmsSchemas(importlib.abc.MetaPathFinder):
 
         for name in ("nms", "qnms"):
             try:
-                torch.library.define(f"torchvision::{name}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+                torch.library.define(
+                    f"torchvision::{name}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
+                )
             except RuntimeError:
                 pass  # already defined by a working native library
         return None

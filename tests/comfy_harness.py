@@ -26,7 +26,9 @@ PACK_FOLDER_NAME = "ComfyUI-DiT-Quant"  # any folder name works; this is the one
 def comfy_root() -> pathlib.Path:
     root = pathlib.Path(os.environ.get("COMFYUI_PATH", REPO_ROOT / ".cache" / "ComfyUI"))
     if not (root / "nodes.py").is_file():
-        raise RuntimeError(f"no ComfyUI at {root}: run scripts/setup.sh or set COMFYUI_PATH to a ComfyUI checkout")
+        raise RuntimeError(
+            f"no ComfyUI at {root}: run scripts/setup.sh or set COMFYUI_PATH to a ComfyUI checkout"
+        )
     return root
 
 
@@ -57,9 +59,14 @@ class TinyModelSpec:
 
     def latent_node(self, size: int) -> dict:
         if self.family == "wan":
-            return {"class_type": "EmptyHunyuanLatentVideo",
-                    "inputs": {"width": size, "height": size, "length": 1, "batch_size": 1}}
-        return {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}}
+            return {
+                "class_type": "EmptyHunyuanLatentVideo",
+                "inputs": {"width": size, "height": size, "length": 1, "batch_size": 1},
+            }
+        return {
+            "class_type": "EmptySD3LatentImage",
+            "inputs": {"width": size, "height": size, "batch_size": 1},
+        }
 
 
 class TestConditioning:
@@ -71,9 +78,14 @@ class TestConditioning:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0}), "tokens": ("INT", {"default": 8}),
-                             "context_dim": ("INT", {"default": 64, "max": 1 << 16}),
-                             "pooled_dim": ("INT", {"default": 32, "max": 1 << 16})}}
+        return {
+            "required": {
+                "seed": ("INT", {"default": 0}),
+                "tokens": ("INT", {"default": 8}),
+                "context_dim": ("INT", {"default": 64, "max": 1 << 16}),
+                "pooled_dim": ("INT", {"default": 32, "max": 1 << 16}),
+            }
+        }
 
     def make(self, seed: int, tokens: int, context_dim: int, pooled_dim: int):
         g = torch.Generator().manual_seed(seed)
@@ -137,7 +149,7 @@ _COMFY: Comfy | None = None
 
 
 def load_comfy(base_dir: pathlib.Path) -> Comfy:
-    """Imports ComfyUI (CPU), registers model folders under ``base_dir`` and loads the pack as ComfyUI does."""
+    """Imports ComfyUI (CPU), registers model folders in ``base_dir``, loads the pack as ComfyUI does."""
     global _COMFY
     if _COMFY is not None:
         return _COMFY
@@ -147,8 +159,9 @@ def load_comfy(base_dir: pathlib.Path) -> Comfy:
 
     args.cpu = True
     args.bf16_unet = True  # diffusion models compute in bf16, as on a GPU (ComfyUI's CPU default is fp32)
-    import utils.extra_config  # noqa: F401  (must precede `import nodes`, which shadows `utils`)
     import folder_paths
+    import utils.extra_config  # noqa: F401  (must precede `import nodes`, which shadows `utils`)
+
     import nodes
 
     for sub in ("checkpoints", "loras", "diffusion_models"):  # "unet" is a legacy alias of diffusion_models
@@ -173,8 +186,13 @@ def load_comfy(base_dir: pathlib.Path) -> Comfy:
     loaded = set(nodes.NODE_CLASS_MAPPINGS) - before
     register_test_nodes(nodes)
     # ComfyUI registers a pack folder under its full path as the module name.
-    _COMFY = Comfy(root=root, base_dir=base_dir, pack=sys.modules[str(link).replace(".", "_x_")], nodes=nodes,
-                   modules={"loaded_node_classes": sorted(loaded)})
+    _COMFY = Comfy(
+        root=root,
+        base_dir=base_dir,
+        pack=sys.modules[str(link).replace(".", "_x_")],
+        nodes=nodes,
+        modules={"loaded_node_classes": sorted(loaded)},
+    )
     return _COMFY
 
 
@@ -182,14 +200,18 @@ def init_random_(module: torch.nn.Module, seed: int) -> None:
     """Fresh random weights (never zeros): fan-in scaled for matrices, small values for vectors."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        tensors = list(module.named_parameters()) + [(n, b) for n, b in module.named_buffers() if b.is_floating_point()]
+        tensors = list(module.named_parameters()) + [
+            (n, b) for n, b in module.named_buffers() if b.is_floating_point()
+        ]
         for _, p in sorted(tensors, key=lambda item: item[0]):
             fan_in = p[0].numel() if p.ndim >= 2 else 1
-            std = fan_in ** -0.5 if p.ndim >= 2 else 0.02
+            std = fan_in**-0.5 if p.ndim >= 2 else 0.02
             p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
 
 
-def build_tiny_model(spec: TinyModelSpec, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+def build_tiny_model(
+    spec: TinyModelSpec, seed: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> torch.nn.Module:
     """A random-weight diffusion model of ``spec.family`` from ComfyUI's own class."""
     import comfy.ops
 
@@ -199,26 +221,45 @@ def build_tiny_model(spec: TinyModelSpec, seed: int = 0, dtype: torch.dtype = to
 
         hidden = 64 * spec.depth
         model = MMDiT(
-            input_size=None, patch_size=spec.patch_size, in_channels=spec.in_channels, depth=spec.depth,
-            adm_in_channels=spec.pooled_dim, out_channels=spec.in_channels,
-            context_embedder_config={"target": "torch.nn.Linear",
-                                     "params": {"in_features": spec.context_dim, "out_features": hidden}},
-            pos_embed_max_size=spec.pos_embed_max_size, num_patches=spec.pos_embed_max_size ** 2,
-            pos_embed_scaling_factor=None, **common)
+            input_size=None,
+            patch_size=spec.patch_size,
+            in_channels=spec.in_channels,
+            depth=spec.depth,
+            adm_in_channels=spec.pooled_dim,
+            out_channels=spec.in_channels,
+            context_embedder_config={
+                "target": "torch.nn.Linear",
+                "params": {"in_features": spec.context_dim, "out_features": hidden},
+            },
+            pos_embed_max_size=spec.pos_embed_max_size,
+            num_patches=spec.pos_embed_max_size**2,
+            pos_embed_scaling_factor=None,
+            **common,
+        )
     elif spec.family == "wan":
         from comfy.ldm.wan.model import WanModel
 
-        model = WanModel(model_type="t2v", in_dim=spec.in_channels, out_dim=spec.in_channels, dim=spec.width,
-                         ffn_dim=spec.ffn, num_heads=spec.width // 128, num_layers=spec.depth,
-                         text_dim=spec.context_dim, image_model="wan2.1", **common)
+        model = WanModel(
+            model_type="t2v",
+            in_dim=spec.in_channels,
+            out_dim=spec.in_channels,
+            dim=spec.width,
+            ffn_dim=spec.ffn,
+            num_heads=spec.width // 128,
+            num_layers=spec.depth,
+            text_dim=spec.context_dim,
+            image_model="wan2.1",
+            **common,
+        )
     else:
         raise ValueError(f"unknown tiny model family {spec.family!r}")
     init_random_(model, seed)
     return model.to(dtype)
 
 
-def save_tiny_model(path: pathlib.Path, spec: TinyModelSpec | None = None, seed: int = 0,
-                    dtype: torch.dtype = torch.bfloat16) -> pathlib.Path:
+def save_tiny_model(
+    path: pathlib.Path, spec: TinyModelSpec | None = None, seed: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> pathlib.Path:
     """Writes a tiny model's state dict (ComfyUI diffusion-model keys) as safetensors."""
     from safetensors.torch import save_file
 
@@ -230,22 +271,52 @@ def save_tiny_model(path: pathlib.Path, spec: TinyModelSpec | None = None, seed:
 save_tiny_mmdit = save_tiny_model  # the SD3 default; kept as a short name for callers
 
 
-def sampling_graph(model_node: list | dict, *, seed: int = 1, steps: int = 2, size: int = 64,
-                   spec: TinyModelSpec | None = None, extra: dict | None = None) -> dict:
+def sampling_graph(
+    model_node: list | dict,
+    *,
+    seed: int = 1,
+    steps: int = 2,
+    size: int = 64,
+    spec: TinyModelSpec | None = None,
+    extra: dict | None = None,
+) -> dict:
     """API-format graph: conditioning → KSampler(model) → latent output node "save" (SaveLatent)."""
     spec = spec or TinyModelSpec()
     graph = {
-        "pos": {"class_type": "DiTQuantTestConditioning",
-                "inputs": {"seed": 11, "tokens": spec.context_tokens, "context_dim": spec.context_dim,
-                           "pooled_dim": spec.pooled_dim}},
-        "neg": {"class_type": "DiTQuantTestConditioning",
-                "inputs": {"seed": 12, "tokens": spec.context_tokens, "context_dim": spec.context_dim,
-                           "pooled_dim": spec.pooled_dim}},
+        "pos": {
+            "class_type": "DiTQuantTestConditioning",
+            "inputs": {
+                "seed": 11,
+                "tokens": spec.context_tokens,
+                "context_dim": spec.context_dim,
+                "pooled_dim": spec.pooled_dim,
+            },
+        },
+        "neg": {
+            "class_type": "DiTQuantTestConditioning",
+            "inputs": {
+                "seed": 12,
+                "tokens": spec.context_tokens,
+                "context_dim": spec.context_dim,
+                "pooled_dim": spec.pooled_dim,
+            },
+        },
         "latent": spec.latent_node(size),
-        "sample": {"class_type": "KSampler",
-                   "inputs": {"model": model_node, "positive": ["pos", 0], "negative": ["neg", 0],
-                              "latent_image": ["latent", 0], "seed": seed, "steps": steps, "cfg": 3.0,
-                              "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "sample": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": model_node,
+                "positive": ["pos", 0],
+                "negative": ["neg", 0],
+                "latent_image": ["latent", 0],
+                "seed": seed,
+                "steps": steps,
+                "cfg": 3.0,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "denoise": 1.0,
+            },
+        },
         "save": {"class_type": "DiTQuantTestCaptureLatent", "inputs": {"samples": ["sample", 0]}},
     }
     graph.update(extra or {})

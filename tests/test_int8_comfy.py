@@ -46,12 +46,19 @@ def test_pack_loads_through_comfyui_loader(comfy):
 
 @pytest.fixture(scope="module")
 def int8_file(comfy, tiny_file, family):
-    comfy.run({
-        "load": {"class_type": "UNETLoader", "inputs": {"unet_name": tiny_file, "weight_dtype": "default"}},
-        "quant": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
-        "save": {"class_type": "SaveInt8Model",
-                 "inputs": {"model": ["quant", 0], "filename": f"tiny_{family}_int8", "overwrite": True}},
-    })
+    comfy.run(
+        {
+            "load": {
+                "class_type": "UNETLoader",
+                "inputs": {"unet_name": tiny_file, "weight_dtype": "default"},
+            },
+            "quant": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
+            "save": {
+                "class_type": "SaveInt8Model",
+                "inputs": {"model": ["quant", 0], "filename": f"tiny_{family}_int8", "overwrite": True},
+            },
+        }
+    )
     path = comfy.diffusion_models_dir / f"tiny_{family}_int8.safetensors"
     assert path.exists()
     return path
@@ -79,8 +86,12 @@ def test_loaded_int8_model_holds_int8_weights(comfy, int8_file):
     int8_linear = comfy.module("quant.int8_linear").Int8Linear
     layers = [m for m in model.model.diffusion_model.modules() if isinstance(m, int8_linear)]
     assert layers and all(m.weight.dtype == torch.int8 for m in layers)
-    float_bytes = sum(p.numel() * p.element_size() for m in layers for p in m.parameters() if p.is_floating_point()
-                      and p.ndim == 2)
+    float_bytes = sum(
+        p.numel() * p.element_size()
+        for m in layers
+        for p in m.parameters()
+        if p.is_floating_point() and p.ndim == 2
+    )
     assert float_bytes == 0  # no float copy of any quantized weight
 
 
@@ -88,15 +99,25 @@ def test_loaded_int8_model_holds_int8_weights(comfy, int8_file):
 def test_int8_sampling_matches_bf16(comfy, tiny_file, int8_file, family, backend):
     unet = {"class_type": "UNETLoader", "inputs": {"unet_name": tiny_file, "weight_dtype": "default"}}
     reference = sample(comfy, {"load": unet}, ["load", 0], family)
-    on_the_fly = sample(comfy, {
-        "load": unet,
-        "quant": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
-        "patch": {"class_type": "Int8KernelPatch", "inputs": {"model": ["quant", 0], "backend": backend}},
-    }, ["patch", 0], family)
-    loaded = sample(comfy, {
-        "load": {"class_type": "LoadInt8DiffusionModel", "inputs": {"unet_name": int8_file.name}},
-        "patch": {"class_type": "Int8KernelPatch", "inputs": {"model": ["load", 0], "backend": backend}},
-    }, ["patch", 0], family)
+    on_the_fly = sample(
+        comfy,
+        {
+            "load": unet,
+            "quant": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
+            "patch": {"class_type": "Int8KernelPatch", "inputs": {"model": ["quant", 0], "backend": backend}},
+        },
+        ["patch", 0],
+        family,
+    )
+    loaded = sample(
+        comfy,
+        {
+            "load": {"class_type": "LoadInt8DiffusionModel", "inputs": {"unet_name": int8_file.name}},
+            "patch": {"class_type": "Int8KernelPatch", "inputs": {"model": ["load", 0], "backend": backend}},
+        },
+        ["patch", 0],
+        family,
+    )
     assert torch.isfinite(loaded).all()
     # The saved file reproduces the on-the-fly model exactly.
     assert torch.equal(loaded, on_the_fly)

@@ -1,7 +1,6 @@
 """INT8 nodes under bad input, low-VRAM offloading and LoRA, in the real ComfyUI."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -16,18 +15,27 @@ SPEC = TinyModelSpec(family="sd3", depth=2)
 def files(comfy):
     models = comfy.diffusion_models_dir
     save_tiny_model(models / "robust_sd3.safetensors", SPEC, seed=3)
-    comfy.run({
-        "load": {"class_type": "UNETLoader", "inputs": {"unet_name": "robust_sd3.safetensors", "weight_dtype": "default"}},
-        "quant": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
-        "save": {"class_type": "SaveInt8Model",
-                 "inputs": {"model": ["quant", 0], "filename": "robust_sd3_int8", "overwrite": True}},
-    })
+    comfy.run(
+        {
+            "load": {
+                "class_type": "UNETLoader",
+                "inputs": {"unet_name": "robust_sd3.safetensors", "weight_dtype": "default"},
+            },
+            "quant": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
+            "save": {
+                "class_type": "SaveInt8Model",
+                "inputs": {"model": ["quant", 0], "filename": "robust_sd3_int8", "overwrite": True},
+            },
+        }
+    )
     return {"float": models / "robust_sd3.safetensors", "int8": models / "robust_sd3_int8.safetensors"}
 
 
 def load_int8_graph(name: str) -> dict:
-    return {"load": {"class_type": "LoadInt8DiffusionModel", "inputs": {"unet_name": name}},
-            "patch": {"class_type": "Int8KernelPatch", "inputs": {"model": ["load", 0], "backend": "torch"}}}
+    return {
+        "load": {"class_type": "LoadInt8DiffusionModel", "inputs": {"unet_name": name}},
+        "patch": {"class_type": "Int8KernelPatch", "inputs": {"model": ["load", 0], "backend": "torch"}},
+    }
 
 
 def run_expecting_error(comfy, name: str) -> str:
@@ -61,8 +69,11 @@ def test_unknown_architecture_is_refused_clearly(comfy, files):
         tensors = {f"mystery.{k}": f.get_tensor(k) for k in f.keys()}
         recipe = json.loads(f.metadata()["dit_quant_recipe"])
     recipe["quantized_layers"] = [f"mystery.{n}" for n in recipe["quantized_layers"]]
-    save_file(tensors, str(comfy.diffusion_models_dir / "mystery_int8.safetensors"),
-              metadata={"dit_quant_recipe": json.dumps(recipe)})
+    save_file(
+        tensors,
+        str(comfy.diffusion_models_dir / "mystery_int8.safetensors"),
+        metadata={"dit_quant_recipe": json.dumps(recipe)},
+    )
     assert "could not detect the model architecture" in run_expecting_error(comfy, "mystery_int8.safetensors")
 
 
@@ -95,20 +106,28 @@ def test_low_vram_offloading_gives_the_same_output(comfy, files):
     assert torch.equal(full, low)
 
 
-def make_lora(path, layers: list[str], dims: dict[str, tuple[int, int]], rank: int = 4, seed: int = 0) -> None:
+def make_lora(
+    path, layers: list[str], dims: dict[str, tuple[int, int]], rank: int = 4, seed: int = 0
+) -> None:
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in layers:
         n, k = dims[layer]
-        tensors[f"diffusion_model.{layer}.lora_up.weight"] = (torch.randn(n, rank, generator=g) * 0.06).bfloat16()
-        tensors[f"diffusion_model.{layer}.lora_down.weight"] = (torch.randn(rank, k, generator=g) * 0.06).bfloat16()
+        tensors[f"diffusion_model.{layer}.lora_up.weight"] = (
+            torch.randn(n, rank, generator=g) * 0.06
+        ).bfloat16()
+        tensors[f"diffusion_model.{layer}.lora_down.weight"] = (
+            torch.randn(rank, k, generator=g) * 0.06
+        ).bfloat16()
     save_file(tensors, str(path))
 
 
 @pytest.mark.parametrize("target", ["unquantized", "quantized"])
 def test_lora_on_int8_model_matches_lora_on_bf16(comfy, files, target):
-    layers = {"unquantized": ["final_layer.linear"],
-              "quantized": ["joint_blocks.0.x_block.mlp.fc2", "joint_blocks.1.context_block.attn.qkv"]}[target]
+    layers = {
+        "unquantized": ["final_layer.linear"],
+        "quantized": ["joint_blocks.0.x_block.mlp.fc2", "joint_blocks.1.context_block.attn.qkv"],
+    }[target]
     with safe_open(str(files["float"]), framework="pt") as f:
         dims = {layer: tuple(f.get_slice(f"{layer}.weight").get_shape()) for layer in layers}
     loras_dir = comfy.base_dir / "models" / "loras"
@@ -119,19 +138,32 @@ def test_lora_on_int8_model_matches_lora_on_bf16(comfy, files, target):
         comfy.run(sampling_graph(ref, spec=SPEC, extra=model_nodes))
         return CaptureLatent.captured[-1].double()
 
-    lora = {"class_type": "LoraLoaderModelOnly",
-            "inputs": {"model": ["load", 0], "lora_name": f"lora_{target}.safetensors", "strength_model": 1.0}}
-    unet = {"class_type": "UNETLoader", "inputs": {"unet_name": files["float"].name, "weight_dtype": "default"}}
+    lora = {
+        "class_type": "LoraLoaderModelOnly",
+        "inputs": {"model": ["load", 0], "lora_name": f"lora_{target}.safetensors", "strength_model": 1.0},
+    }
+    unet = {
+        "class_type": "UNETLoader",
+        "inputs": {"unet_name": files["float"].name, "weight_dtype": "default"},
+    }
     bf16 = run({"load": unet}, ["load", 0])
     bf16_lora = run({"load": unet, "lora": lora}, ["lora", 0])
     int8 = run(load_int8_graph(files["int8"].name), ["patch", 0])
-    int8_lora = run({**load_int8_graph(files["int8"].name),
-                     "lora": {**lora, "inputs": {**lora["inputs"], "model": ["patch", 0]}}}, ["lora", 0])
+    int8_lora = run(
+        {
+            **load_int8_graph(files["int8"].name),
+            "lora": {**lora, "inputs": {**lora["inputs"], "model": ["patch", 0]}},
+        },
+        ["lora", 0],
+    )
     lora_effect = (bf16_lora - bf16).norm() / bf16.norm()
     assert lora_effect > 0.02  # the LoRA visibly changes the image
     err = ((int8_lora - bf16_lora).norm() / bf16_lora.norm()).item()
     base_err = ((int8 - bf16).norm() / bf16.norm()).item()
     # With the LoRA the INT8 model stays as close to bf16 as without it (W8A8 error only).
     int8_effect = ((int8_lora - int8).norm() / int8.norm()).item()
-    print(f"LoRA on {target} layers: effect {lora_effect:.3f}, INT8+LoRA vs bf16+LoRA {err:.4f}, INT8 vs bf16 {base_err:.4f}")
+    print(
+        f"LoRA on {target} layers: effect {lora_effect:.3f}, INT8+LoRA vs bf16+LoRA {err:.4f}, "
+        f"INT8 vs bf16 {base_err:.4f}"
+    )
     assert err < max(2 * base_err, 0.03), (err, base_err, lora_effect.item(), int8_effect)

@@ -69,22 +69,23 @@ def compile_all(shard: int, num_shards: int) -> dict[str, dict]:
                          "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "bias_ptr": "*bf16",
                          "M": "i32", "N": "i32", "K": "i32"}
             kernel = w8a8_triton._w8a8_gemm_tma_kernel
-            constexprs = dict(tiles, HAS_BIAS=True, SPLIT_EPILOGUE=config.split_epilogue, NUM_PROGRAMS=132)
+            constexprs = dict(tiles, HAS_BIAS=True, SPLIT_EPILOGUE=config.split_epilogue,
+                              NUM_PROGRAMS=132)
         else:
             quantize_a = config.kind in ("fused", "fused_scale")
             signature = dict(POINTER_TYPES, M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32",
                              stride_om="i32", a_ptr="*bf16" if quantize_a else "*i8")
             kernel = w8a8_triton._w8a8_gemm_kernel
-            constexprs = dict(tiles, QUANTIZE_A=quantize_a, A_SCALE_GIVEN=config.kind != "fused", HAS_BIAS=True,
-                              HAS_SMOOTH=quantize_a, EVEN_K=False)
+            constexprs = dict(tiles, QUANTIZE_A=quantize_a, A_SCALE_GIVEN=config.kind != "fused",
+                              HAS_BIAS=True, HAS_SMOOTH=quantize_a, EVEN_K=False)
         results[_case_id(cc, config)] = _compile(kernel, signature, constexprs, cc, config.num_warps,
                                                  config.num_stages)
     for cc in ARCHS[shard::num_shards]:
         signature = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "q_ptr": "*i8", "scale_ptr": "*fp32",
                      "K": "i32", "stride_xm": "i32", "stride_qm": "i32"}
-        results[f"sm{cc}-quantize_rows"] = _compile(w8a8_triton._quantize_rows_kernel, signature,
-                                                    {"HAS_SMOOTH": True, "WRITE_Q": True, "BLOCK_K": 1024}, cc,
-                                                    4, 2)
+        constexprs = {"HAS_SMOOTH": True, "WRITE_Q": True, "BLOCK_K": 1024}
+        results[f"sm{cc}-quantize_rows"] = _compile(w8a8_triton._quantize_rows_kernel, signature, constexprs,
+                                                    cc, 4, 2)
     return results
 
 

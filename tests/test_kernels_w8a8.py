@@ -78,15 +78,44 @@ def test_w8a8_linear_matches_fp64(backend, case):
     out = w8a8_linear(x, weight, weight_scale, bias, smooth, backend=backend)
     assert out.shape == (*lead, n) and out.dtype == dtype and out.device.type == DEVICE.type
 
-    x2d = x.reshape(-1, k)
+    _check_against_fp64(out.reshape(-1, n), x.reshape(-1, k), weight, weight_scale, bias, smooth, backend)
+
+
+def _check_against_fp64(out, x2d, weight, weight_scale, bias, smooth, backend):
+    """Quantized rows vs fp64 quantization, then out vs the fp64 epilogue of those rows (tolerances above)."""
     q, scale = quantize_rows(x2d, smooth, backend=backend)
     _check_quantized(q, scale, x2d, smooth)
     product = (q.double() @ weight.double().t()) * scale.double()[:, None] * weight_scale.double()[None, :]
     bias64 = bias.double() if bias is not None else torch.zeros_like(product[0])
     expected = product + bias64
-    bound = ULP_REL[dtype] * expected.abs() + 2.0**-21 * (product.abs() + bias64.abs()) + 1e-30
-    err = (out.reshape(-1, n).double() - expected).abs()
+    bound = ULP_REL[out.dtype] * expected.abs() + 2.0**-21 * (product.abs() + bias64.abs()) + 1e-30
+    err = (out.double() - expected).abs()
     assert (err <= bound).all(), f"max error / bound = {(err / bound).max().item():.3g}"
+
+
+def _kind_configs():
+    """One config of every kernel kind: the interpreter's small tiles on CPU, the arch's own on a GPU."""
+    from dit_quant.kernels import w8a8_triton
+
+    if DEVICE.type == "cpu":
+        return [w8a8_triton.GemmConfig(kind, 16 if kind == "fused" else 64, 64, 64, 8, 4, 1, split)
+                for kind, split in [("int8", False), ("fused", False), ("fused_scale", False), ("tma", False),
+                                    ("tma", True)]]
+    cc = w8a8_triton.arch_key(torch.cuda.get_device_capability())
+    return w8a8_triton.candidate_configs(cc, False) + w8a8_triton.candidate_configs(cc, True)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not importable here")
+@pytest.mark.parametrize("config", _kind_configs() if "triton" in BACKENDS else [], ids=str)
+@pytest.mark.parametrize("shape", [(130, 192, 72), (5, 256, 40)], ids=lambda s: "m{}-k{}-n{}".format(*s))
+def test_every_kernel_kind_matches_fp64(config, shape):
+    from dit_quant.kernels.w8a8_triton import w8a8_linear_triton
+
+    m, k, n = shape
+    x, weight, weight_scale, bias, smooth = _inputs((m,), k, n, torch.bfloat16, True, config.kind != "tma",
+                                                    seed=m + k + n)
+    out = w8a8_linear_triton(x, weight, weight_scale, bias, smooth, config)
+    _check_against_fp64(out, x, weight, weight_scale, bias, smooth, "triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

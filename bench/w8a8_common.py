@@ -1,0 +1,115 @@
+"""Shared pieces of the W8A8 GPU scripts: environment record, inputs, checks, timing, result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+
+
+def import_kernels():
+    """The pack's ``kernels`` package, imported as ``dit_quant.kernels`` (no ComfyUI needed)."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from _pack import import_pack
+
+    import_pack()
+    import dit_quant.kernels as kernels
+
+    return kernels
+
+
+def environment() -> dict:
+    """GPU, driver and library versions plus the exact command, for the result files."""
+    import triton
+
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        driver = "unknown"
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": props.name, "compute_capability": f"{props.major}.{props.minor}", "sms": props.multi_processor_count,
+        "driver": driver, "cuda": torch.version.cuda, "torch": torch.__version__, "triton": triton.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv]),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def layer_inputs(m: int, k: int, n: int, seed: int, with_bias: bool = True) -> dict:
+    """Fresh random bf16 activation (a few 30x outlier channels, as DiT activations have), an int8
+    weight with per-channel fp32 scales, a bf16 bias, and the matching bf16 weight for the baseline."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", generator=g)
+    x[:, torch.randint(0, k, (4,), device="cuda", generator=g)] *= 30.0
+    weight = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8, generator=g)
+    weight_scale = torch.rand(n, device="cuda", generator=g) * 0.01 + 1e-3
+    bias = torch.randn(n, device="cuda", generator=g).bfloat16() if with_bias else None
+    return {"x": x.bfloat16(), "weight": weight, "weight_scale": weight_scale, "bias": bias,
+            "weight_bf16": (weight.float() * weight_scale[:, None]).bfloat16()}
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Error of out vs ref: max |diff| / (|ref| + 1e-2 * max|ref|) and the share of elements beyond
+    one bf16 ulp (2**-7 relative) of that denominator."""
+    out, ref = out.float(), ref.float()
+    denom = ref.abs() + 1e-2 * ref.abs().max()
+    rel = (out - ref).abs() / denom
+    return {"max_rel_err": rel.max().item(), "frac_over_1ulp": (rel > 2.0**-7).float().mean().item(),
+            "finite": bool(torch.isfinite(out).all().item())}
+
+
+def time_ms(fn, graph: bool = False) -> float:
+    """Median milliseconds of fn (triton.testing.do_bench: L2 flushed between runs, warm-up first);
+    graph=True times the replay of a CUDA graph of fn instead (no Python/launch overhead)."""
+    import triton
+
+    if not graph:
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()  # compile / tune outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cuda_graph):
+        fn()
+    return triton.testing.do_bench(cuda_graph.replay, warmup=25, rep=100, return_mode="median")
+
+
+def write_atomic(path: pathlib.Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_results(stem: str, payload: dict, markdown: str, out_dir: str | None) -> list[pathlib.Path]:
+    """Write <stem>.json and <stem>.md into bench/results/ and, if given, out_dir (e.g. $OUT)."""
+    written = []
+    for directory in {RESULTS_DIR, *([pathlib.Path(out_dir)] if out_dir else [])}:
+        for suffix, text in ((".json", json.dumps(payload, indent=1)), (".md", markdown)):
+            path = directory / f"{stem}{suffix}"
+            write_atomic(path, text)
+            written.append(path)
+    return written
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,206 @@
+"""Triton dequantization of GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K).
+
+float32 output is bit-identical to ``gguf.quants.dequantize`` (and to gguf_dequant_reference.py): the
+kernels evaluate the same float32 expressions. A fused multiply-add cannot change a result either: in
+every ``a * q + b`` form below, ``a * q`` is exact in float32 (an fp16 scale has 11 significant bits,
+times a <=6-bit sub-scale times a <=5-bit level fits in 24 bits). bf16 output is rounded to nearest-even
+with integer arithmetic, so it is also identical across GPU and interpreter (whose casts truncate).
+
+The per-type ``*_values`` functions decode a tile of whole blocks from their byte addresses; the fused
+matmul kernels (gguf_matmul_triton.py) reuse the scale decoders.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .gguf_dequant_reference import BLOCK_LAYOUT
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+_QTYPE_ID = {name: i for i, name in enumerate(TRITON_TYPES)}
+# Blocks per program: 1024 values per program for every type.
+_BLOCKS_PER_PROGRAM = {name: 1024 // BLOCK_LAYOUT[name][0] for name in TRITON_TYPES}
+
+
+@triton.jit
+def load_f16(ptr, mask):
+    """Little-endian fp16 at byte address ``ptr`` (any alignment) -> float32."""
+    lo = tl.load(ptr, mask=mask, other=0).to(tl.uint16)
+    hi = tl.load(ptr + 1, mask=mask, other=0).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def k_scale_min(scales_ptr, sub, mask):
+    """6-bit (scale, min) of sub-block ``sub`` (0..7) of a Q4_K/Q5_K block whose 12 scale bytes start at
+    ``scales_ptr``; returns float32 tensors shaped like ``sub``."""
+    low = sub < 4
+    a = tl.load(scales_ptr + sub, mask=mask, other=0).to(tl.int32)           # byte j (scale j<4 / high bits)
+    b = tl.load(scales_ptr + sub + 4, mask=mask, other=0).to(tl.int32)       # byte j+4
+    c = tl.load(scales_ptr + (sub - 4) % 8, mask=mask, other=0).to(tl.int32)  # byte j-4 (high bits of scale)
+    sc = tl.where(low, a & 63, (b & 0xF) | ((c >> 6) << 4))
+    mn = tl.where(low, b & 63, (b >> 4) | ((a >> 6) << 4))
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
+def _values_q8_0(base, j, mask):
+    d = load_f16(base, mask)
+    q = tl.load(base[:, None] + 2 + j[None, :], mask=mask[:, None], other=0).to(tl.int8, bitcast=True)
+    return q.to(tl.float32) * d[:, None]
+
+
+@triton.jit
+def _low_high_nibble(byte_ptrs, j, mask, HALF: tl.constexpr):
+    """Element j of a block whose first HALF values are low nibbles of bytes 0..HALF-1, the rest high."""
+    byte = tl.load(byte_ptrs + (j % HALF)[None, :], mask=mask[:, None], other=0).to(tl.int32)
+    return (byte >> ((j // HALF) * 4)[None, :]) & 0xF
+
+
+@triton.jit
+def _fifth_bit(qh_ptr, j, mask):
+    """Bit j of the little-endian 32-bit word at qh_ptr (Q5_0/Q5_1)."""
+    byte = tl.load(qh_ptr[:, None] + (j // 8)[None, :], mask=mask[:, None], other=0).to(tl.int32)
+    return (byte >> (j % 8)[None, :]) & 1
+
+
+@triton.jit
+def _values_q4_0(base, j, mask):
+    d = load_f16(base, mask)
+    q = _low_high_nibble(base[:, None] + 2, j, mask, 16) - 8
+    return d[:, None] * q.to(tl.float32)
+
+
+@triton.jit
+def _values_q4_1(base, j, mask):
+    d = load_f16(base, mask)
+    m = load_f16(base + 2, mask)
+    q = _low_high_nibble(base[:, None] + 4, j, mask, 16)
+    return d[:, None] * q.to(tl.float32) + m[:, None]
+
+
+@triton.jit
+def _values_q5_0(base, j, mask):
+    d = load_f16(base, mask)
+    q = (_low_high_nibble(base[:, None] + 6, j, mask, 16) | (_fifth_bit(base + 2, j, mask) << 4)) - 16
+    return d[:, None] * q.to(tl.float32)
+
+
+@triton.jit
+def _values_q5_1(base, j, mask):
+    d = load_f16(base, mask)
+    m = load_f16(base + 2, mask)
+    q = _low_high_nibble(base[:, None] + 8, j, mask, 16) | (_fifth_bit(base + 4, j, mask) << 4)
+    return d[:, None] * q.to(tl.float32) + m[:, None]
+
+
+@triton.jit
+def _values_q4_k(base, j, mask):
+    d = load_f16(base, mask)
+    dmin = load_f16(base + 2, mask)
+    sub = j // 32
+    sc, mn = k_scale_min(base[:, None] + 4, sub[None, :], mask[:, None])
+    # pair p = j // 64 shares bytes 16 + 32p + l: low nibble for sub-block 2p, high for 2p+1
+    byte = tl.load(base[:, None] + 16 + ((j // 64) * 32 + j % 32)[None, :], mask=mask[:, None], other=0)
+    q = (byte.to(tl.int32) >> ((sub % 2) * 4)[None, :]) & 0xF
+    return (d[:, None] * sc) * q.to(tl.float32) - dmin[:, None] * mn
+
+
+@triton.jit
+def _values_q5_k(base, j, mask):
+    d = load_f16(base, mask)
+    dmin = load_f16(base + 2, mask)
+    sub = j // 32
+    sc, mn = k_scale_min(base[:, None] + 4, sub[None, :], mask[:, None])
+    low = tl.load(base[:, None] + 48 + ((j // 64) * 32 + j % 32)[None, :], mask=mask[:, None], other=0)
+    high = tl.load(base[:, None] + 16 + (j % 32)[None, :], mask=mask[:, None], other=0)
+    q = ((low.to(tl.int32) >> ((sub % 2) * 4)[None, :]) & 0xF) | (((high.to(tl.int32) >> sub[None, :]) & 1) << 4)
+    return (d[:, None] * sc) * q.to(tl.float32) - dmin[:, None] * mn
+
+
+@triton.jit
+def _values_q6_k(base, j, mask):
+    half = j // 128
+    quarter = (j % 128) // 32
+    lane = j % 32
+    low = tl.load(base[:, None] + (half * 64 + (quarter % 2) * 32 + lane)[None, :], mask=mask[:, None], other=0)
+    high = tl.load(base[:, None] + 128 + (half * 32 + lane)[None, :], mask=mask[:, None], other=0)
+    q = (((low.to(tl.int32) >> ((quarter // 2) * 4)[None, :]) & 0xF)
+         | (((high.to(tl.int32) >> (quarter * 2)[None, :]) & 3) << 4)) - 32
+    scale = tl.load(base[:, None] + 192 + (j // 16)[None, :], mask=mask[:, None], other=0).to(tl.int8, bitcast=True)
+    d = load_f16(base + 208, mask)
+    return (d[:, None] * scale.to(tl.float32)) * q.to(tl.float32)
+
+
+@triton.jit
+def block_values(base, j, mask, QTYPE: tl.constexpr):
+    """float32 [len(base), len(j)]: values j of the blocks starting at byte pointers ``base``."""
+    if QTYPE == 0:
+        v = _values_q8_0(base, j, mask)
+    elif QTYPE == 1:
+        v = _values_q4_0(base, j, mask)
+    elif QTYPE == 2:
+        v = _values_q4_1(base, j, mask)
+    elif QTYPE == 3:
+        v = _values_q5_0(base, j, mask)
+    elif QTYPE == 4:
+        v = _values_q5_1(base, j, mask)
+    elif QTYPE == 5:
+        v = _values_q4_k(base, j, mask)
+    elif QTYPE == 6:
+        v = _values_q5_k(base, j, mask)
+    else:
+        v = _values_q6_k(base, j, mask)
+    return v
+
+
+@triton.jit
+def round_to_bf16(v):
+    """float32 -> bfloat16, round-to-nearest-even by integer arithmetic (NaN stays NaN)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, (bits >> 16) | 0x40, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _dequantize_kernel(src, dst, n_blocks, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                       TYPE_SIZE: tl.constexpr, BLOCKS: tl.constexpr, OUT_BF16: tl.constexpr):
+    blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    mask = blk < n_blocks
+    j = tl.arange(0, BLOCK_SIZE)
+    values = block_values(src + blk * TYPE_SIZE, j, mask, QTYPE)
+    out = dst + blk[:, None] * BLOCK_SIZE + j[None, :]
+    if OUT_BF16:
+        tl.store(out, round_to_bf16(values), mask=mask[:, None])
+    else:
+        tl.store(out, values.to(dst.dtype.element_ty), mask=mask[:, None])
+
+
+def dequantize_triton(raw: torch.Tensor, qtype: str, shape: torch.Size | tuple[int, ...],
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """GGUF bytes ``uint8`` (contiguous, on a CUDA device or on CPU under TRITON_INTERPRET=1) ->
+    tensor of ``shape`` in ``dtype`` (float32, bfloat16 or float16)."""
+    if qtype not in _QTYPE_ID:
+        raise ValueError(f"DiT Quant: no Triton dequantizer for GGUF type {qtype}; have {TRITON_TYPES}")
+    if raw.device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError("DiT Quant: Triton dequantization of CPU tensors needs TRITON_INTERPRET=1")
+    block_size, type_size = BLOCK_LAYOUT[qtype]
+    n_elements = 1
+    for size in shape:
+        n_elements *= int(size)
+    n_blocks = n_elements // block_size
+    if n_elements % block_size or raw.numel() != n_blocks * type_size:
+        raise ValueError(f"DiT Quant: {raw.numel()} bytes of {qtype} do not hold a tensor of shape {tuple(shape)}")
+    src = raw.contiguous().view(-1)
+    out = torch.empty(n_elements, dtype=dtype, device=raw.device)
+    blocks = _BLOCKS_PER_PROGRAM[qtype]
+    grid = (triton.cdiv(n_blocks, blocks),)
+    _dequantize_kernel[grid](src, out, n_blocks, QTYPE=_QTYPE_ID[qtype], BLOCK_SIZE=block_size,
+                             TYPE_SIZE=type_size, BLOCKS=blocks, OUT_BF16=dtype == torch.bfloat16)
+    return out.view(shape)
