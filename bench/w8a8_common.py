@@ -40,9 +40,9 @@ def environment() -> dict:
         driver = "unknown"
     props = torch.cuda.get_device_properties(0)
     return {
-        "gpu": props.name, "compute_capability": f"{props.major}.{props.minor}", "sms": props.multi_processor_count,
-        "driver": driver, "cuda": torch.version.cuda, "torch": torch.__version__, "triton": triton.__version__,
-        "python": platform.python_version(),
+        "gpu": props.name, "compute_capability": f"{props.major}.{props.minor}",
+        "sms": props.multi_processor_count, "driver": driver, "cuda": torch.version.cuda,
+        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
         "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv]),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -42,7 +42,7 @@ def k_scale_min(scales_ptr, sub, mask):
     low = sub < 4
     a = tl.load(scales_ptr + sub, mask=mask, other=0).to(tl.int32)           # byte j (scale j<4 / high bits)
     b = tl.load(scales_ptr + sub + 4, mask=mask, other=0).to(tl.int32)       # byte j+4
-    c = tl.load(scales_ptr + (sub - 4) % 8, mask=mask, other=0).to(tl.int32)  # byte j-4 (high bits of scale)
+    c = tl.load(scales_ptr + sub % 4, mask=mask, other=0).to(tl.int32)         # byte j-4 (for j >= 4)
     sc = tl.where(low, a & 63, (b & 0xF) | ((c >> 6) << 4))
     mn = tl.where(low, b & 63, (b >> 4) | ((a >> 6) << 4))
     return sc.to(tl.float32), mn.to(tl.float32)

@@ -164,9 +164,9 @@ def _w8a8_gemm_kernel(
 @triton.jit
 def _w8a8_gemm_tma_kernel(
     a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, bias_ptr,
-    M, N, K,
+    M, N, K, num_programs,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
 ):
     """Persistent variant of the int8-A GEMM for Hopper: tensor-memory-accelerator (TMA) descriptor
     loads/stores (out-of-range tiles are zero-filled on load and clipped on store, so no masks), one
@@ -174,7 +174,7 @@ def _w8a8_gemm_tma_kernel(
     halve the epilogue's shared-memory staging (room for one more pipeline stage)."""
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
+    for tile_id in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
         pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -357,9 +357,9 @@ def _launch_tma_gemm(config, q, a_scale, weight, weight_scale, bias, out) -> Non
         TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
         TensorDescriptor.from_tensor(out, [config.block_m, out_block_n]),
         a_scale, weight_scale, bias if bias is not None else weight_scale,
-        m, n, k,
+        m, n, k, num_programs,
         HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, SPLIT_EPILOGUE=config.split_epilogue, NUM_PROGRAMS=num_programs,
+        GROUP_M=config.group_m, SPLIT_EPILOGUE=config.split_epilogue,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 

@@ -21,7 +21,7 @@ import torch
 from ..kernels.gguf_dequant_reference import dequantize_reference
 from .atomic_io import atomic_path
 from .gguf_kquants import quantize_kquant
-from .gguf_reader import DIFFUSION_MODEL_PREFIX, ORIG_SHAPE_KEY, GGUFTensor
+from .gguf_reader import DIFFUSION_MODEL_PREFIX, ORIG_SHAPE_KEY, GGUFTensor, read_gguf
 from .gguf_type_rules import PRESETS, TensorPlan, detect_architecture, plan_tensor
 from .gguf_types import FLOAT_TORCH_DTYPES, gguf_type
 
@@ -171,3 +171,13 @@ def safetensors_sources(path: str | os.PathLike) -> dict[str, SourceTensor]:
         sources[name] = SourceTensor(shape, dtype_names[dtype_name], key.endswith(".weight") and len(shape) >= 2,
                                      loader(key))
     return sources
+
+
+def gguf_file_sources(path: str | os.PathLike) -> dict[str, SourceTensor]:
+    """Sources for re-encoding an existing GGUF file (tensors already in the target type are copied)."""
+    model_file = read_gguf(path)
+    return {
+        key: SourceTensor(t.shape, None if t.qtype.quantized else t.data.dtype,
+                          key.endswith(".weight") and len(t.shape) >= 2, lambda t=t: t)
+        for key, t in model_file.tensors.items()
+    }

@@ -62,10 +62,12 @@ def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alp
 
 
 def apply_smoothing(weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """W · s per input channel: weight [N, K], s [K] → fp32 [N, K] (quantize this; divide inputs by s)."""
+    """W · s per input channel: weight [N, K], s [K] → [N, K] in fp32 (fp64 for fp64 weights).
+    Quantize this; the inputs are divided by s."""
     if weight.ndim != 2 or s.shape != (weight.shape[1],):
         raise ValueError(f"weight {tuple(weight.shape)} and smoothing vector {tuple(s.shape)} do not match")
-    return weight.float() * s.float().to(weight.device)[None, :]
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    return weight.to(dtype) * s.to(weight.device, dtype)[None, :]
 
 
 # ---------------------------------------------------------------------------------------- α search
@@ -434,7 +436,10 @@ def plan_smoothquant(
             return
         if isinstance(unit, FoldSite):
             keys = [f"{unit.source}.weight", f"{unit.source}.bias"] + [f"{t}.weight" for t in unit.targets]
-            tensors = {k: tensor_of(k) for k in keys if k in param_shapes}
+            # a source feeding several sites (e.g. the attention and MLP chunks) folds them one after another
+            tensors = {
+                k: plan.replaced[k] if k in plan.replaced else tensor_of(k) for k in keys if k in param_shapes
+            }
             plan.replaced.update(fold_smoothing(unit, s, tensors))
             plan.folded.append(unit)
         else:

@@ -35,7 +35,8 @@ def _compile(fn, signature, constexprs, cc, num_warps, num_stages):
         signature[name] = "constexpr"
     # The JIT marks 16-byte aligned pointers and multiple-of-16 ints the same way for real tensors.
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-               if signature.get(name, "constexpr") != "constexpr" and name not in ("M", "N")}
+               if signature.get(name, "constexpr") != "constexpr" and name not in ("M", "N", "num_programs")
+               and not signature[name].startswith("tensordesc")}
     source = triton.compiler.ASTSource(fn, signature, constexprs, aligned)
     kernel = triton.compile(source, target=GPUTarget("cuda", cc, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
@@ -67,10 +68,9 @@ def compile_all(shard: int, num_shards: int) -> dict[str, dict]:
                          "b_desc": f"tensordesc<i8[{config.block_n}, {config.block_k}]>",
                          "out_desc": f"tensordesc<bf16[{config.block_m}, {out_n}]>",
                          "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "bias_ptr": "*bf16",
-                         "M": "i32", "N": "i32", "K": "i32"}
+                         "M": "i32", "N": "i32", "K": "i32", "num_programs": "i32"}
             kernel = w8a8_triton._w8a8_gemm_tma_kernel
-            constexprs = dict(tiles, HAS_BIAS=True, SPLIT_EPILOGUE=config.split_epilogue,
-                              NUM_PROGRAMS=132)
+            constexprs = dict(tiles, HAS_BIAS=True, SPLIT_EPILOGUE=config.split_epilogue)
         else:
             quantize_a = config.kind in ("fused", "fused_scale")
             signature = dict(POINTER_TYPES, M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32",

@@ -176,3 +176,64 @@ def test_latent_only_report_has_no_image_metrics():
     assert set(report.metrics["q"]) == {"latent_rel_error"}
     assert report.metrics["q"]["latent_rel_error"] == pytest.approx(np.full(4, 0.01), rel=1e-5)
     assert report.plot().shape[1] > 0
+
+
+def test_clip_scores_with_a_tiny_local_clip(tmp_path):
+    """A random-weight CLIP saved locally (no download): scores equal a direct computation with the
+    same model, lie in [0, 100], and a missing folder fails clearly."""
+    import pathlib
+
+    transformers = pytest.importorskip("transformers", reason="CLIP scores need transformers")
+    tokenizer_dir = (
+        pathlib.Path(__file__).resolve().parent.parent / ".cache" / "ComfyUI" / "comfy" / "sd1_tokenizer"
+    )
+    if not tokenizer_dir.is_dir():
+        pytest.skip("needs ComfyUI's bundled CLIP tokenizer files (scripts/setup.sh)")
+    from dit_quant.quant.quality import clip_scores
+
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+    transformers.CLIPModel(config).save_pretrained(tmp_path)
+    transformers.CLIPTokenizer(
+        str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt")
+    ).save_pretrained(tmp_path)
+    transformers.CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(tmp_path)
+    images = _images(b=3, h=40, w=36, seed=8)
+    captions = ["a red fox", "a neon sign", "a bowl of soup"]
+    scores = clip_scores(images, captions, str(tmp_path))
+
+    model = transformers.CLIPModel.from_pretrained(tmp_path).eval()
+    processor = transformers.CLIPProcessor.from_pretrained(tmp_path)
+    inputs = processor(
+        text=captions,
+        images=[(i * 255).round().to(torch.uint8).numpy() for i in images],
+        return_tensors="pt",
+        padding=True,
+    )
+    with torch.no_grad():
+        out = model(**inputs)
+    direct = 100 * torch.nn.functional.cosine_similarity(
+        out.image_embeds.double(), out.text_embeds.double()
+    ).clamp(min=0)
+    np.testing.assert_allclose(scores, direct.numpy(), rtol=1e-5, atol=1e-6)
+    assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 100))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        clip_scores(images, captions, str(tmp_path / "nowhere"))

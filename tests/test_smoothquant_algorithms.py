@@ -22,6 +22,9 @@ from dit_quant.quant.smoothquant import (
     synthetic_inputs,
     weight_input_absmax,
 )
+from dit_quant.quant.smoothquant import (
+    plan_smoothquant as sq_plan,
+)
 
 
 def _outlier_inputs(rows=64, k=96, outliers=(5, 17, 40, 77), factor=30.0, seed=0):
@@ -270,3 +273,53 @@ def test_fold_smoothing_rewrites_source_and_every_target():
     assert torch.equal(out["b.mod.weight"], expected_w) and torch.equal(out["b.mod.bias"], expected_b)
     with pytest.raises(KeyError, match="b.v.weight"):
         fold_smoothing(FoldSite(("b.v",), "b.mod", "modulation", 0, 1), s, tensors)
+
+
+def test_plan_smoothquant_folds_two_sites_of_one_source_exactly():
+    """A Flux-style double block: img_mod.lin feeds img_attn.qkv (shift/scale chunks 0, 1) and img_mlp.0
+    (chunks 3, 4). Both sites fold into the same modulation Linear; the block's Linear outputs must not
+    change, and the layers that cannot fold (img_mlp.2) get a smoothing vector instead."""
+    k, d, hidden = 16, 12, 32
+    g = torch.Generator().manual_seed(12)
+    tensors = {
+        "double_blocks.0.img_mod.lin.weight": torch.randn(6 * k, d, generator=g, dtype=torch.float64) * 0.3,
+        "double_blocks.0.img_mod.lin.bias": torch.randn(6 * k, generator=g, dtype=torch.float64) * 0.3,
+        "double_blocks.0.img_attn.qkv.weight": torch.randn(3 * k, k, generator=g, dtype=torch.float64),
+        "double_blocks.0.img_mlp.0.weight": torch.randn(hidden, k, generator=g, dtype=torch.float64),
+        "double_blocks.0.img_mlp.2.weight": torch.randn(k, hidden, generator=g, dtype=torch.float64),
+    }
+    x = torch.randn(2, 5, k, generator=g, dtype=torch.float64)
+    vec = torch.randn(2, d, generator=g, dtype=torch.float64)
+
+    def block_linear_outputs(t):
+        mod_w, mod_b = t["double_blocks.0.img_mod.lin.weight"], t["double_blocks.0.img_mod.lin.bias"]
+        attn_in, _ = _modulated_input(x, vec, mod_w, mod_b, k, 0, 1)
+        mlp_in, _ = _modulated_input(x, vec, mod_w, mod_b, k, 3, 4)
+        hidden_in = torch.nn.functional.gelu(mlp_in @ t["double_blocks.0.img_mlp.0.weight"].t())
+        return {
+            "double_blocks.0.img_attn.qkv": (attn_in, attn_in @ t["double_blocks.0.img_attn.qkv.weight"].t()),
+            "double_blocks.0.img_mlp.0": (mlp_in, mlp_in @ t["double_blocks.0.img_mlp.0.weight"].t()),
+            "double_blocks.0.img_mlp.2": (hidden_in, None),
+        }
+
+    stats = ActivationStats()
+    for name, (inputs, _) in block_linear_outputs(tensors).items():
+        stats.observe(name, inputs)
+    quantized = ["double_blocks.0.img_attn.qkv", "double_blocks.0.img_mlp.0", "double_blocks.0.img_mlp.2"]
+    shapes = {key: tuple(t.shape) for key, t in tensors.items()}
+    plan = sq_plan(quantized, tensors.__getitem__, shapes, stats, alpha=0.5, fold=True)
+    assert [site.targets for site in plan.folded] == [
+        ("double_blocks.0.img_attn.qkv",),
+        ("double_blocks.0.img_mlp.0",),
+    ]
+    assert set(plan.smooth) == {"double_blocks.0.img_mlp.2"}
+    assert plan.alphas == dict.fromkeys(quantized, 0.5)
+    before, after = block_linear_outputs(tensors), block_linear_outputs({**tensors, **plan.replaced})
+    for name in ("double_blocks.0.img_attn.qkv", "double_blocks.0.img_mlp.0"):
+        torch.testing.assert_close(after[name][1], before[name][1], rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(after[name][0], before[name][0])  # the input itself was divided by s
+
+    unfolded = sq_plan(quantized, tensors.__getitem__, shapes, stats, alpha=0.5, fold=False)
+    assert set(unfolded.smooth) == set(quantized) and not unfolded.replaced
+    empty = ActivationStats()
+    assert sq_plan(quantized, tensors.__getitem__, shapes, empty).unseen == quantized

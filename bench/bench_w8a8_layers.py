@@ -1,0 +1,190 @@
+"""Per-layer benchmark of the W8A8 linear at DiT shapes against the other paths a user could pick, in one
+run: bf16 F.linear (cuBLAS), torch._int_mm + eager quantization/scaling, fp8 rowwise torch._scaled_mm
+(with eager activation quantization, and operands pre-quantized = the GEMM alone), comfy-kitchen's
+Triton int8_linear (if importable). Every path is checked against the torch reference before timing.
+Writes bench_w8a8_layers.{json,md} to bench/results/ and --out ($OUT).
+
+    python bench/bench_w8a8_layers.py [--out DIR] [--sweep] [--budget-s 420] [--m 1,16,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from w8a8_common import (
+    compare,
+    environment,
+    import_kernels,
+    layer_inputs,
+    markdown_table,
+    save_results,
+    time_ms,
+)
+
+# (K, N) per model family: Flux (hidden 3072), Lumina2/Z-Image (2304, 3840), Wan 14B (5120).
+SHAPES = {
+    3072: [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072), (3072, 21504)],
+    2304: [(2304, 2304), (2304, 9216), (9216, 2304)],
+    3840: [(3840, 3840), (3840, 10240), (10240, 3840)],
+    5120: [(5120, 5120), (5120, 13824), (13824, 5120)],
+}
+M_VALUES = (1, 16, 256, 1024, 4096, 4608, 9216)
+GRAPH_M_MAX = 256  # also time CUDA-graph replays up to this M, where launch overhead matters
+
+
+def _quantize_fp8_rows(x: torch.Tensor):
+    scale = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 448.0
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def _baselines(t: dict, kernels) -> dict:
+    """name -> callable for the comparison paths (those this GPU/torch/package set supports)."""
+    from dit_quant.kernels.w8a8_reference import quantize_rows_reference
+
+    x, w, ws, bias = t["x"], t["weight"], t["weight_scale"], t["bias"]
+    paths = {"bf16 F.linear": lambda: F.linear(x, t["weight_bf16"], bias)}
+    if x.shape[0] > 16:  # cuBLASLt int8 needs M > 16
+
+        def int_mm_eager():
+            q, s = quantize_rows_reference(x)
+            return (torch._int_mm(q, w.t()).float() * s[:, None] * ws[None, :] + bias.float()).bfloat16()
+
+        paths["_int_mm + eager quant"] = int_mm_eager
+    if torch.cuda.get_device_capability() >= (8, 9):
+        w_fp8, w_scale = _quantize_fp8_rows(t["weight_bf16"])
+        x_fp8, x_scale = _quantize_fp8_rows(x)
+
+        def fp8_rowwise(a=None, a_scale=None):
+            if a is None:
+                a, a_scale = _quantize_fp8_rows(x)
+            return torch._scaled_mm(a, w_fp8.t(), scale_a=a_scale, scale_b=w_scale.t().contiguous(),
+                                    bias=bias, out_dtype=torch.bfloat16)
+
+        paths["fp8 rowwise + eager quant"] = fp8_rowwise
+        paths["fp8 rowwise GEMM only"] = lambda: fp8_rowwise(x_fp8, x_scale)
+    try:
+        from comfy_kitchen.backends.triton.quantization import int8_linear as kitchen_int8_linear
+
+        paths["comfy-kitchen int8_linear"] = lambda: kitchen_int8_linear(x, w, ws, bias,
+                                                                         out_dtype=torch.bfloat16)
+    except ImportError:
+        pass
+    paths["W8A8 (ours)"] = lambda: kernels.w8a8_linear(x, w, ws, bias, backend="triton")
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="extra output folder (default $OUT)")
+    parser.add_argument("--sweep", action="store_true", help="also time every candidate config of ours")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting new shapes after this")
+    parser.add_argument("--m", default=",".join(map(str, M_VALUES)), help="comma-separated M values")
+    parser.add_argument("--hidden", default=",".join(map(str, SHAPES)), help="comma-separated hidden sizes")
+    args = parser.parse_args()
+    kernels = import_kernels()
+    from dit_quant.kernels import w8a8_triton
+    from dit_quant.kernels.w8a8_autotune import choose_config
+
+    env = environment()
+    cc = w8a8_triton.arch_key(torch.cuda.get_device_capability())
+    started, truncated, records = time.time(), False, []
+    for hidden in map(int, args.hidden.split(",")):
+        for k, n in SHAPES[hidden]:
+            for m in map(int, args.m.split(",")):
+                if time.time() - started > args.budget_s:
+                    truncated = True
+                    break
+                t = layer_inputs(m, k, n, seed=m + 3 * k + 5 * n)
+                layer = (t["x"], t["weight"], t["weight_scale"], t["bias"])
+                reference = kernels.w8a8_linear(*layer, backend="torch")
+                record = {"hidden": hidden, "m": m, "k": k, "n": n, "paths": {}}
+                for name, fn in _baselines(t, kernels).items():
+                    try:
+                        entry = {**compare(fn(), reference), "ms": time_ms(fn)}
+                    except RuntimeError as exc:  # e.g. a shape a baseline's library refuses
+                        if name in ("bf16 F.linear", "W8A8 (ours)"):
+                            raise
+                        print(f"  {name} skipped at M={m} K={k} N={n}: {exc}"[:300])
+                        continue
+                    if m <= GRAPH_M_MAX and name in ("bf16 F.linear", "W8A8 (ours)"):
+                        entry["graph_ms"] = time_ms(fn, graph=True)
+                    record["paths"][name] = entry
+                record["config"] = str(choose_config(t["x"], t["weight"], t["weight_scale"], t["bias"], None))
+                if args.sweep:
+                    small = m <= w8a8_triton.SMALL_M_MAX
+                    configs = [*w8a8_triton.candidate_configs(cc, small),
+                               *w8a8_triton.candidate_configs(cc, not small)]
+                    if not w8a8_triton.tma_compatible(t["weight"], torch.bfloat16):
+                        configs = [c for c in configs if c.kind != "tma"]
+                    record["sweep"] = {}
+                    for config in configs:
+                        fn = lambda c=config, layer=layer: w8a8_triton.w8a8_linear_triton(*layer, None, c)  # noqa: E731
+                        try:
+                            record["sweep"][str(config)] = {**compare(fn(), reference), "ms": time_ms(fn)}
+                        except Exception as exc:  # a config this GPU rejects is recorded, not fatal
+                            record["sweep"][str(config)] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                records.append(record)
+                print(f"[{time.time() - started:6.1f}s] M={m} K={k} N={n} " + " ".join(
+                    f"{name}={p['ms'] * 1e3:.1f}us" for name, p in record["paths"].items()), flush=True)
+                del t, layer, reference
+                torch.cuda.empty_cache()
+
+    summary, markdown = _summarize(records, env, truncated)
+    save_results("bench_w8a8_layers", {"environment": env, "truncated": truncated, "summary": summary,
+                                       "results": records}, markdown, args.out)
+    print(markdown)
+
+
+def _summarize(records: list[dict], env: dict, truncated: bool) -> tuple[dict, str]:
+    names = list(dict.fromkeys(name for r in records for name in r["paths"]))
+    rows = []
+    for r in records:
+        bf16 = r["paths"]["bf16 F.linear"]["ms"]
+        ours = r["paths"]["W8A8 (ours)"]
+        row = [r["m"], r["k"], r["n"], f"{ours['ms'] * 1e3:.1f}"]
+        row += [f"{bf16 / r['paths'][name]['ms']:.2f}" if name in r["paths"] else "-" for name in names]
+        if "graph_ms" in ours:
+            row.append(f"{r['paths']['bf16 F.linear']['graph_ms'] / ours['graph_ms']:.2f}")
+        else:
+            row.append("-")
+        row.append(f"{ours['max_rel_err']:.1e}")
+        row.append(r["config"].split("(")[1].split(",")[0])
+        rows.append(row)
+
+    def ratios(select, name="W8A8 (ours)", base="bf16 F.linear"):
+        return [r["paths"][base]["ms"] / r["paths"][name]["ms"] for r in records
+                if select(r["m"]) and name in r["paths"] and base in r["paths"]]
+
+    large, small = ratios(lambda m: m >= 1024), ratios(lambda m: m <= 64)
+    vs_kitchen = ratios(lambda m: m >= 1024, base="comfy-kitchen int8_linear")
+    summary = {
+        "median_speedup_vs_bf16_m_ge_1024": statistics.median(large) if large else None,
+        "median_speedup_vs_bf16_m_le_64": statistics.median(small) if small else None,
+        "min_speedup_vs_bf16_m_le_64": min(small) if small else None,
+        "shapes_m_ge_1024_faster_than_comfy_kitchen": f"{sum(v > 1 for v in vs_kitchen)}/{len(vs_kitchen)}",
+        "min_speedup_vs_comfy_kitchen_m_ge_1024": min(vs_kitchen) if vs_kitchen else None,
+    }
+    headers = ["M", "K", "N", "ours µs"] + [f"{name} (x bf16)" for name in names]
+    headers += ["ours graph (x bf16 graph)", "ours max rel err", "our kind"]
+    markdown = (
+        f"# W8A8 per-layer benchmark\n\n{env['gpu']} (sm_{env['compute_capability']}), "
+        f"driver {env['driver']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}\n\n"
+        f"Command: `{env['command']}` "
+        f"({env['date_utc']}){' — TRUNCATED by the time budget' if truncated else ''}\n\n"
+        "Cells are speed relative to bf16 F.linear in the same run (bf16 time / path time; > 1 is faster); "
+        "median of triton.testing.do_bench with L2 flushed, eager unless marked graph; quantization of the "
+        "activation included except in 'GEMM only'.\n\n"
+        + "\n".join(f"- {key}: {value if not isinstance(value, float) else f'{value:.2f}'}"
+                    for key, value in summary.items())
+        + "\n\n" + markdown_table(headers, rows) + "\n"
+    )
+    return summary, markdown
+
+
+if __name__ == "__main__":
+    main()

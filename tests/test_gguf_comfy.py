@@ -1,0 +1,240 @@
+"""GGUF end to end in a real ComfyUI: our loader and saver nodes, the stock KSampler, LoRA, low-VRAM.
+
+The reference for every comparison is the same model with its GGUF weights dequantized in float32 and
+loaded by the stock UNETLoader. The harness computes in bf16; both sides round the (identical) float32
+weight values to bf16, so the latents agree to float rounding: tolerance 1e-3 relative (L2).
+"""
+
+import pathlib
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from comfy_harness import CaptureLatent, TinyModelSpec, sampling_graph, save_tiny_model
+from safetensors.torch import save_file
+
+from dit_quant.kernels.gguf_dequant_reference import dequantize_reference
+from dit_quant.quant.gguf_reader import read_gguf
+from dit_quant.quant.gguf_types import WRITABLE_TYPES
+from dit_quant.quant.gguf_writer import safetensors_sources, write_gguf
+
+SPEC = TinyModelSpec(family="sd3", depth=4)  # hidden 256: K-quant rows fit most layers
+TOLERANCE = 1e-3
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def tiny_source(comfy) -> pathlib.Path:
+    path = comfy.diffusion_models_dir / "gguf_tiny_sd3.safetensors"
+    if not path.exists():
+        save_tiny_model(path, SPEC, seed=5)
+    return path
+
+
+def dequantized_reference_file(gguf_path: pathlib.Path) -> str:
+    """The GGUF file's weights dequantized in float32, as safetensors for the stock loader."""
+    model_file = read_gguf(gguf_path)
+    state_dict = {}
+    for key, t in model_file.tensors.items():
+        values = dequantize_reference(t.data, t.qtype.name, t.shape) if t.qtype.quantized else t.data.float()
+        state_dict[key] = values.contiguous()
+    out = gguf_path.with_name(gguf_path.stem + "_f32ref.safetensors")
+    save_file(state_dict, str(out))
+    return out.name
+
+
+def sample(comfy, model_nodes: dict, steps: int = 1, seed: int = 1) -> torch.Tensor:
+    CaptureLatent.captured.clear()
+    comfy.run(sampling_graph(["model", 0], seed=seed, steps=steps, spec=SPEC, extra=model_nodes))
+    assert len(CaptureLatent.captured) == 1
+    return CaptureLatent.captured[0]
+
+
+def gguf_loader(name: str, kernel: str = "auto") -> dict:
+    return {"model": {"class_type": "LoadGGUFDiffusionModel", "inputs": {"unet_name": name, "kernel": kernel}}}
+
+
+def stock_loader(name: str) -> dict:
+    return {"model": {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}}
+
+
+def test_nodes_registered_with_tooltips(comfy):
+    for name in ("LoadGGUFDiffusionModel", "SaveModelGGUF"):
+        assert name in comfy.modules["loaded_node_classes"]
+        cls = comfy.nodes.NODE_CLASS_MAPPINGS[name]
+        assert comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS[name] == cls.DISPLAY_NAME
+        assert cls.CATEGORY == "DiT Quant/GGUF" and cls.DESCRIPTION
+        for spec in cls.INPUT_TYPES()["required"].values():
+            assert "tooltip" in spec[1]
+
+
+@pytest.mark.parametrize("qtype", WRITABLE_TYPES)
+def test_each_type_samples_like_float32_dequantized_weights(comfy, tiny_source, qtype):
+    name = f"gguf_tiny_{qtype}.gguf"
+    path = comfy.diffusion_models_dir / name
+    write_gguf(path, safetensors_sources(tiny_source), qtype)
+    counts = read_gguf(path).type_counts()
+    if qtype not in ("F32", "F16", "BF16"):
+        assert counts[qtype] >= 16, counts  # attention, MLP and modulation layers of 4 blocks
+    ours = sample(comfy, gguf_loader(name))
+    reference = sample(comfy, stock_loader(dequantized_reference_file(path)))
+    assert torch.isfinite(ours).all()
+    assert rel_err(ours, reference) <= TOLERANCE, qtype
+
+
+def test_save_node_writes_mixed_types_and_reloads(comfy, tiny_source):
+    comfy.run({
+        "load": {"class_type": "UNETLoader", "inputs": {"unet_name": tiny_source.name, "weight_dtype": "default"}},
+        "save": {"class_type": "SaveModelGGUF",
+                 "inputs": {"model": ["load", 0], "filename": "gguf_saved_q4km", "preset": "Q4_K_M",
+                            "overwrite": True}},
+    })
+    path = comfy.diffusion_models_dir / "gguf_saved_q4km.gguf"
+    model_file = read_gguf(path)
+    assert model_file.architecture == "sd3"
+    types = {k: t.qtype.name for k, t in model_file.tensors.items()}
+    assert types["joint_blocks.0.x_block.mlp.fc2.weight"] == "Q5_K"      # FFN down: one type up
+    assert types["joint_blocks.0.x_block.attn.qkv.weight"] == "Q5_K"     # attention qkv: one type up
+    assert types["joint_blocks.0.x_block.mlp.fc1.weight"] == "Q4_K"
+    assert types["joint_blocks.0.x_block.attn.qkv.bias"] == "F32"
+    assert types["final_layer.linear.weight"] == "BF16"                   # final layer kept (bf16 source)
+    # The community reader (gguf-py) decodes it too.
+    reader = gguf.GGUFReader(path)
+    assert {t.name for t in reader.tensors} == set(model_file.tensors)
+    ours = sample(comfy, gguf_loader(path.name))
+    reference = sample(comfy, stock_loader(dequantized_reference_file(path)))
+    assert rel_err(ours, reference) <= TOLERANCE
+
+
+def test_resaving_a_gguf_model_copies_quantized_bytes(comfy, tiny_source):
+    source = comfy.diffusion_models_dir / "gguf_tiny_Q4_K.gguf"
+    write_gguf(source, safetensors_sources(tiny_source), "Q4_K")
+    comfy.run({
+        "load": gguf_loader(source.name)["model"],
+        "save": {"class_type": "SaveModelGGUF",
+                 "inputs": {"model": ["load", 0], "filename": "gguf_resaved", "preset": "Q4_K", "overwrite": True}},
+    })
+    before = read_gguf(source).tensors
+    after = read_gguf(comfy.diffusion_models_dir / "gguf_resaved.gguf").tensors
+    assert set(before) == set(after)
+    for key, t in before.items():
+        assert t.qtype.name == after[key].qtype.name
+        assert torch.equal(t.data.view(torch.uint8), after[key].data.view(torch.uint8)), key
+
+
+def make_lora(comfy, rank: int = 4, seed: int = 3) -> str:
+    """A random LoRA on the attention qkv and MLP layers of the tiny model (generic key format)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = 64 * SPEC.depth
+    lora = {}
+    for block in range(SPEC.depth):
+        for layer, (out_f, in_f) in {"x_block.attn.qkv": (3 * hidden, hidden),
+                                     "x_block.mlp.fc2": (hidden, 4 * hidden)}.items():
+            key = f"diffusion_model.joint_blocks.{block}.{layer}"
+            lora[f"{key}.lora_up.weight"] = torch.randn(out_f, rank, generator=g) * 0.05
+            lora[f"{key}.lora_down.weight"] = torch.randn(rank, in_f, generator=g) * 0.05
+    path = comfy.base_dir / "models" / "loras" / "gguf_tiny_lora.safetensors"
+    save_file(lora, str(path))
+    return path.name
+
+
+def with_lora(loader: dict, lora_name: str) -> dict:
+    nodes = {"base": loader["model"]}
+    nodes["model"] = {"class_type": "LoraLoaderModelOnly",
+                      "inputs": {"model": ["base", 0], "lora_name": lora_name, "strength_model": 1.0}}
+    return nodes
+
+
+# The stock path merges LoRA into bf16 weights with stochastic rounding; ours merges in float32 and
+# rounds to nearest: the latents then differ by about one bf16 rounding of the weights.
+LORA_TOLERANCE = 2e-2
+
+
+def test_lora_applies_on_the_fly_and_is_removed_after(comfy, tiny_source):
+    name = "gguf_tiny_Q8_0.gguf"
+    write_gguf(comfy.diffusion_models_dir / name, safetensors_sources(tiny_source), "Q8_0")
+    lora = make_lora(comfy)
+    plain = sample(comfy, gguf_loader(name))
+    ours = sample(comfy, with_lora(gguf_loader(name), lora))
+    reference = sample(comfy, with_lora(stock_loader(dequantized_reference_file(comfy.diffusion_models_dir / name)),
+                                        lora))
+    assert rel_err(ours, plain) > 10 * LORA_TOLERANCE  # the LoRA changes the result ...
+    assert rel_err(ours, reference) <= LORA_TOLERANCE  # ... the way the stock path does
+    assert rel_err(sample(comfy, gguf_loader(name)), plain) <= TOLERANCE  # and leaves no trace
+
+
+def test_low_vram_partial_load_with_lora_matches_full_load(comfy, tiny_source):
+    """ComfyUI's low-VRAM mode (weights left on the offload device, LowVramPatch functions for LoRA)."""
+    import comfy.model_management
+    import comfy.sd
+
+    nodes = comfy.nodes.NODE_CLASS_MAPPINGS
+    name = "gguf_tiny_Q4_K.gguf"
+    write_gguf(comfy.diffusion_models_dir / name, safetensors_sources(tiny_source), "Q4_K")
+    (model,) = nodes["LoadGGUFDiffusionModel"]().load(name, "auto")
+    (patched,) = nodes["LoraLoaderModelOnly"]().load_lora_model_only(model, make_lora(comfy), 1.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, SPEC.in_channels, 8, 8, generator=g, dtype=torch.bfloat16)
+    t = torch.tensor([500.0])
+    context = torch.randn(1, SPEC.context_tokens, SPEC.context_dim, generator=g, dtype=torch.bfloat16)
+    y = torch.randn(1, SPEC.pooled_dim, generator=g, dtype=torch.bfloat16)
+    device = torch.device("cpu")
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return patched.model.diffusion_model(x, t, context=context, y=y)
+
+    comfy.model_management.unload_all_models()
+    patched.patch_model(device_to=device, lowvram_model_memory=0)
+    full = run()
+    patched.unpatch_model(device)
+    patched.patch_model(device_to=device, lowvram_model_memory=1)  # nothing fits: every layer offloaded
+    assert patched.model.model_lowvram
+    partial = run()
+    patched.unpatch_model(device)
+    assert rel_err(partial, full) <= TOLERANCE
+    patched.patch_model(device_to=device, lowvram_model_memory=0)
+    patched.partially_unload(device, memory_to_free=1 << 40)  # offload everything after a full load
+    assert rel_err(run(), full) <= TOLERANCE  # LoRA applied once, not twice
+    patched.unpatch_model(device)
+
+
+def test_community_layout_file_loads(comfy, tiny_source):
+    """A file laid out like the community converter writes them: 'model.diffusion_model.' prefix, BF16 main
+    type, F32 1-D tensors (written with gguf-py directly, not with our writer)."""
+    from safetensors import safe_open
+
+    writer = gguf.GGUFWriter(path=None, arch="sd3")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    with safe_open(str(tiny_source), framework="pt") as handle:
+        for key in handle.keys():
+            value = handle.get_tensor(key).float().numpy()
+            if value.ndim == 1 or value.size <= 1024:
+                writer.add_tensor(f"model.diffusion_model.{key}", value)
+            elif value.shape[-1] % 32 == 0:
+                writer.add_tensor(f"model.diffusion_model.{key}",
+                                  gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0),
+                                  raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            else:
+                writer.add_tensor(f"model.diffusion_model.{key}", value.astype(np.float16))
+    path = comfy.diffusion_models_dir / "gguf_community_layout.gguf"
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = sample(comfy, gguf_loader(path.name))
+    reference = sample(comfy, stock_loader(dequantized_reference_file(path)))
+    assert rel_err(ours, reference) <= TOLERANCE
+
+
+def test_corrupt_file_fails_with_a_clear_error(comfy, tiny_source):
+    good = comfy.diffusion_models_dir / "gguf_tiny_Q8_0.gguf"
+    write_gguf(good, safetensors_sources(tiny_source), "Q8_0")
+    bad = comfy.diffusion_models_dir / "gguf_truncated.gguf"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(RuntimeError, match="past the end of the file"):
+        sample(comfy, gguf_loader(bad.name))
