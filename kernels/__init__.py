@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import available_backends, resolve_backend
+from .dispatch import available_backends, call_quantize_rows, call_w8a8_linear, resolve_backend
 
 __all__ = ["available_backends", "quantize_rows", "resolve_backend", "w8a8_linear"]
 
@@ -51,8 +51,8 @@ def w8a8_linear(
     for name, t in (("weight", weight), ("weight_scale", weight_scale), ("bias", bias), ("smooth", smooth)):
         if t is not None and t.device != x.device:
             raise ValueError(f"DiT Quant: w8a8_linear {name} is on {t.device} but the input is on {x.device}")
-    return torch.ops.dit_quant.w8a8_linear(x, weight, weight_scale.float(), bias,
-                                           None if smooth is None else smooth.float(), backend)
+    return call_w8a8_linear(x, weight, weight_scale.float(), bias, None if smooth is None else smooth.float(),
+                            backend)
 
 
 def quantize_rows(
@@ -66,4 +66,4 @@ def quantize_rows(
         raise ValueError(f"DiT Quant: quantize_rows needs a 2-D float tensor, got {x2d.dtype} "
                          f"{tuple(x2d.shape)}")
     _check_vector("smooth", smooth, x2d.shape[1], "one fp32 divisor per input channel")
-    return torch.ops.dit_quant.quantize_rows(x2d, None if smooth is None else smooth.float(), backend)
+    return call_quantize_rows(x2d, None if smooth is None else smooth.float(), backend)

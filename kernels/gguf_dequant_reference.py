@@ -32,10 +32,21 @@ IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69
 
 # (elements per block, bytes per block) for every format handled here.
 BLOCK_LAYOUT: dict[str, tuple[int, int]] = {
-    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
-    "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
-    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
-    "IQ4_NL": (32, 18), "IQ4_XS": (256, 136),
+    "F32": (1, 4),
+    "F16": (1, 2),
+    "BF16": (1, 2),
+    "Q8_0": (32, 34),
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q2_K": (256, 84),
+    "Q3_K": (256, 110),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
+    "IQ4_NL": (32, 18),
+    "IQ4_XS": (256, 136),
 }
 
 
@@ -187,35 +198,53 @@ def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
 
 
 _DEQUANTIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "F32": _f32, "F16": _f16, "BF16": _bf16,
-    "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
-    "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
-    "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs,
+    "F32": _f32,
+    "F16": _f16,
+    "BF16": _bf16,
+    "Q8_0": _q8_0,
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "Q2_K": _q2_k,
+    "Q3_K": _q3_k,
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+    "IQ4_NL": _iq4_nl,
+    "IQ4_XS": _iq4_xs,
 }
 
 
 def dequantize_blocks_reference(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
-    """Raw blocks ``uint8 [n_blocks, type_size]`` of format ``qtype`` -> ``float32 [n_blocks, block_size]``."""
+    """Raw blocks ``uint8 [n_blocks, type_size]`` of ``qtype`` -> ``float32 [n_blocks, block_size]``."""
     if qtype not in _DEQUANTIZERS:
         raise ValueError(f"DiT Quant: no dequantizer for GGUF type {qtype!r}; known: {sorted(_DEQUANTIZERS)}")
     block_size, type_size = BLOCK_LAYOUT[qtype]
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != type_size:
-        raise ValueError(f"DiT Quant: {qtype} blocks must be uint8 [n, {type_size}], "
-                         f"got {blocks.dtype} {tuple(blocks.shape)}")
+        raise ValueError(
+            f"DiT Quant: {qtype} blocks must be uint8 [n, {type_size}], "
+            f"got {blocks.dtype} {tuple(blocks.shape)}"
+        )
     return _DEQUANTIZERS[qtype](blocks)
 
 
-def dequantize_reference(raw: torch.Tensor, qtype: str, shape: torch.Size | tuple[int, ...],
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """GGUF tensor bytes (any shape, ``uint8``, contiguous rows) -> dequantized tensor of ``shape`` in ``dtype``.
+def dequantize_reference(
+    raw: torch.Tensor, qtype: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """GGUF tensor bytes (``uint8``, contiguous rows) -> the dequantized tensor of ``shape`` in ``dtype``.
 
     The float32 result is bit-identical to ``gguf.quants.dequantize``; other dtypes are its rounding.
     """
+    if qtype not in _DEQUANTIZERS:
+        raise ValueError(f"DiT Quant: no dequantizer for GGUF type {qtype!r}; known: {sorted(_DEQUANTIZERS)}")
     block_size, type_size = BLOCK_LAYOUT[qtype]
     n_elements = 1
     for size in shape:
         n_elements *= int(size)
     if n_elements % block_size or raw.numel() * block_size != n_elements * type_size:
-        raise ValueError(f"DiT Quant: {raw.numel()} bytes of {qtype} do not hold a tensor of shape {tuple(shape)}")
+        raise ValueError(
+            f"DiT Quant: {raw.numel()} bytes of {qtype} do not hold a tensor of shape {tuple(shape)}"
+        )
     values = dequantize_blocks_reference(raw.reshape(-1, type_size), qtype)
     return values.reshape(shape).to(dtype)

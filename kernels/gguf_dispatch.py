@@ -4,7 +4,8 @@
   else the torch reference (on the tensor's own device).
 - ``gguf_linear``: the fused dequantize-and-multiply kernel on such GPUs (``mode="auto"``/"fused");
   ``mode="int8"`` runs Q8_0 weights on INT8 tensor cores with per-token activation quantization;
-  ``mode="dequant"`` dequantizes the weight and calls ``F.linear`` (what the common loader does).
+  ``mode="dequant"`` dequantizes the weight (Triton where possible) and calls ``F.linear``;
+  ``mode="torch"`` does the same with the plain-torch dequantizer (what the common ComfyUI loader does).
   Everything else (CPU, older GPUs, types without a kernel, K not a multiple of 256) takes the dequant path.
 
 A Triton failure under "auto" (compile or launch) makes that device use the torch path from then on,
@@ -23,16 +24,17 @@ import torch.nn.functional as F
 from .gguf_dequant_reference import dequantize_reference
 
 logger = logging.getLogger("dit_quant.kernels")
-MODES = ("auto", "fused", "int8", "dequant")
+MODES = ("auto", "fused", "int8", "dequant", "torch")
 
 try:
     from .gguf_dequant_triton import INTERPRETED, TRITON_TYPES, dequantize_triton
-    from .gguf_matmul_triton import FUSED_TYPES, K_STEP, gguf_linear_fused, gguf_linear_int8_q8_0
+    from .gguf_matmul_triton import FUSED_TYPES, K_MULTIPLE, gguf_linear_fused, gguf_linear_int8_q8_0
+
     _TRITON_ERROR: str | None = None
 except ImportError as exc:  # Triton is optional
     TRITON_TYPES = FUSED_TYPES = ()
     INTERPRETED = False
-    K_STEP = 256
+    K_MULTIPLE = {}
     _TRITON_ERROR = str(exc)
 
 _lock = threading.Lock()
@@ -58,12 +60,17 @@ def triton_usable(device: torch.device) -> bool:
 def _note_failure(device: torch.device, exc: Exception) -> None:
     with _lock:
         _failed_devices.add(str(device))
-    _log_once(f"fail:{device}", logging.WARNING, f"DiT Quant: a GGUF Triton kernel failed on {device} "
-              f"({type(exc).__name__}: {exc}); using the torch path on this device from now on")
+    _log_once(
+        f"fail:{device}",
+        logging.WARNING,
+        f"DiT Quant: a GGUF Triton kernel failed on {device} "
+        f"({type(exc).__name__}: {exc}); using the torch path on this device from now on",
+    )
 
 
-def gguf_dequantize(raw: torch.Tensor, qtype: str, shape: torch.Size | tuple[int, ...],
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def gguf_dequantize(
+    raw: torch.Tensor, qtype: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """GGUF bytes (uint8, on any device) -> tensor of ``shape`` in ``dtype`` on the same device."""
     if qtype in TRITON_TYPES and triton_usable(raw.device):
         try:
@@ -75,23 +82,36 @@ def gguf_dequantize(raw: torch.Tensor, qtype: str, shape: torch.Size | tuple[int
     return dequantize_reference(raw, qtype, shape, dtype)
 
 
-def gguf_linear(x: torch.Tensor, raw: torch.Tensor, qtype: str, weight_shape: tuple[int, int],
-                bias: torch.Tensor | None = None, mode: str = "auto") -> torch.Tensor:
+def gguf_linear(
+    x: torch.Tensor,
+    raw: torch.Tensor,
+    qtype: str,
+    weight_shape: tuple[int, int],
+    bias: torch.Tensor | None = None,
+    mode: str = "auto",
+) -> torch.Tensor:
     """``x [..., K] @ dequant(W).T + bias`` for a GGUF weight W of ``weight_shape`` [N, K] held as raw bytes.
 
     Returns [..., N] in x.dtype. ``mode``: "auto" (fused kernel where possible), "fused", "int8" (Q8_0 on
-    INT8 tensor cores where possible), or "dequant" (dequantize then ``F.linear``).
+    INT8 tensor cores where possible), "dequant" (dequantize then ``F.linear``) or "torch" (the same with
+    the plain-torch dequantizer).
     """
     if mode not in MODES:
         raise ValueError(f"DiT Quant: unknown GGUF linear mode {mode!r}; expected one of {MODES}")
     n, k = weight_shape
     if bias is not None:
         bias = bias.to(device=x.device, dtype=x.dtype)
-    if mode != "dequant" and qtype in FUSED_TYPES and k % K_STEP == 0 and triton_usable(x.device):
+    if (
+        mode not in ("dequant", "torch")
+        and qtype in FUSED_TYPES
+        and k % K_MULTIPLE[qtype] == 0
+        and triton_usable(x.device)
+    ):
         x2d = x.reshape(-1, k)
         try:
             if mode == "int8" and qtype == "Q8_0":
                 from . import quantize_rows  # the W8A8 kernels' per-token quantizer
+
                 xq, x_scale = quantize_rows(x2d if x2d.stride(1) == 1 else x2d.contiguous())
                 out = gguf_linear_int8_q8_0(xq, x_scale, raw, n, k, bias, x.dtype)
             else:
@@ -103,5 +123,8 @@ def gguf_linear(x: torch.Tensor, raw: torch.Tensor, qtype: str, weight_shape: tu
             if mode != "auto":
                 raise
             _note_failure(x.device, exc)
-    weight = gguf_dequantize(raw, qtype, (n, k), x.dtype)
+    if mode == "torch":
+        weight = dequantize_reference(raw, qtype, (n, k), x.dtype)
+    else:
+        weight = gguf_dequantize(raw, qtype, (n, k), x.dtype)
     return F.linear(x, weight, bias)

@@ -36,7 +36,10 @@ def quantize_rows_reference(
     xs = x2d.float()
     if smooth is not None:
         xs = xs / smooth.float()
-    scale = xs.abs().amax(dim=1).clamp_min(SCALE_FLOOR) / QMAX
+    amax = xs.abs().amax(dim=1).clamp_min(SCALE_FLOOR)
+    # A true division: torch on CUDA turns division by a Python scalar into a multiplication by its
+    # reciprocal, which differs by one ulp for some values and would flip rounding ties downstream.
+    scale = amax / torch.full_like(amax, QMAX)
     q = torch.round(xs / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
     return q, scale
 

@@ -23,6 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton < 3.4 has no host-side TMA descriptors; "tma" configs are then never listed
+    TensorDescriptor = None
+
 # triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -31,39 +36,48 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
-def _quantize_tile(xs, scale):
-    """fp32 tile / per-row scale -> int8, round-half-even, clamped to +-127."""
-    v = tl.math.div_rn(xs, scale)
+def _round_clamp_int8(v):
+    """fp32 -> int8: round half to even, clamp to +-127."""
     v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
-    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
-    return v.to(tl.int8)
+    return tl.minimum(tl.maximum(v, -127.0), 127.0).to(tl.int8)
+
+
+@triton.jit
+def _load_smoothed(ptrs, smooth_ptrs, mask, HAS_SMOOTH: tl.constexpr):
+    xs = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        xs = tl.math.div_rn(xs, tl.load(smooth_ptrs, mask=mask, other=1.0))
+    return xs
 
 
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, smooth_ptr, q_ptr, scale_ptr,
     K, stride_xm, stride_qm,
-    HAS_SMOOTH: tl.constexpr, WRITE_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
-    """One program per row: amax over the row, then its fp32 scale and (WRITE_Q) the int8 row."""
+    """One program per row: amax over the row, then its fp32 scale and the int8 row. ONE_TILE (K <=
+    BLOCK_K) keeps the row in registers; otherwise the row is read twice (the second time from L2)."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * stride_qm
     offs = tl.arange(0, BLOCK_K)
-    amax = tl.zeros((BLOCK_K,), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask = k0 + offs < K
-        xs = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            xs = tl.math.div_rn(xs, tl.load(smooth_ptr + k0 + offs, mask=mask, other=1.0))
-        amax = tl.maximum(amax, tl.abs(xs))
-    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), 127.0)
+    if ONE_TILE:
+        mask = offs < K
+        xs = _load_smoothed(x_row + offs, smooth_ptr + offs, mask, HAS_SMOOTH)
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(xs), axis=0), 1e-12), 127.0)
+        tl.store(q_row + offs, _round_clamp_int8(tl.math.div_rn(xs, scale)), mask=mask)
+    else:
+        amax = tl.zeros((BLOCK_K,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, k0 + offs < K, HAS_SMOOTH)
+            amax = tl.maximum(amax, tl.abs(xs))
+        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), 127.0)
+        for k0 in range(0, K, BLOCK_K):
+            mask = k0 + offs < K
+            xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, mask, HAS_SMOOTH)
+            tl.store(q_row + k0 + offs, _round_clamp_int8(tl.math.div_rn(xs, scale)), mask=mask)
     tl.store(scale_ptr + row, scale)
-    for k0 in range(0, K if WRITE_Q else 0, BLOCK_K):
-        mask = k0 + offs < K
-        xs = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            xs = tl.math.div_rn(xs, tl.load(smooth_ptr + k0 + offs, mask=mask, other=1.0))
-        tl.store(q_ptr + row * stride_qm + k0 + offs, _quantize_tile(xs, scale), mask=mask)
 
 
 @triton.jit
@@ -101,16 +115,16 @@ def _load_a_tile(a_ptrs, smooth_ptrs, k_mask, EVEN_K: tl.constexpr, HAS_SMOOTH: 
 def _w8a8_gemm_kernel(
     a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, smooth_ptr, out_ptr,
     M, N, K, stride_am, stride_bn, stride_om,
-    QUANTIZE_A: tl.constexpr, A_SCALE_GIVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    QUANTIZE_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[M, N] = (q(A) @ B.T) * a_scale[:, None] * b_scale[None, :] (+ bias), B int8 [N, K].
 
     QUANTIZE_A=False: A is int8 [M, K] and a_scale its fp32 row scales.
-    QUANTIZE_A=True: A is the float activation, quantized tile by tile on load (smoothing included),
-    with the row scales read from a_scale_ptr (A_SCALE_GIVEN) or computed by this program over the
-    whole K.
+    QUANTIZE_A=True: A is the float activation; this program computes its rows' scales over the whole
+    K (smoothing included), then quantizes each A tile on load (a_scale_ptr is unused). On load it
+    multiplies by the reciprocal of the row scale (one FMUL instead of an IEEE division per element),
+    which can move a value sitting within one ulp of a .5 tie to the other integer.
     """
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -124,7 +138,7 @@ def _w8a8_gemm_kernel(
     b_ptrs = b_ptr + rows_b[:, None] * stride_bn + offs_k[None, :]
     smooth_ptrs = smooth_ptr + offs_k
 
-    if QUANTIZE_A and not A_SCALE_GIVEN:
+    if QUANTIZE_A:
         amax = tl.zeros((BLOCK_M,), tl.float32)
         for k_step in range(0, tl.cdiv(K, BLOCK_K)):
             k_mask = offs_k < K - k_step * BLOCK_K
@@ -132,6 +146,7 @@ def _w8a8_gemm_kernel(
                              EVEN_K, HAS_SMOOTH)
             amax = tl.maximum(amax, tl.max(tl.abs(a), axis=1))
         a_scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 127.0)
+        a_inv_scale = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), a_scale)
     else:
         a_scale = tl.load(a_scale_ptr + rows_a)
 
@@ -140,7 +155,7 @@ def _w8a8_gemm_kernel(
         k_mask = offs_k < K - k_step * BLOCK_K
         if QUANTIZE_A:
             a = _load_a_tile(a_ptrs, smooth_ptrs, k_mask, EVEN_K, HAS_SMOOTH)
-            a = _quantize_tile(a, a_scale[:, None])
+            a = _round_clamp_int8(a * a_inv_scale[:, None])
         elif EVEN_K:
             a = tl.load(a_ptrs)
         else:
@@ -196,11 +211,14 @@ def _w8a8_gemm_tma_kernel(
 
 
 # How a config computes the product:
-#   "int8":        _quantize_rows_kernel writes int8 A + row scales, then the pointer GEMM (any GPU);
-#   "tma":         same quantization, then the persistent TMA GEMM (Hopper; needs 16-byte aligned rows);
-#   "fused":       the pointer GEMM alone, quantizing A on load with row scales it computes itself (small M);
-#   "fused_scale": a scale-only pass of _quantize_rows_kernel, then the pointer GEMM quantizing A on load.
-KINDS = ("int8", "tma", "fused", "fused_scale")
+#   "int8":  _quantize_rows_kernel writes int8 A + row scales, then the pointer GEMM (any GPU);
+#   "tma":   same quantization, then the persistent TMA GEMM (Hopper; needs 16-byte aligned rows);
+#   "fused": the pointer GEMM alone, quantizing A on load with row scales it computes itself: one launch
+#            (less host time), but every program re-reads and re-quantizes its rows, so it can only win
+#            at small M.
+# (A fourth variant, a scale-only pass followed by quantize-on-load in the GEMM, measured 3.5x slower
+# than "int8" at M=4608 on the H100 and was dropped; see docs/kernels.md.)
+KINDS = ("int8", "tma", "fused")
 
 
 @dataclass(frozen=True)
@@ -219,19 +237,68 @@ class GemmConfig:
     def operand_smem_bytes(self) -> int:
         """Shared memory of the pipelined operand tiles, counting a float A tile where A is quantized
         on load (the compiler may add epilogue scratch on top)."""
-        a_bytes = 2 if self.kind in ("fused", "fused_scale") else 1
+        a_bytes = 2 if self.kind == "fused" else 1
         return self.num_stages * (self.block_m * a_bytes + self.block_n) * self.block_k
 
 
 # Shared memory per block that Triton may use (opt-in maximum), by compute capability.
 SMEM_LIMIT_BYTES = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-SMALL_M_MAX = 64  # rows up to which the one-launch "fused" path is the default
+QUANT_ONE_TILE_MAX_K = 16384  # rows up to this long are quantized from registers in one pass
+SMALL_M_MAX = 64  # rows up to which weight streaming (narrow tiles) dominates
+MID_M_MAX = 1024  # rows up to which smaller output tiles keep all SMs busy
 
 # Interpreter (CPU tests): big tiles, one stage; its cost grows with the number of tiles, not FLOPs.
 INTERPRETER_CONFIGS = {
-    False: GemmConfig("int8", 64, 64, 64, 8, 4, 1),
-    True: GemmConfig("fused", 16, 64, 64, 8, 4, 1),
+    "small": GemmConfig("int8", 16, 64, 64, 8, 4, 1),
+    "mid": GemmConfig("int8", 64, 64, 64, 8, 4, 1),
+    "large": GemmConfig("int8", 64, 64, 64, 8, 4, 1),
 }
+
+_SMALL_M_CONFIGS = [  # weight streaming: narrow N tiles so that enough programs run, long K tiles
+    GemmConfig("int8", 16, 32, 256, 1, 4, 4),
+    GemmConfig("int8", 16, 16, 256, 1, 4, 4),
+    GemmConfig("int8", 16, 64, 256, 1, 4, 4),
+    GemmConfig("int8", 32, 32, 256, 1, 4, 4),
+    GemmConfig("int8", 64, 32, 256, 1, 4, 3),
+    GemmConfig("fused", 16, 32, 256, 1, 4, 4),
+    GemmConfig("fused", 16, 64, 128, 1, 4, 4),
+]
+_MID_M_CONFIGS = {
+    "ampere": [
+        GemmConfig("int8", 64, 128, 128, 8, 4, 3),
+        GemmConfig("int8", 128, 128, 64, 8, 4, 4),
+        GemmConfig("int8", 64, 64, 128, 8, 4, 4),
+        GemmConfig("int8", 64, 64, 256, 8, 4, 3),
+    ],
+    "hopper": [
+        GemmConfig("tma", 128, 256, 128, 8, 8, 4, split_epilogue=True),
+        GemmConfig("tma", 64, 256, 128, 8, 4, 4),
+        GemmConfig("tma", 64, 128, 128, 8, 4, 4),
+        GemmConfig("int8", 64, 128, 128, 8, 4, 4),
+        GemmConfig("int8", 64, 64, 256, 8, 4, 4),
+    ],
+}
+_LARGE_M_CONFIGS = {
+    "ampere": [
+        GemmConfig("int8", 128, 256, 64, 8, 8, 3),
+        GemmConfig("int8", 128, 128, 64, 8, 4, 4),
+        GemmConfig("int8", 128, 128, 128, 8, 8, 3),
+        GemmConfig("int8", 256, 128, 64, 8, 8, 3),
+    ],
+    "hopper": [
+        GemmConfig("tma", 128, 256, 128, 8, 8, 4, split_epilogue=True),
+        GemmConfig("tma", 128, 256, 128, 8, 8, 3, split_epilogue=True),
+        GemmConfig("tma", 256, 128, 128, 8, 8, 3, split_epilogue=True),
+        GemmConfig("tma", 64, 256, 128, 8, 4, 4),
+        GemmConfig("tma", 128, 128, 128, 8, 8, 4),
+        GemmConfig("tma", 128, 128, 128, 8, 4, 5),
+    ],
+}
+
+
+def m_regime(m: int) -> str:
+    """"small" (M <= 64), "mid" (M <= 1024) or "large": which config list serves M rows."""
+    return "small" if m <= SMALL_M_MAX else "mid" if m <= MID_M_MAX else "large"
 
 
 def arch_key(capability: tuple[int, int]) -> int:
@@ -239,41 +306,19 @@ def arch_key(capability: tuple[int, int]) -> int:
     return capability[0] * 10 + capability[1]
 
 
-def candidate_configs(cc: int, small_m: bool) -> list[GemmConfig]:
-    """Configs worth trying on an architecture (compute capability as an int, e.g. 86).
+def candidate_configs(cc: int, regime: str) -> list[GemmConfig]:
+    """Configs worth trying for an architecture (compute capability as an int, e.g. 86) and an M regime.
 
     The first entry is the default used without autotuning. All fit the architecture's shared memory.
     "tma" configs are listed for sm_90 only; callers drop them where the tensors are not TMA-aligned.
     """
-    if small_m:
-        configs = [
-            GemmConfig("fused", 16, 64, 128, 1, 4, 4),
-            GemmConfig("fused", 16, 32, 128, 1, 4, 4),
-            GemmConfig("fused", 16, 64, 256, 1, 4, 3),
-            GemmConfig("fused", 32, 64, 128, 1, 4, 4),
-            GemmConfig("fused", 64, 64, 128, 1, 4, 3),
-        ]
-    elif cc >= 90:
-        configs = [
-            GemmConfig("tma", 128, 256, 128, 8, 8, 3, split_epilogue=True),
-            GemmConfig("tma", 128, 256, 128, 8, 8, 4, split_epilogue=True),
-            GemmConfig("tma", 128, 128, 128, 8, 8, 4),
-            GemmConfig("tma", 256, 128, 128, 8, 8, 3, split_epilogue=True),
-            GemmConfig("int8", 128, 256, 128, 8, 8, 3),
-            GemmConfig("int8", 128, 128, 128, 8, 4, 4),
-            GemmConfig("fused_scale", 128, 256, 64, 8, 8, 3),
-        ]
-    else:
-        configs = [
-            GemmConfig("int8", 128, 256, 64, 8, 8, 3),
-            GemmConfig("int8", 128, 128, 64, 8, 4, 4),
-            GemmConfig("int8", 128, 128, 128, 8, 8, 3),
-            GemmConfig("int8", 64, 128, 64, 8, 4, 4),
-            GemmConfig("int8", 256, 128, 64, 8, 8, 3),
-        ]
+    family = "hopper" if cc >= 90 else "ampere"
+    configs = {"small": _SMALL_M_CONFIGS, "mid": _MID_M_CONFIGS[family],
+               "large": _LARGE_M_CONFIGS[family]}[regime]
     limit = SMEM_LIMIT_BYTES.get(cc, 99 * 1024)
     # Leave room for the epilogue's layout-conversion scratch the compiler adds on top of the operands.
-    return [c for c in configs if c.operand_smem_bytes() <= limit - 16 * 1024]
+    return [c for c in configs if c.operand_smem_bytes() <= limit - 16 * 1024
+            and (c.kind != "tma" or TensorDescriptor is not None)]
 
 
 def tma_compatible(weight: torch.Tensor, out_dtype: torch.dtype) -> bool:
@@ -303,20 +348,6 @@ def _check_launchable(t: torch.Tensor) -> None:
         )
 
 
-def _row_pass(x2d: torch.Tensor, smooth: torch.Tensor | None, write_q: bool):
-    m, k = x2d.shape
-    q = torch.empty((m, k) if write_q else (0, k), dtype=torch.int8, device=x2d.device)
-    scale = torch.empty((m,), dtype=torch.float32, device=x2d.device)
-    if m:
-        block_k = min(triton.next_power_of_2(k), 4096 if INTERPRETED else 1024)
-        _quantize_rows_kernel[(m,)](
-            x2d, smooth if smooth is not None else scale, q, scale,
-            k, x2d.stride(0), k,
-            HAS_SMOOTH=smooth is not None, WRITE_Q=write_q, BLOCK_K=block_k, num_warps=4,
-        )
-    return q, scale
-
-
 def quantize_rows_triton(
     x2d: torch.Tensor, smooth: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,28 +356,35 @@ def quantize_rows_triton(
     Returns (q int8 [M, K], scale fp32 [M]).
     """
     _check_launchable(x2d)
-    return _row_pass(x2d, smooth, write_q=True)
+    m, k = x2d.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
+    scale = torch.empty((m,), dtype=torch.float32, device=x2d.device)
+    if m:
+        block_k = min(triton.next_power_of_2(k), QUANT_ONE_TILE_MAX_K)
+        _quantize_rows_kernel[(m,)](
+            x2d, smooth if smooth is not None else scale, q, scale, k, x2d.stride(0), k,
+            HAS_SMOOTH=smooth is not None, BLOCK_K=block_k, ONE_TILE=k <= block_k,
+            num_warps=min(16, max(4, block_k // 1024)),
+        )
+    return q, scale
 
 
 def _launch_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth, out) -> None:
     m, k = a.shape
     n = weight.shape[0]
-    quantize_a = config.kind in ("fused", "fused_scale")
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
     _w8a8_gemm_kernel[grid](
         a, weight, a_scale if a_scale is not None else weight_scale, weight_scale,
         bias if bias is not None else weight_scale, smooth if smooth is not None else weight_scale, out,
         m, n, k, a.stride(0), weight.stride(0), out.stride(0),
-        QUANTIZE_A=quantize_a, A_SCALE_GIVEN=a_scale is not None, HAS_BIAS=bias is not None,
-        HAS_SMOOTH=smooth is not None, EVEN_K=k % config.block_k == 0,
+        QUANTIZE_A=config.kind == "fused", HAS_BIAS=bias is not None, HAS_SMOOTH=smooth is not None,
+        EVEN_K=k % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
 def _launch_tma_gemm(config, q, a_scale, weight, weight_scale, bias, out) -> None:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     m, k = q.shape
     n = weight.shape[0]
     out_block_n = config.block_n // 2 if config.split_epilogue else config.block_n
@@ -385,13 +423,10 @@ def w8a8_linear_triton(
         return out
     if config.kind == "fused":
         _launch_pointer_gemm(config, x2d, None, weight, weight_scale, bias, smooth, out)
-    elif config.kind == "fused_scale":
-        _, scale = _row_pass(x2d, smooth, write_q=False)
-        _launch_pointer_gemm(config, x2d, scale, weight, weight_scale, bias, smooth, out)
+        return out
+    q, scale = quantize_rows_triton(x2d, smooth)
+    if config.kind == "tma":
+        _launch_tma_gemm(config, q, scale, weight, weight_scale, bias, out)
     else:
-        q, scale = _row_pass(x2d, smooth, write_q=True)
-        if config.kind == "tma":
-            _launch_tma_gemm(config, q, scale, weight, weight_scale, bias, out)
-        else:
-            _launch_pointer_gemm(config, q, scale, weight, weight_scale, bias, None, out)
+        _launch_pointer_gemm(config, q, scale, weight, weight_scale, bias, None, out)
     return out

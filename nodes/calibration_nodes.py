@@ -32,6 +32,7 @@ from .sampling import (
     add_apply_model_wrapper,
     empty_latent,
     encode,
+    nonempty_lines,
     parse_prompts,
     sample,
     schedule_sigmas,
@@ -40,6 +41,7 @@ from .sampling import (
 CATEGORY = "DiT Quant/SmoothQuant"
 CALIBRATION = "DIT_QUANT_CALIBRATION"
 CALIBRATION_FOLDER = "dit_quant_calibration"
+FOLD_MODES = ("off", "where exact", "only where exact")
 folder_paths.folder_names_and_paths.setdefault(
     CALIBRATION_FOLDER, ([os.path.join(folder_paths.models_dir, CALIBRATION_FOLDER)], {".safetensors"})
 )
@@ -301,10 +303,6 @@ class LoadCalibration:
         return (stats, stats.summary())
 
 
-def _lines(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
 class ApplySmoothQuant:
     DISPLAY_NAME = "Apply SmoothQuant (INT8)"
     CATEGORY = CATEGORY
@@ -360,13 +358,14 @@ class ApplySmoothQuant:
                     },
                 ),
                 "fold_smoothing": (
-                    "BOOLEAN",
+                    list(FOLD_MODES),
                     {
-                        "default": False,
-                        "tooltip": "Fold s into the preceding adaLN modulation / norm where "
-                        "exact (no smoothing vector at run time; needed to export to "
-                        "ComfyUI's own INT8 format). bf16 modulations lose some "
-                        "precision when s ≫ 1.",
+                        "default": "off",
+                        "tooltip": "off: every layer keeps its s as a vector applied in the kernel. "
+                        "where exact: fold s into the preceding adaLN modulation / norm where that is "
+                        "exact, vectors elsewhere. only where exact: smooth only those layers — no vector "
+                        "at all, so the model exports to ComfyUI's own INT8 format. bf16 modulations "
+                        "lose some precision when s ≫ 1.",
                     },
                 ),
                 "extra_protected_layers": (
@@ -394,7 +393,7 @@ class ApplySmoothQuant:
         diffusion_model = model.model.diffusion_model
         if int8_layer_names(diffusion_model):
             raise ValueError("This model already has INT8 layers; apply SmoothQuant to the original model.")
-        extra = _lines(extra_protected_layers)
+        extra = nonempty_lines(extra_protected_layers)
         names, kept = plan_quantization(diffusion_model, protection_rules(protection, extra))
         unknown = sorted(set(extra) - set(kept))
         if unknown:
@@ -417,7 +416,8 @@ class ApplySmoothQuant:
             calibration,
             alpha,
             alpha_search,
-            fold_smoothing,
+            fold=fold_smoothing != "off",
+            smooth_unfoldable=fold_smoothing != "only where exact",
             device=comfy.model_management.get_torch_device(),
             progress=lambda done, total: bar.update_absolute(done * len(names) // total),
         )

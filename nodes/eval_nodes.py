@@ -137,22 +137,23 @@ class QualityEvaluation:
         texts = parse_prompts(prompts, num_prompts)
         models = {"reference": reference_model, variant_a_name: variant_a}
         if variant_b is not None:
-            if variant_b_name in models:
-                raise ValueError("the variants need different names")
             models[variant_b_name] = variant_b
+        if len(models) != 2 + (variant_b is not None):
+            raise ValueError("the variant names must differ from each other and from 'reference'")
         latent_image = empty_latent(reference_model, width, height, latent)
         negative = encode(clip, negative_prompt)
         runs = [(text, seed + j) for text in texts for j in range(seeds_per_prompt)]
         bar = comfy.utils.ProgressBar(len(runs) * len(models) * steps)
-        latents: dict[str, list[torch.Tensor]] = {name: [] for name in models}
-        for r, (text, run_seed) in enumerate(runs):
-            positive = encode(clip, text)
-            for m, (name, model) in enumerate(models.items()):
-                done = (r * len(models) + m) * steps
-                latents[name].append(
+        positives = {text: encode(clip, text) for text in texts}
+        stacked: dict[str, torch.Tensor] = {}
+        for m, (name, model) in enumerate(models.items()):  # one model at a time: no reloading per sample
+            outputs = []
+            for r, (text, run_seed) in enumerate(runs):
+                done = (m * len(runs) + r) * steps
+                outputs.append(
                     sample(
                         model,
-                        positive,
+                        positives[text],
                         negative,
                         latent_image,
                         run_seed,
@@ -163,7 +164,7 @@ class QualityEvaluation:
                         on_step=lambda step, done=done: bar.update_absolute(done + step + 1),
                     )
                 )
-        stacked = {name: torch.cat(values) for name, values in latents.items()}
+            stacked[name] = torch.cat(outputs)
         images = None
         if vae is not None:  # video frames are stacked vertically: one image per sample
             images = {name: _as_images(vae.decode(values), len(runs)) for name, values in stacked.items()}
@@ -171,11 +172,8 @@ class QualityEvaluation:
         if clip_model_path.strip():
             if images is None:
                 raise ValueError("CLIP scores need images: connect a VAE")
-            captions = [text for text, _ in runs]
-            extra = {
-                name: {"clip_score": clip_scores(imgs, captions, clip_model_path.strip())}
-                for name, imgs in images.items()
-            }
+            scores = clip_scores(images, [text for text, _ in runs], clip_model_path.strip())
+            extra = {name: {"clip_score": values} for name, values in scores.items()}
         reference = stacked.pop("reference")
         reference_images = images.pop("reference") if images is not None else None
         comparisons = [(variant_a_name, variant_b_name)] if variant_b is not None else []

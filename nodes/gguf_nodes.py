@@ -5,6 +5,7 @@ import os
 
 import comfy.lora
 import comfy.model_management
+import comfy.model_patcher
 import comfy.sd
 import comfy.utils
 import folder_paths
@@ -16,7 +17,7 @@ from ..quant.gguf_type_rules import PRESETS
 from ..quant.gguf_types import gguf_type
 from ..quant.gguf_writer import SourceTensor, write_gguf
 from .comfy_model import release_model_weights
-from .gguf_ops import GGUFLayer, GGUFModelPatcher, GGUFOps, gguf_layers, state_dict_for_comfy
+from .gguf_ops import GGUFLayer, GGUFOps, GGUFWeightPatch, gguf_layers, state_dict_for_comfy
 
 CATEGORY = "DiT Quant/GGUF"
 GGUF_FOLDER = "dit_quant_gguf"
@@ -25,17 +26,73 @@ LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3
 # .gguf files in the diffusion_models folders (``unet`` is ComfyUI's legacy alias of the same list).
 # Sharing the folder list object keeps folders registered later (extra_model_paths.yaml) visible.
 folder_paths.folder_names_and_paths[GGUF_FOLDER] = (
-    folder_paths.folder_names_and_paths["diffusion_models"][0], {".gguf"})
+    folder_paths.folder_names_and_paths["diffusion_models"][0],
+    {".gguf"},
+)
+
+
+def _owner(model: torch.nn.Module, key: str) -> tuple[torch.nn.Module | None, str]:
+    module_name, _, param = key.rpartition(".")
+    try:
+        return model.get_submodule(module_name), param
+    except AttributeError:
+        return None, param
+
+
+def _strip_gguf_patches(model: torch.nn.Module, only_lowvram_duplicates: bool) -> None:
+    """Remove our per-call patches from the layers' weight functions; with the flag, only those that
+    ComfyUI's own LowVramPatch for the same key now duplicates."""
+    for m in model.modules():
+        if not isinstance(m, GGUFLayer):
+            continue
+        for attr in ("weight_function", "bias_function"):
+            functions = getattr(m, attr)
+            if only_lowvram_duplicates:
+                lowvram_keys = {f.key for f in functions if isinstance(f, comfy.model_patcher.LowVramPatch)}
+                kept = [
+                    f for f in functions if not (isinstance(f, GGUFWeightPatch) and f.key in lowvram_keys)
+                ]
+            else:
+                kept = [f for f in functions if not isinstance(f, GGUFWeightPatch)]
+            if len(kept) != len(functions):
+                setattr(m, attr, kept)
+
+
+class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
+    """ModelPatcher for models with GGUF layers: patches of a quantized weight are applied per call to its
+    dequantized copy instead of being merged into (and backed up from) the quantized bytes."""
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+        module, param = _owner(self.model, key)
+        if (
+            key not in self.patches
+            or not isinstance(module, GGUFLayer)
+            or module.gguf_qtype is None
+            or param != "weight"
+        ):
+            return super().patch_weight_to_device(key, device_to, inplace_update)
+        if not any(isinstance(f, GGUFWeightPatch) and f.key == key for f in module.weight_function):
+            module.weight_function = [*module.weight_function, GGUFWeightPatch(key, self.patches)]
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        if unpatch_weights:
+            _strip_gguf_patches(self.model, only_lowvram_duplicates=False)
+        return super().unpatch_model(device_to=device_to, unpatch_weights=unpatch_weights)
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        freed = super().partially_unload(device_to, memory_to_free, force_patch_weights)
+        _strip_gguf_patches(self.model, only_lowvram_duplicates=True)
+        return freed
 
 
 class LoadGGUFDiffusionModel:
     DISPLAY_NAME = "Load Diffusion Model (GGUF)"
     CATEGORY = CATEGORY
     DESCRIPTION = (
-        "Loads a GGUF diffusion model (community ComfyUI-GGUF layout or written by 'Save Model as GGUF') from "
-        "models/diffusion_models. Weights stay quantized in RAM and VRAM; on NVIDIA sm_80+ GPUs each layer runs "
-        "a fused Triton dequantize-and-multiply kernel, elsewhere the layer's weight is dequantized per call. "
-        "LoRA and low-VRAM offloading work as with the stock loader."
+        "Loads a GGUF diffusion model (community ComfyUI-GGUF layout or written by 'Save Model as GGUF') "
+        "from models/diffusion_models. Weights stay quantized in RAM and VRAM; on NVIDIA sm_80+ GPUs each "
+        "layer runs a fused Triton dequantize-and-multiply kernel, elsewhere the layer's weight is "
+        "dequantized per call. LoRA and low-VRAM offloading work as with the stock loader."
     )
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
@@ -46,15 +103,21 @@ class LoadGGUFDiffusionModel:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "unet_name": (folder_paths.get_filename_list(GGUF_FOLDER),
-                              {"tooltip": "A .gguf file in models/diffusion_models (or models/unet)."}),
-                "kernel": (list(MODES), {
-                    "default": "auto",
-                    "tooltip": "auto: fused Triton dequantize+matmul on NVIDIA sm_80+, torch elsewhere. "
-                               "fused: the same, but Triton errors are raised instead of falling back. "
-                               "int8: Q8_0 layers on INT8 tensor cores (activations quantized per token). "
-                               "dequant: dequantize each weight, then a regular matmul.",
-                }),
+                "unet_name": (
+                    folder_paths.get_filename_list(GGUF_FOLDER),
+                    {"tooltip": "A .gguf file in models/diffusion_models (or models/unet)."},
+                ),
+                "kernel": (
+                    list(MODES),
+                    {
+                        "default": "auto",
+                        "tooltip": "auto: fused Triton dequantize+matmul on NVIDIA sm_80+, torch elsewhere. "
+                        "fused: the same, but Triton errors are raised instead of falling back. "
+                        "int8: Q8_0 layers on INT8 tensor cores (activations quantized per token). "
+                        "dequant: dequantize each weight (Triton), then a regular matmul. "
+                        "torch: the same with plain torch ops (what the common GGUF loader does).",
+                    },
+                ),
             }
         }
 
@@ -62,23 +125,36 @@ class LoadGGUFDiffusionModel:
         path = folder_paths.get_full_path_or_raise(GGUF_FOLDER, unet_name)
         model_file = read_gguf(path)
         patcher = comfy.sd.load_diffusion_model_state_dict(
-            state_dict_for_comfy(model_file), model_options={"custom_operations": GGUFOps})
+            state_dict_for_comfy(model_file), model_options={"custom_operations": GGUFOps}
+        )
         if patcher is None:
-            raise ValueError(f"{unet_name}: ComfyUI could not detect the model architecture from its tensors "
-                             f"(general.architecture = {model_file.architecture!r})")
+            raise ValueError(
+                f"{unet_name}: ComfyUI could not detect the model architecture from its tensors "
+                f"(general.architecture = {model_file.architecture!r})"
+            )
         diffusion_model = patcher.model.diffusion_model
-        missing = [name for name, m in diffusion_model.named_modules()
-                   if isinstance(m, GGUFOps.Linear) and m.weight is None]
+        missing = [
+            name
+            for name, m in diffusion_model.named_modules()
+            if isinstance(m, GGUFOps.Linear) and m.weight is None
+        ]
         if missing:
-            raise ValueError(f"{unet_name}: the detected architecture expects layers the file lacks: "
-                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+            raise ValueError(
+                f"{unet_name}: the detected architecture expects layers the file lacks: "
+                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+            )
         layers = gguf_layers(diffusion_model)
         for layer in layers.values():
             layer.gguf_mode = kernel
         patcher.__class__ = GGUFModelPatcher
         counts = ", ".join(f"{k} x{v}" for k, v in sorted(model_file.type_counts().items()))
-        logging.info("DiT Quant: loaded %s (%s): %d quantized layers; tensor types: %s",
-                     unet_name, model_file.architecture, len(layers), counts)
+        logging.info(
+            "DiT Quant: loaded %s (%s): %d quantized layers; tensor types: %s",
+            unet_name,
+            model_file.architecture,
+            len(layers),
+            counts,
+        )
         return (patcher,)
 
 
@@ -103,8 +179,11 @@ def model_sources(patcher) -> dict[str, SourceTensor]:
         def load(stored=stored, patches=patches, patch_key=f"diffusion_model.{key}"):
             if not patches:
                 return stored
-            weight = (gguf_dequantize(stored.data, stored.qtype.name, stored.shape)
-                      if isinstance(stored, GGUFTensor) else stored.to(torch.float32))
+            weight = (
+                gguf_dequantize(stored.data, stored.qtype.name, stored.shape)
+                if isinstance(stored, GGUFTensor)
+                else stored.to(torch.float32)
+            )
             return comfy.lora.calculate_weight(patches, weight, patch_key)
 
         layer_weight = param == "weight" and isinstance(module, LAYER_TYPES) and len(shape) >= 2
@@ -116,10 +195,11 @@ class SaveModelGGUF:
     DISPLAY_NAME = "Save Model as GGUF"
     CATEGORY = CATEGORY
     DESCRIPTION = (
-        "Writes the diffusion model as a GGUF file in models/diffusion_models, in the layout of the community "
-        "ComfyUI-GGUF loader (both loaders read it). K-quants (Q2_K-Q6_K) use our port of llama.cpp's reference "
-        "quantizer; '_M' presets give FFN down-projections and attention value/qkv one type more. 1-D and "
-        "small tensors, embedders and final layers keep high precision. LoRA patches on the model are merged."
+        "Writes the diffusion model as a GGUF file in models/diffusion_models, in the layout of the "
+        "community ComfyUI-GGUF loader (both loaders read it). K-quants (Q2_K-Q6_K) use our port of "
+        "llama.cpp's reference quantizer; '_M' presets give FFN down-projections and attention value/qkv "
+        "one type more. 1-D and small tensors, embedders and final layers keep high precision. LoRA patches "
+        "on the model are merged."
     )
     RETURN_TYPES = ()
     OUTPUT_NODE = True
@@ -129,16 +209,30 @@ class SaveModelGGUF:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "Any diffusion model (bf16/fp16/fp8, or GGUF from our loader)."}),
-                "filename": ("STRING", {"default": "dit_gguf",
-                                        "tooltip": "File name in models/diffusion_models; .gguf is added."}),
-                "preset": (list(PRESETS), {
-                    "default": "Q4_K_M",
-                    "tooltip": "Weight type. Q8_0 is quality-neutral; Q4_K_M is the usual size/quality pick; "
-                               "'_M' bumps sensitive layers one type up. A GGUF layer already in the chosen "
-                               "type is copied, not re-quantized.",
-                }),
-                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
+                "model": (
+                    "MODEL",
+                    {"tooltip": "Any diffusion model (bf16/fp16/fp8, or GGUF from our loader)."},
+                ),
+                "filename": (
+                    "STRING",
+                    {
+                        "default": "dit_gguf",
+                        "tooltip": "File name in models/diffusion_models; .gguf is added.",
+                    },
+                ),
+                "preset": (
+                    list(PRESETS),
+                    {
+                        "default": "Q4_K_M",
+                        "tooltip": "Weight type. Q8_0 is quality-neutral; Q4_K_M is the usual size/quality "
+                        "pick; '_M' bumps sensitive layers one type up. A GGUF layer already in the chosen "
+                        "type is copied, not re-quantized.",
+                    },
+                ),
+                "overwrite": (
+                    "BOOLEAN",
+                    {"default": False, "tooltip": "Replace an existing file of that name."},
+                ),
             }
         }
 
@@ -154,13 +248,20 @@ class SaveModelGGUF:
         sources = model_sources(model)
         bar = comfy.utils.ProgressBar(len(sources))
         device = comfy.model_management.get_torch_device()
-        plans = write_gguf(path, sources, preset, metadata={"dit_quant.source": "ComfyUI MODEL"},
-                           progress=lambda done, total: bar.update_absolute(done, total),
-                           device=device if device.type == "cuda" else None)
+        plans = write_gguf(
+            path,
+            sources,
+            preset,
+            metadata={"dit_quant.source": "ComfyUI MODEL"},
+            progress=lambda done, total: bar.update_absolute(done, total),
+            device=device if device.type == "cuda" else None,
+        )
         counts: dict[str, int] = {}
         for plan in plans:
             counts[plan.qtype] = counts.get(plan.qtype, 0) + 1
-        logging.info("DiT Quant: saved %s (%s)", path, ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+        logging.info(
+            "DiT Quant: saved %s (%s)", path, ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+        )
         return {"ui": {"text": [path]}}
 
 

@@ -1,6 +1,6 @@
-"""ComfyUI side of GGUF models: the operations class whose layers keep GGUF-quantized weights, the
-state-dict wrapper that lets ComfyUI's model detection see logical shapes, and a ModelPatcher that
-applies LoRA/weight patches to quantized layers on the fly.
+"""ComfyUI side of GGUF models: the operations class whose layers keep GGUF-quantized weights and the
+state-dict wrapper that lets ComfyUI's model detection see logical shapes (the ModelPatcher that applies
+LoRA to quantized layers on the fly is ``GGUFModelPatcher`` in gguf_nodes.py).
 
 How weights stay quantized:
 - the loader hands ComfyUI a state dict whose quantized tensors are :class:`GGUFStateTensor`: the raw
@@ -11,15 +11,13 @@ How weights stay quantized:
   dequantizes the layer's weight for that call only (CPU, other layer types, or weight patches present).
 - ComfyUI's low-VRAM mode works unchanged: offloaded weights are moved per call by ``cast_to`` (raw bytes)
   and its ``LowVramPatch`` weight functions are applied to the dequantized weight;
-- :class:`GGUFModelPatcher` turns the full-load LoRA merge (``patch_weight_to_device``), which would
-  rewrite the weight, into the same per-call application, so LoRA never dequantizes a layer for good.
+- ``GGUFModelPatcher`` (gguf_nodes.py) turns the full-load LoRA merge (``patch_weight_to_device``), which
+  would rewrite the weight, into the same per-call application: LoRA never dequantizes a layer for good.
 """
 
 from __future__ import annotations
 
-import comfy.lora
 import comfy.model_management
-import comfy.model_patcher
 import comfy.ops
 import torch
 import torch.nn.functional as F
@@ -58,6 +56,8 @@ class GGUFWeightPatch:
         self.key, self.patches = key, patches
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        import comfy.lora  # here, so that this module needs only comfy.ops (the GPU benchmark imports it)
+
         merged = comfy.lora.calculate_weight(self.patches[self.key], weight.to(torch.float32), self.key)
         return merged.to(weight.dtype)
 
@@ -69,8 +69,9 @@ class GGUFLayer(comfy.ops.CastWeightBiasOp):
     gguf_shape: torch.Size | None = None
     gguf_mode: str = "auto"  # kernels.gguf_dispatch.MODES
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         for name in ("weight", "bias"):
             value = state_dict.get(prefix + name)
             if value is None:
@@ -86,7 +87,9 @@ class GGUFLayer(comfy.ops.CastWeightBiasOp):
                     value = raw
             setattr(self, name, torch.nn.Parameter(value, requires_grad=False))
 
-    def _gguf_inputs(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _gguf_inputs(
+        self, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The raw weight bytes on ``device`` and the bias in ``dtype`` (with ComfyUI's bias functions)."""
         non_blocking = comfy.model_management.device_supports_non_blocking(device)
         raw = comfy.model_management.cast_to(self.weight, None, device, non_blocking=non_blocking)
@@ -156,61 +159,22 @@ class GGUFOps(comfy.ops.manual_cast):
                 return super().forward_comfy_cast_weights(input, out_dtype=out_dtype)
             dtype = out_dtype or torch.float32
             raw, _ = self._gguf_inputs(input.device, dtype)
-            return F.embedding(input, self.gguf_weight(raw, dtype), self.padding_idx, self.max_norm,
-                               self.norm_type, self.scale_grad_by_freq, self.sparse)
+            return F.embedding(
+                input,
+                self.gguf_weight(raw, dtype),
+                self.padding_idx,
+                self.max_norm,
+                self.norm_type,
+                self.scale_grad_by_freq,
+                self.sparse,
+            )
 
 
 def gguf_layers(root: torch.nn.Module) -> dict[str, GGUFLayer]:
     """The layers of a model that hold a GGUF-quantized weight, by module name."""
-    return {name: m for name, m in root.named_modules() if isinstance(m, GGUFLayer) and m.gguf_qtype is not None}
-
-
-def _owner(model: torch.nn.Module, key: str) -> tuple[torch.nn.Module | None, str]:
-    module_name, _, param = key.rpartition(".")
-    try:
-        return model.get_submodule(module_name), param
-    except AttributeError:
-        return None, param
-
-
-def _strip_gguf_patches(model: torch.nn.Module, keep_if_lowvram_duplicate_only: bool) -> None:
-    """Remove our per-call patches from the layers' weight functions; with the flag, only those that
-    ComfyUI's own LowVramPatch for the same key now duplicates."""
-    for m in model.modules():
-        if not isinstance(m, GGUFLayer):
-            continue
-        for attr in ("weight_function", "bias_function"):
-            functions = getattr(m, attr)
-            if keep_if_lowvram_duplicate_only:
-                lowvram_keys = {f.key for f in functions if isinstance(f, comfy.model_patcher.LowVramPatch)}
-                kept = [f for f in functions if not (isinstance(f, GGUFWeightPatch) and f.key in lowvram_keys)]
-            else:
-                kept = [f for f in functions if not isinstance(f, GGUFWeightPatch)]
-            if len(kept) != len(functions):
-                setattr(m, attr, kept)
-
-
-class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
-    """ModelPatcher for models with GGUF layers: patches of a quantized weight are applied per call to its
-    dequantized copy instead of being merged into (and backed up from) the quantized bytes."""
-
-    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
-        module, param = _owner(self.model, key)
-        if key not in self.patches or not isinstance(module, GGUFLayer) or module.gguf_qtype is None \
-                or param != "weight":
-            return super().patch_weight_to_device(key, device_to, inplace_update)
-        if not any(isinstance(f, GGUFWeightPatch) and f.key == key for f in module.weight_function):
-            module.weight_function = [*module.weight_function, GGUFWeightPatch(key, self.patches)]
-
-    def unpatch_model(self, device_to=None, unpatch_weights=True):
-        if unpatch_weights:
-            _strip_gguf_patches(self.model, keep_if_lowvram_duplicate_only=False)
-        return super().unpatch_model(device_to=device_to, unpatch_weights=unpatch_weights)
-
-    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
-        freed = super().partially_unload(device_to, memory_to_free, force_patch_weights)
-        _strip_gguf_patches(self.model, keep_if_lowvram_duplicate_only=True)
-        return freed
+    return {
+        name: m for name, m in root.named_modules() if isinstance(m, GGUFLayer) and m.gguf_qtype is not None
+    }
 
 
 def state_dict_for_comfy(model_file: GGUFModelFile) -> dict[str, torch.Tensor]:

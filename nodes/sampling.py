@@ -33,9 +33,13 @@ SCHEDULERS = comfy.samplers.KSampler.SCHEDULERS
 LATENT_DOWNSCALE = 8  # spatial VAE factor of the image/video DiTs this pack targets
 
 
+def nonempty_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def parse_prompts(text: str, limit: int = 0) -> list[str]:
     """One prompt per non-empty line; the first ``limit`` (0 = all)."""
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = nonempty_lines(text)
     if not prompts:
         raise ValueError("no prompts given: enter one prompt per line")
     return prompts[:limit] if limit > 0 else prompts
@@ -84,6 +88,7 @@ def sample(
         if on_step is not None:
             on_step(step)
 
+    seed &= 0xFFFF_FFFF_FFFF_FFFF  # seed + i of the last prompts may pass KSampler's maximum
     noise = comfy.sample.prepare_noise(latent_image, seed)
     return comfy.sample.sample(
         model,
@@ -121,11 +126,12 @@ def add_apply_model_wrapper(model, key: str, wrapper: Callable[..., Any]):
 
 
 def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor inside plain dicts, lists and tuples; other objects are kept as is."""
     if isinstance(value, torch.Tensor):
         return fn(value)
-    if isinstance(value, dict):
+    if type(value) is dict:
         return {k: _map_tensors(v, fn) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):
         return type(value)(_map_tensors(v, fn) for v in value)
     return value
 

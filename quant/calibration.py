@@ -350,19 +350,13 @@ class ActivationRecorder:
     """Context manager recording the input statistics of every Linear-like layer under ``root``.
 
     Layer names are module paths relative to ``root`` (pass the diffusion model to get ComfyUI
-    state-dict names such as ``double_blocks.0.img_attn.qkv``). ``include(name)`` can filter layers.
-    Set ``recorder.bucket`` before each model call when the stats keep timestep buckets.
+    state-dict names such as ``double_blocks.0.img_attn.qkv``). Set ``recorder.bucket`` before each
+    model call when the stats keep timestep buckets.
     """
 
-    def __init__(
-        self,
-        root: torch.nn.Module,
-        stats: ActivationStats | None = None,
-        include: Callable[[str], bool] | None = None,
-    ) -> None:
+    def __init__(self, root: torch.nn.Module, stats: ActivationStats | None = None) -> None:
         self.root = root
         self.stats = stats if stats is not None else ActivationStats()
-        self.include = include
         self.bucket: int | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -370,8 +364,7 @@ class ActivationRecorder:
         if self._handles:
             raise RuntimeError("ActivationRecorder is already active")
         for name, module in linear_like_modules(self.root):
-            if self.include is None or self.include(name):
-                self._handles.append(module.register_forward_pre_hook(self._hook_for(name), with_kwargs=True))
+            self._handles.append(module.register_forward_pre_hook(self._hook_for(name), with_kwargs=True))
         return self
 
     def _hook_for(self, name: str) -> Callable[..., None]:

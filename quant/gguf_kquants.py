@@ -45,7 +45,8 @@ def _seq_sum(t: torch.Tensor) -> torch.Tensor:
 
 def _div(numer: torch.Tensor | float, denom: torch.Tensor | float) -> torch.Tensor:
     """Correctly rounded float32 division. A scalar operand is expanded to a full tensor first: torch
-    computes ``tensor / scalar`` and ``scalar / tensor`` as a multiplication by a reciprocal (two roundings)."""
+    computes ``tensor / scalar`` and ``scalar / tensor`` as a multiplication by a reciprocal (two
+    roundings)."""
     if not isinstance(numer, torch.Tensor):
         numer = torch.full_like(denom, float(numer))
     if not isinstance(denom, torch.Tensor):
@@ -76,8 +77,10 @@ def _signed_max_by_abs(v: torch.Tensor, dim: int) -> torch.Tensor:
 # The sub-block searches below take x as [n, G]: element i of every one of G sub-blocks in row i, so the
 # in-order sums over a sub-block are n contiguous vector additions.
 
-def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float,
-                     nstep: int, use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def make_qkx2_quants(
+    x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted min/scale search for asymmetric levels 0..nmax per column of ``x`` [n, G] (float32).
 
     Returns (levels float32 [n, G], scale [G], the_min [G]) with x ~ scale * level - the_min.
@@ -169,8 +172,12 @@ def make_q3_quants_rmse(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch
             new_l = _round_clamp(xi * sl2 / slx, -nmax, nmax - 1)
             slx_new = slx + wxi * new_l
             sl2_new = sl2 + wi * new_l * new_l
-            take = ((slx > 0) & (new_l != li) & (sl2_new > 0)
-                    & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new))
+            take = (
+                (slx > 0)
+                & (new_l != li)
+                & (sl2_new > 0)
+                & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
+            )
             levels[i] = torch.where(take, new_l, li)
             sumlx = torch.where(take, slx_new, sumlx)
             suml2 = torch.where(take, sl2_new, suml2)
@@ -196,8 +203,9 @@ def _quantize_6bit_scales(values: torch.Tensor, peak: torch.Tensor) -> torch.Ten
     return (torch.round(inv[:, None] * values).to(torch.int32) & 0xFF).clamp(max=63)
 
 
-def _requantize(x: torch.Tensor, levels: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | None,
-                lo: int, hi: int) -> torch.Tensor:
+def _requantize(
+    x: torch.Tensor, levels: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | None, lo: int, hi: int
+) -> torch.Tensor:
     """Second pass ``l = clamp(nearest_int((x + offset) / step))`` for sub-blocks with step != 0;
     the others keep their first-pass levels (the C code ``continue``s). Returns levels + (-lo)."""
     numer = x if offset is None else x + offset[..., None]
@@ -208,11 +216,14 @@ def _requantize(x: torch.Tensor, levels: torch.Tensor, step: torch.Tensor, offse
 def _pack_k_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     """6-bit scales and mins [B, 8] -> the 12 packed bytes of Q4_K/Q5_K [B, 12]."""
     ls, lm = ls.to(torch.uint8), lm.to(torch.uint8)
-    return torch.cat([
-        ls[:, :4] | ((ls[:, 4:] >> 4) << 6),
-        lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
-        (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4),
-    ], dim=1)
+    return torch.cat(
+        [
+            ls[:, :4] | ((ls[:, 4:] >> 4) << 6),
+            lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
+            (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4),
+        ],
+        dim=1,
+    )
 
 
 def _pack_crumbs(levels: torch.Tensor) -> torch.Tensor:
@@ -239,9 +250,11 @@ def _bit_planes(bits: torch.Tensor, planes: int) -> torch.Tensor:
 def _superblock_scale_search(scales: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """max_scale/max_min of the K-quant refs (``m = 0; if (v > m) m = v``): the largest value per block
     if positive, else +0."""
+
     def positive_max(v: torch.Tensor) -> torch.Tensor:
         m = v.max(dim=1).values
         return torch.where(m > 0, m, torch.zeros_like(m))
+
     return positive_max(scales), positive_max(mins)
 
 
@@ -274,7 +287,7 @@ def quantize_q4_k_blocks(x: torch.Tensor) -> torch.Tensor:
 def quantize_q5_k_blocks(x: torch.Tensor) -> torch.Tensor:
     """float32 [B, 256] -> Q5_K blocks uint8 [B, 176] (``quantize_row_q5_K_ref``)."""
     d, dmin, scales, levels = _q4_q5_k(x, 31, -0.5, 15)
-    # qh bit i of byte l is the 5th bit of element 32 * i + l; the nibbles pair elements 64p + l, 64p + 32 + l.
+    # qh bit i of byte l is the 5th bit of element 32 * i + l; nibbles pair elements 64p + l and 64p + 32 + l.
     high = _bit_planes(levels >= 16, 8)
     return torch.cat([d, dmin, scales, high, _pack_nibble_pairs(levels % 16)], dim=1)
 
@@ -292,10 +305,13 @@ def quantize_q6_k_blocks(x: torch.Tensor) -> torch.Tensor:
     sc = torch.round(iscale[:, None] * scales).clamp(max=127)
     levels = _requantize(x.view(b, 16, 16), levels, d[:, None] * sc, None, -32, 31)
     q = levels.reshape(b, 2, 4, 32).to(torch.uint8)  # [half, quarter, l] = element 128 h + 32 i + l
-    ql = torch.cat([(q[:, :, 0] & 0x0F) | ((q[:, :, 2] & 0x0F) << 4),
-                    (q[:, :, 1] & 0x0F) | ((q[:, :, 3] & 0x0F) << 4)], dim=2).reshape(b, 128)
-    qh = ((q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4)
-          | ((q[:, :, 3] >> 4) << 6)).reshape(b, 64)
+    ql = torch.cat(
+        [(q[:, :, 0] & 0x0F) | ((q[:, :, 2] & 0x0F) << 4), (q[:, :, 1] & 0x0F) | ((q[:, :, 3] & 0x0F) << 4)],
+        dim=2,
+    ).reshape(b, 128)
+    qh = (
+        (q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)
+    ).reshape(b, 64)
     out = torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), _fp16_bytes(d)], dim=1)
     return torch.where(empty[:, None], torch.zeros_like(out), out)
 
@@ -315,8 +331,9 @@ def quantize_q3_k_blocks(x: torch.Tensor) -> torch.Tensor:
     step = d[:, None] * (ls - 32).to(torch.float32)
     levels = _requantize(x.view(b, 16, 16), levels, step, None, -4, 3).reshape(b, QK_K)
     ls8 = ls.to(torch.uint8)
-    packed = torch.cat([(ls8[:, :8] & 0x0F) | ((ls8[:, 8:] & 0x0F) << 4),
-                        _bit_pairs_of_scales(ls8 >> 4)], dim=1)
+    packed = torch.cat(
+        [(ls8[:, :8] & 0x0F) | ((ls8[:, 8:] & 0x0F) << 4), _bit_pairs_of_scales(ls8 >> 4)], dim=1
+    )
     hmask = _bit_planes(levels > 3, 8)
     low = torch.where(levels > 3, levels - 4, levels)
     return torch.cat([hmask, _pack_crumbs(low), packed, _fp16_bytes(d)], dim=1)
@@ -336,12 +353,16 @@ def quantize_q2_k_blocks(x: torch.Tensor) -> torch.Tensor:
     levels = _rows_of(levels, b)
     scales, mins = scales.view(b, 16), mins.view(b, 16)
     max_scale, max_min = _superblock_scale_search(scales, mins)
-    sc = torch.where(max_scale[:, None] > 0,
-                     torch.round(_div(15, max_scale)[:, None] * scales).to(torch.int32),
-                     torch.zeros_like(scales, dtype=torch.int32))
-    mn = torch.where(max_min[:, None] > 0,
-                     torch.round(_div(15, max_min)[:, None] * mins).to(torch.int32),
-                     torch.zeros_like(mins, dtype=torch.int32))
+    sc = torch.where(
+        max_scale[:, None] > 0,
+        torch.round(_div(15, max_scale)[:, None] * scales).to(torch.int32),
+        torch.zeros_like(scales, dtype=torch.int32),
+    )
+    mn = torch.where(
+        max_min[:, None] > 0,
+        torch.round(_div(15, max_min)[:, None] * mins).to(torch.int32),
+        torch.zeros_like(mins, dtype=torch.int32),
+    )
     packed = ((sc & 0xFF) | ((mn << 4) & 0xFF)).to(torch.uint8)
     d = torch.where(max_scale > 0, _to_fp16_and_back(_div(max_scale, 15)), torch.zeros_like(max_scale))
     dmin = torch.where(max_min > 0, _to_fp16_and_back(_div(max_min, 15)), torch.zeros_like(max_min))
@@ -352,22 +373,27 @@ def quantize_q2_k_blocks(x: torch.Tensor) -> torch.Tensor:
 
 
 _ENCODERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "Q2_K": quantize_q2_k_blocks, "Q3_K": quantize_q3_k_blocks, "Q4_K": quantize_q4_k_blocks,
-    "Q5_K": quantize_q5_k_blocks, "Q6_K": quantize_q6_k_blocks,
+    "Q2_K": quantize_q2_k_blocks,
+    "Q3_K": quantize_q3_k_blocks,
+    "Q4_K": quantize_q4_k_blocks,
+    "Q5_K": quantize_q5_k_blocks,
+    "Q6_K": quantize_q6_k_blocks,
 }
 
 
 def quantize_kquant(rows: torch.Tensor, qtype: str) -> torch.Tensor:
-    """Encode float rows [R, K] (K a multiple of 256, finite values) as ``qtype`` bytes uint8 [R, K/256 * size].
+    """Encode float rows [R, K] (K a multiple of 256, finite) as ``qtype`` bytes uint8 [R, K/256 * size].
 
     Computes in float32 on ``rows.device``; blocks are processed in chunks to bound memory.
     """
     if qtype not in _ENCODERS:
         raise ValueError(f"DiT Quant: {qtype!r} is not a K-quant type; expected one of {sorted(_ENCODERS)}")
     if rows.dim() != 2 or rows.shape[1] % QK_K:
-        raise ValueError(f"DiT Quant: K-quant rows must be 2-D with a multiple of {QK_K} columns, "
-                         f"got shape {tuple(rows.shape)}")
+        raise ValueError(
+            f"DiT Quant: K-quant rows must be 2-D with a multiple of {QK_K} columns, "
+            f"got shape {tuple(rows.shape)}"
+        )
     blocks = rows.to(torch.float32).reshape(-1, QK_K)
     encode = _ENCODERS[qtype]
-    out = torch.cat([encode(blocks[i:i + _CHUNK_BLOCKS]) for i in range(0, blocks.shape[0], _CHUNK_BLOCKS)])
+    out = torch.cat([encode(blocks[i : i + _CHUNK_BLOCKS]) for i in range(0, blocks.shape[0], _CHUNK_BLOCKS)])
     return out.view(rows.shape[0], -1)

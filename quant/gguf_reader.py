@@ -33,15 +33,22 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 _MAX_ARRAY_NESTING = 4
 
 _SCALAR_SIZES = {
-    gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
-    gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2,
-    gguf.GGUFValueType.UINT32: 4, gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4,
-    gguf.GGUFValueType.UINT64: 8, gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8,
+    gguf.GGUFValueType.UINT8: 1,
+    gguf.GGUFValueType.INT8: 1,
+    gguf.GGUFValueType.BOOL: 1,
+    gguf.GGUFValueType.UINT16: 2,
+    gguf.GGUFValueType.INT16: 2,
+    gguf.GGUFValueType.UINT32: 4,
+    gguf.GGUFValueType.INT32: 4,
+    gguf.GGUFValueType.FLOAT32: 4,
+    gguf.GGUFValueType.UINT64: 8,
+    gguf.GGUFValueType.INT64: 8,
+    gguf.GGUFValueType.FLOAT64: 8,
 }
 
 
 class GGUFFormatError(ValueError):
-    """A file that is not a well-formed GGUF file, or one this pack cannot load; the message names the file."""
+    """A file that is not well-formed GGUF, or one this pack cannot load; the message names the file."""
 
 
 @dataclass
@@ -86,8 +93,9 @@ class _Cursor:
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
-            raise self.fail(f"truncated: {what} needs {n} bytes at offset {self.pos}, "
-                            f"but the file has {self.size} bytes")
+            raise self.fail(
+                f"truncated: {what} needs {n} bytes at offset {self.pos}, but the file has {self.size} bytes"
+            )
 
     def unpack(self, fmt: str, what: str) -> int:
         n = struct.calcsize(fmt)
@@ -99,7 +107,7 @@ class _Cursor:
     def string(self, what: str) -> str:
         n = self.unpack("Q", f"{what} length")
         self.need(n, what)
-        raw = bytes(self.buf[self.pos:self.pos + n])
+        raw = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
         try:
             return raw.decode("utf-8")
@@ -188,10 +196,14 @@ def _check_layout(buf: mmap.mmap | bytes, path: str) -> None:
             raise cur.fail(f"tensor {name!r} has an empty dimension {dims}")
         n_bytes = row_bytes * int(np.prod(dims[1:], dtype=object))
         if offset % alignment:
-            raise cur.fail(f"tensor {name!r} data offset {offset} is not a multiple of the alignment {alignment}")
+            raise cur.fail(
+                f"tensor {name!r} data offset {offset} is not a multiple of the alignment {alignment}"
+            )
         if data_start + offset + n_bytes > cur.size:
-            raise cur.fail(f"tensor {name!r} data ({n_bytes} bytes at offset {data_start + offset}) runs past "
-                           f"the end of the file ({cur.size} bytes): truncated or corrupt")
+            raise cur.fail(
+                f"tensor {name!r} data ({n_bytes} bytes at offset {data_start + offset}) runs past "
+                f"the end of the file ({cur.size} bytes): truncated or corrupt"
+            )
 
 
 def _orig_shape(reader: gguf.GGUFReader, name: str, n_elements: int, path: str) -> torch.Size | None:
@@ -199,12 +211,16 @@ def _orig_shape(reader: gguf.GGUFReader, name: str, n_elements: int, path: str) 
     if field_ is None:
         return None
     if field_.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32]:
-        raise GGUFFormatError(f"GGUF file {path!r}: {ORIG_SHAPE_KEY}{name} must be an array of INT32, "
-                              f"got {[t.name for t in field_.types]}")
+        raise GGUFFormatError(
+            f"GGUF file {path!r}: {ORIG_SHAPE_KEY}{name} must be an array of INT32, "
+            f"got {[t.name for t in field_.types]}"
+        )
     shape = torch.Size(int(field_.parts[i][0]) for i in field_.data)
     if any(d < 1 for d in shape) or shape.numel() != n_elements:
-        raise GGUFFormatError(f"GGUF file {path!r}: original shape {tuple(shape)} of tensor {name!r} does not "
-                              f"match its {n_elements} stored values")
+        raise GGUFFormatError(
+            f"GGUF file {path!r}: original shape {tuple(shape)} of tensor {name!r} does not "
+            f"match its {n_elements} stored values"
+        )
     return shape
 
 
@@ -265,7 +281,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFModelFile:
         if strip:
             if not key.startswith(DIFFUSION_MODEL_PREFIX):
                 continue
-            key = key[len(DIFFUSION_MODEL_PREFIX):]
+            key = key[len(DIFFUSION_MODEL_PREFIX) :]
         qtype = gguf_type(tensor.tensor_type)
         shape = _orig_shape(reader, tensor.name, tensor.n_elements, path)
         if shape is None:

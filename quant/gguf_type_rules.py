@@ -44,43 +44,91 @@ ARCHITECTURES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 _SEGMENT = r"(?:^|\.)"
 # Embedders and final layers of the DiT families ComfyUI runs.
-HIGH_PRECISION: tuple[str, ...] = tuple(_SEGMENT + p for p in (
-    r"img_in\.", r"txt_in\.", r"time_in\.", r"vector_in\.", r"guidance_in\.", r"time_r_in\.",
-    r"x_embedder\.", r"t_embedder\.", r"y_embedder\.", r"p_embedder\.", r"context_embedder\.",
-    r"cap_embedder\.", r"time_text_embed\.", r"pos_embed", r"patch_embedding\.", r"text_embedding\.",
-    r"time_embedding\.", r"time_projection\.", r"img_emb\.", r"adaln_single\.", r"caption_projection\.",
-    r"final_layer\.", r"norm_out\.", r"proj_out\.", r"head\.", r"distilled_guidance_layer\.",
-    r"label_emb\.", r"input_blocks\.0\.0\.", r"out\.2\.",
-))
+HIGH_PRECISION: tuple[str, ...] = tuple(
+    _SEGMENT + p
+    for p in (
+        r"img_in\.",
+        r"txt_in\.",
+        r"time_in\.",
+        r"vector_in\.",
+        r"guidance_in\.",
+        r"time_r_in\.",
+        r"x_embedder\.",
+        r"t_embedder\.",
+        r"y_embedder\.",
+        r"p_embedder\.",
+        r"context_embedder\.",
+        r"cap_embedder\.",
+        r"time_text_embed\.",
+        r"pos_embed",
+        r"patch_embedding\.",
+        r"text_embedding\.",
+        r"time_embedding\.",
+        r"time_projection\.",
+        r"img_emb\.",
+        r"adaln_single\.",
+        r"caption_projection\.",
+        r"final_layer\.",
+        r"norm_out\.",
+        r"proj_out\.",
+        r"head\.",
+        r"distilled_guidance_layer\.",
+        r"label_emb\.",
+        r"input_blocks\.0\.0\.",
+        r"out\.2\.",
+    )
+)
 # FFN down-projections and attention value / fused-qkv projections.
 SENSITIVE: tuple[str, ...] = (
-    r"\.(?:img_mlp|txt_mlp)\.(?:net\.)?2\.weight$",        # Flux / Qwen-Image FFN down
-    r"single_blocks\.\d+\.linear2\.weight$",              # Flux single blocks: attention out + FFN down
-    r"\.mlp\.fc2\.weight$",                               # SD3 / MMDiT
-    r"\.ffn\.2\.weight$",                                 # Wan
-    r"\.feed_forward\.w2\.weight$",                       # Lumina 2
-    r"\.ff(?:_i|_t)?\.(?:.*\.)?w2\.weight$",              # HiDream experts
-    r"\.ff(?:_context)?\.net\.2\.weight$",                # diffusers-style FFN
+    r"\.(?:img_mlp|txt_mlp)\.(?:net\.)?2\.weight$",  # Flux / Qwen-Image FFN down
+    r"single_blocks\.\d+\.linear2\.weight$",  # Flux single blocks: attention out + FFN down
+    r"\.mlp\.fc2\.weight$",  # SD3 / MMDiT
+    r"\.ffn\.2\.weight$",  # Wan
+    r"\.feed_forward\.w2\.weight$",  # Lumina 2
+    r"\.ff(?:_i|_t)?\.(?:.*\.)?w2\.weight$",  # HiDream experts
+    r"\.ff(?:_context)?\.net\.2\.weight$",  # diffusers-style FFN
     r"\.(?:img_attn|txt_attn|attn|attention|self_attn)\.qkv\.weight$",
     r"\.(?:to_v|add_v_proj|v_proj)\.weight$",
     r"\.(?:self_attn|cross_attn|attn\d?)\.v\.weight$",
 )
 
 BUMP: dict[str, str] = {
-    "Q2_K": "Q3_K", "Q3_K": "Q4_K", "Q4_K": "Q5_K", "Q5_K": "Q6_K", "Q6_K": "Q8_0",
-    "Q4_0": "Q5_0", "Q4_1": "Q5_1", "Q5_0": "Q8_0", "Q5_1": "Q8_0",
+    "Q2_K": "Q3_K",
+    "Q3_K": "Q4_K",
+    "Q4_K": "Q5_K",
+    "Q5_K": "Q6_K",
+    "Q6_K": "Q8_0",
+    "Q4_0": "Q5_0",
+    "Q4_1": "Q5_1",
+    "Q5_0": "Q8_0",
+    "Q5_1": "Q8_0",
 }
 ROW_FALLBACK: dict[str, str] = {
-    "Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+    "Q2_K": "Q4_0",
+    "Q3_K": "Q4_0",
+    "Q4_K": "Q5_0",
+    "Q5_K": "Q5_1",
+    "Q6_K": "Q8_0",
 }
 
 # preset name -> (base type, bump sensitive layers)
 PRESETS: dict[str, tuple[str, bool]] = {
-    "F32": ("F32", False), "F16": ("F16", False), "BF16": ("BF16", False),
-    "Q8_0": ("Q8_0", False), "Q6_K": ("Q6_K", False),
-    "Q5_K_M": ("Q5_K", True), "Q5_K": ("Q5_K", False), "Q5_1": ("Q5_1", False), "Q5_0": ("Q5_0", False),
-    "Q4_K_M": ("Q4_K", True), "Q4_K": ("Q4_K", False), "Q4_1": ("Q4_1", False), "Q4_0": ("Q4_0", False),
-    "Q3_K_M": ("Q3_K", True), "Q3_K": ("Q3_K", False), "Q2_K": ("Q2_K", False),
+    "F32": ("F32", False),
+    "F16": ("F16", False),
+    "BF16": ("BF16", False),
+    "Q8_0": ("Q8_0", False),
+    "Q6_K": ("Q6_K", False),
+    "Q5_K_M": ("Q5_K", True),
+    "Q5_K": ("Q5_K", False),
+    "Q5_1": ("Q5_1", False),
+    "Q5_0": ("Q5_0", False),
+    "Q4_K_M": ("Q4_K", True),
+    "Q4_K": ("Q4_K", False),
+    "Q4_1": ("Q4_1", False),
+    "Q4_0": ("Q4_0", False),
+    "Q3_K_M": ("Q3_K", True),
+    "Q3_K": ("Q3_K", False),
+    "Q2_K": ("Q2_K", False),
 }
 
 
@@ -102,8 +150,10 @@ def detect_architecture(keys: set[str] | list[str]) -> str:
     for arch, required in ARCHITECTURES:
         if all(k in key_set for k in required):
             return arch
-    raise ValueError("cannot tell the model family from its state-dict keys; the community GGUF loader needs "
-                     "one of: " + ", ".join(a for a, _ in ARCHITECTURES) + " (pass the architecture explicitly)")
+    raise ValueError(
+        "cannot tell the model family from its state-dict keys; the community GGUF loader needs "
+        "one of: " + ", ".join(a for a, _ in ARCHITECTURES) + " (pass the architecture explicitly)"
+    )
 
 
 def float_type_for(dtype: torch.dtype | None) -> str:
@@ -119,8 +169,9 @@ def _fits(qtype: str, row: int) -> bool:
     return row % gguf_type(qtype).block_size == 0
 
 
-def plan_tensor(key: str, shape: torch.Size, source_dtype: torch.dtype | None, preset: str,
-                layer_weight: bool) -> TensorPlan:
+def plan_tensor(
+    key: str, shape: torch.Size, source_dtype: torch.dtype | None, preset: str, layer_weight: bool
+) -> TensorPlan:
     """Decide the type of one tensor (see the module docstring for the rules).
 
     ``source_dtype``: the float dtype of the source (None for an already-quantized source: BF16 is kept);

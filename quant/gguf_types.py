@@ -18,7 +18,9 @@ class GGUFType:
     ggml_type: gguf.GGMLQuantizationType
     block_size: int
     type_size: int
-    encoder: str | None  # "gguf" (gguf-py quantizes it), "kquant" (our quant/gguf_kquants.py), None (read only)
+    encoder: (
+        str | None
+    )  # "gguf" (gguf-py quantizes it), "kquant" (our quant/gguf_kquants.py), None (read only)
 
     @property
     def quantized(self) -> bool:
@@ -32,18 +34,31 @@ class GGUFType:
     def row_bytes(self, row_elements: int) -> int:
         """Bytes of one row of ``row_elements`` values; raises ValueError unless it is whole blocks."""
         if row_elements % self.block_size:
-            raise ValueError(f"a row of {row_elements} values is not a whole number of {self.name} blocks "
-                             f"({self.block_size} values each)")
+            raise ValueError(
+                f"a row of {row_elements} values is not a whole number of {self.name} blocks "
+                f"({self.block_size} values each)"
+            )
         return row_elements // self.block_size * self.type_size
 
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 FLOAT_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _ENCODERS = {
-    "F32": "gguf", "F16": "gguf", "BF16": "gguf",
-    "Q8_0": "gguf", "Q4_0": "gguf", "Q4_1": "gguf", "Q5_0": "gguf", "Q5_1": "gguf",
-    "Q2_K": "kquant", "Q3_K": "kquant", "Q4_K": "kquant", "Q5_K": "kquant", "Q6_K": "kquant",
-    "IQ4_NL": None, "IQ4_XS": None,
+    "F32": "gguf",
+    "F16": "gguf",
+    "BF16": "gguf",
+    "Q8_0": "gguf",
+    "Q4_0": "gguf",
+    "Q4_1": "gguf",
+    "Q5_0": "gguf",
+    "Q5_1": "gguf",
+    "Q2_K": "kquant",
+    "Q3_K": "kquant",
+    "Q4_K": "kquant",
+    "Q5_K": "kquant",
+    "Q6_K": "kquant",
+    "IQ4_NL": None,
+    "IQ4_XS": None,
 }
 
 TYPES: dict[str, GGUFType] = {

@@ -47,7 +47,9 @@ def _as_float32(value: torch.Tensor | GGUFTensor) -> torch.Tensor:
     return value.to(torch.float32)
 
 
-def encode_tensor(value: torch.Tensor | GGUFTensor, plan: TensorPlan, device: torch.device | None = None) -> np.ndarray:
+def encode_tensor(
+    value: torch.Tensor | GGUFTensor, plan: TensorPlan, device: torch.device | None = None
+) -> np.ndarray:
     """Encode one tensor per its plan -> the numpy array GGUFWriter stores (float values or uint8 blocks).
 
     A GGUF source already in the planned type is passed through byte for byte (no re-quantization).
@@ -72,7 +74,9 @@ def encode_tensor(value: torch.Tensor | GGUFTensor, plan: TensorPlan, device: to
 
 def _file_type(preset: str) -> int | None:
     name = {"Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S", "Q3_K": "Q3_K_S"}.get(preset, preset)
-    member = getattr(gguf.LlamaFileType, f"MOSTLY_{name}", None) or getattr(gguf.LlamaFileType, f"ALL_{name}", None)
+    member = getattr(gguf.LlamaFileType, f"MOSTLY_{name}", None) or getattr(
+        gguf.LlamaFileType, f"ALL_{name}", None
+    )
     return None if member is None else int(member)
 
 
@@ -81,10 +85,15 @@ def plan_state_dict(sources: Mapping[str, SourceTensor], preset: str) -> list[Te
     return [plan_tensor(key, src.shape, src.dtype, preset, src.layer_weight) for key, src in sources.items()]
 
 
-def write_gguf(path: str | os.PathLike, sources: Mapping[str, SourceTensor], preset: str,
-               architecture: str | None = None, metadata: Mapping[str, str] | None = None,
-               progress: Callable[[int, int], None] | None = None,
-               device: torch.device | None = None) -> list[TensorPlan]:
+def write_gguf(
+    path: str | os.PathLike,
+    sources: Mapping[str, SourceTensor],
+    preset: str,
+    architecture: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    device: torch.device | None = None,
+) -> list[TensorPlan]:
     """Write ``sources`` (state-dict keys without prefix) as a GGUF file with ``preset`` types.
 
     ``architecture`` defaults to the one detected from the keys; ``metadata`` adds string key/values;
@@ -116,12 +125,18 @@ def write_gguf(path: str | os.PathLike, sources: Mapping[str, SourceTensor], pre
         if qtype.quantized or qtype.name == "BF16":
             rows_shape = plan.stored_shape or tuple(plan.shape)
             byte_shape = (*rows_shape[:-1], qtype.row_bytes(rows_shape[-1]))
-            writer.add_tensor_info(plan.key, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
-                                   raw_dtype=qtype.ggml_type)
+            writer.add_tensor_info(
+                plan.key, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype.ggml_type
+            )
         else:
             np_dtype = np.dtype(np.float32 if qtype.name == "F32" else np.float16)
-            writer.add_tensor_info(plan.key, tuple(plan.shape), np_dtype, plan.shape.numel() * np_dtype.itemsize,
-                                   raw_dtype=qtype.ggml_type)
+            writer.add_tensor_info(
+                plan.key,
+                tuple(plan.shape),
+                np_dtype,
+                plan.shape.numel() * np_dtype.itemsize,
+                raw_dtype=qtype.ggml_type,
+            )
 
     with atomic_path(path) as tmp:
         writer.write_header_to_file(path=tmp)
@@ -150,14 +165,23 @@ def safetensors_sources(path: str | os.PathLike) -> dict[str, SourceTensor]:
     with safetensors.safe_open(path, framework="pt") as handle:
         keys = list(handle.keys())
         has_prefix = any(k.startswith(DIFFUSION_MODEL_PREFIX) for k in keys)
-        shapes = {k: (torch.Size(handle.get_slice(k).get_shape()), handle.get_slice(k).get_dtype()) for k in keys}
-    dtype_names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-                   "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+        shapes = {
+            k: (torch.Size(handle.get_slice(k).get_shape()), handle.get_slice(k).get_dtype()) for k in keys
+        }
+    dtype_names = {
+        "BF16": torch.bfloat16,
+        "F16": torch.float16,
+        "F32": torch.float32,
+        "F64": torch.float64,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+    }
 
     def loader(key: str) -> Callable[[], torch.Tensor]:
         def load() -> torch.Tensor:
             with safetensors.safe_open(path, framework="pt") as handle:
                 return handle.get_tensor(key)
+
         return load
 
     sources: dict[str, SourceTensor] = {}
@@ -166,10 +190,13 @@ def safetensors_sources(path: str | os.PathLike) -> dict[str, SourceTensor]:
             continue
         shape, dtype_name = shapes[key]
         if dtype_name not in dtype_names:
-            raise ValueError(f"{path}: tensor {key!r} has dtype {dtype_name}; only float tensors can be written")
-        name = key[len(DIFFUSION_MODEL_PREFIX):] if has_prefix else key
-        sources[name] = SourceTensor(shape, dtype_names[dtype_name], key.endswith(".weight") and len(shape) >= 2,
-                                     loader(key))
+            raise ValueError(
+                f"{path}: tensor {key!r} has dtype {dtype_name}; only float tensors can be written"
+            )
+        name = key[len(DIFFUSION_MODEL_PREFIX) :] if has_prefix else key
+        sources[name] = SourceTensor(
+            shape, dtype_names[dtype_name], key.endswith(".weight") and len(shape) >= 2, loader(key)
+        )
     return sources
 
 
@@ -177,7 +204,11 @@ def gguf_file_sources(path: str | os.PathLike) -> dict[str, SourceTensor]:
     """Sources for re-encoding an existing GGUF file (tensors already in the target type are copied)."""
     model_file = read_gguf(path)
     return {
-        key: SourceTensor(t.shape, None if t.qtype.quantized else t.data.dtype,
-                          key.endswith(".weight") and len(t.shape) >= 2, lambda t=t: t)
+        key: SourceTensor(
+            t.shape,
+            None if t.qtype.quantized else t.data.dtype,
+            key.endswith(".weight") and len(t.shape) >= 2,
+            lambda t=t: t,
+        )
         for key, t in model_file.tensors.items()
     }

@@ -118,6 +118,12 @@ def validate_int8_state_dict(state_dict: dict[str, torch.Tensor], recipe: dict[s
                 f"{where}: {layer}.smooth must be fp32 [{weight.shape[1]}], got "
                 f"{smooth.dtype} {tuple(smooth.shape)}"
             )
+    smoothed = (recipe.get("smoothquant") or {}).get("smoothed_layers", [])
+    for layer in smoothed:
+        if f"{layer}.smooth" not in state_dict:
+            raise CheckpointError(
+                f"{where}: the recipe says layer {layer!r} is smoothed but its smooth vector is missing"
+            )
     quantized = set(recipe["quantized_layers"])
     for key, tensor in state_dict.items():
         if tensor.dtype == torch.int8 and key.rsplit(".", 1)[0] not in quantized:

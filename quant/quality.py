@@ -321,30 +321,40 @@ def evaluate_quality(
     return QualityReport(metrics, labels, results, n_boot, seed)
 
 
-def clip_scores(images: torch.Tensor, captions: Sequence[str], model_path: str) -> np.ndarray:
-    """CLIP score per image: 100 · max(cos(image embedding, caption embedding), 0) → float64 [S].
+def clip_scores(
+    images: Mapping[str, torch.Tensor], captions: Sequence[str], model_path: str
+) -> dict[str, np.ndarray]:
+    """CLIP score per image: 100 · max(cos(image embedding, caption embedding), 0) → float64 [S] per set.
 
-    images: [S, H, W, C] in [0, 1]; model_path: a local Hugging Face CLIP folder (model + processor
-    files; nothing is downloaded). Needs the ``transformers`` package.
+    images: {name: [S, H, W, C] in [0, 1]}, image i of every set captioned by captions[i]; model_path: a
+    local Hugging Face CLIP folder (model + processor files; nothing is downloaded). Needs ``transformers``.
     """
     import os
 
     if not os.path.isdir(model_path):
         raise FileNotFoundError(f"CLIP model folder {model_path!r} does not exist")
-    if len(captions) != images.shape[0]:
-        raise ValueError(f"{len(captions)} captions for {images.shape[0]} images")
+    for name, batch in images.items():
+        if len(captions) != batch.shape[0]:
+            raise ValueError(f"{len(captions)} captions for {batch.shape[0]} images of {name}")
     try:
         from transformers import CLIPModel, CLIPProcessor
     except ImportError as e:
         raise RuntimeError("CLIP scores need the 'transformers' package") from e
     model = CLIPModel.from_pretrained(model_path, local_files_only=True).eval()
     processor = CLIPProcessor.from_pretrained(model_path, local_files_only=True)
-    pixels = [(image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy() for image in images]
-    inputs = processor(text=list(captions), images=pixels, return_tensors="pt", padding=True, truncation=True)
+    text = processor(text=list(captions), return_tensors="pt", padding=True, truncation=True)
+    scores = {}
     with torch.no_grad():
-        image_embeds = model.get_image_features(pixel_values=inputs["pixel_values"])
         text_embeds = model.get_text_features(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            input_ids=text["input_ids"], attention_mask=text["attention_mask"]
         )
-    cosine = torch.nn.functional.cosine_similarity(image_embeds.double(), text_embeds.double(), dim=-1)
-    return (100 * cosine.clamp(min=0)).numpy()
+        for name, batch in images.items():
+            pixels = [(image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy() for image in batch]
+            image_embeds = model.get_image_features(
+                pixel_values=processor(images=pixels, return_tensors="pt")["pixel_values"]
+            )
+            cosine = torch.nn.functional.cosine_similarity(
+                image_embeds.double(), text_embeds.double(), dim=-1
+            )
+            scores[name] = (100 * cosine.clamp(min=0)).numpy()
+    return scores

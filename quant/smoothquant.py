@@ -399,6 +399,7 @@ def plan_smoothquant(
     alpha: float = DEFAULT_ALPHA,
     search: bool = False,
     fold: bool = False,
+    smooth_unfoldable: bool = True,
     alphas: Sequence[float] = ALPHA_GRID,
     device: torch.device | str = "cpu",
     progress: Callable[[int, int], None] | None = None,
@@ -409,13 +410,16 @@ def plan_smoothquant(
     param_shapes: every parameter's shape (to find fold sites). alpha: the fixed α, or the default the
     search prefers on ties when ``search`` is on (grid ``alphas``, proxy inputs from ``proxy_inputs``).
     fold: fold s into the preceding modulation/norm where ``find_fold_sites`` allows it (only sites with
-    a quantized target); other layers keep s in their Int8Linear. device: where the α search runs.
+    a quantized target); other layers keep s in their Int8Linear, or, with ``smooth_unfoldable`` off, are
+    not smoothed at all (the model then needs no smoothing vector: exportable to ComfyUI's INT8 layout).
+    device: where the α search runs.
     """
     plan = SmoothQuantPlan()
     to_quantize = set(quantized)
     sites = [s for s in find_fold_sites(param_shapes) if to_quantize & set(s.targets)] if fold else []
     folded_targets = {t for s in sites for t in s.targets}
-    units: list[tuple[str, ...] | FoldSite] = [*sites, *((n,) for n in quantized if n not in folded_targets)]
+    unfolded = [(n,) for n in quantized if n not in folded_targets] if smooth_unfoldable else []
+    units: list[tuple[str, ...] | FoldSite] = [*sites, *unfolded]
 
     def plan_unit(unit: tuple[str, ...] | FoldSite) -> None:
         layers = unit.targets if isinstance(unit, FoldSite) else unit
@@ -423,8 +427,14 @@ def plan_smoothquant(
         if not seen:
             plan.unseen.extend(layer for layer in layers if layer in to_quantize)
             return
-        act_absmax = torch.stack([stats.absmax[layer].float().cpu() for layer in seen]).amax(dim=0)
         weights = [tensor_of(f"{layer}.weight") for layer in layers]
+        for layer in seen:
+            if stats.absmax[layer].shape[0] != weights[0].shape[1]:
+                raise ValueError(
+                    f"layer {layer}: the calibration saw {stats.absmax[layer].shape[0]} input channels, "
+                    f"the model's weight has {weights[0].shape[1]} (recorded on another model?)"
+                )
+        act_absmax = torch.stack([stats.absmax[layer].float().cpu() for layer in seen]).amax(dim=0)
         if search:
             x = proxy_inputs(stats, seen[0]).to(device)
             result = search_alpha([w.to(device) for w in weights], act_absmax, x, alphas, default=alpha)

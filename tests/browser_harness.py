@@ -84,9 +84,10 @@ class ComfyServer:
             raise RuntimeError(f"GET {path}: HTTP {status}: {payload}")
         return payload
 
-    def queue_prompt(self, prompt: dict) -> str:
-        """POSTs an API-format graph to /prompt; returns its prompt id. Raises with the node errors on HTTP 400."""
-        status, payload = self.request("/prompt", {"prompt": prompt, "client_id": self.client_id})
+    def queue_prompt(self, prompt: dict, client_id: str | None = None) -> str:
+        """POSTs an API-format graph to /prompt for ``client_id`` (default: this harness's own id); returns
+        its prompt id. Raises with the node errors when the server rejects the graph (HTTP 400)."""
+        status, payload = self.request("/prompt", {"prompt": prompt, "client_id": client_id or self.client_id})
         if status != 200:
             raise RuntimeError(f"POST /prompt rejected the graph (HTTP {status}): {json.dumps(payload)[:3000]}")
         return payload["prompt_id"]
@@ -117,20 +118,20 @@ class ComfyServer:
                 self.process.wait(timeout=15)
 
 
-def prepare_base_dir(base_dir: pathlib.Path, extra_custom_nodes: dict[str, str] | None = None) -> pathlib.Path:
-    """Creates a ComfyUI base directory with the pack symlinked into custom_nodes and, for each
-    ``{folder: init_source}`` in ``extra_custom_nodes``, a custom node folder with that ``__init__.py``."""
+def prepare_base_dir(base_dir: pathlib.Path, extra_custom_nodes: dict[str, str] | None = None,
+                     link_pack: bool = True) -> pathlib.Path:
+    """Creates a ComfyUI base directory: model/input/output folders, the pack symlinked into custom_nodes
+    (unless ``link_pack`` is false) and, for each ``{folder: init_source}`` of ``extra_custom_nodes``, a
+    custom node folder with that ``__init__.py``."""
     for sub in ("models/diffusion_models", "models/vae", "models/text_encoders", "models/loras",
-                "input", "output", "temp", "user"):
+                "custom_nodes", "input", "output", "temp", "user"):
         (base_dir / sub).mkdir(parents=True, exist_ok=True)
-    custom_nodes = base_dir / "custom_nodes"
-    custom_nodes.mkdir(exist_ok=True)
-    link = custom_nodes / PACK_FOLDER_NAME
-    if not link.exists():
+    link = base_dir / "custom_nodes" / PACK_FOLDER_NAME
+    if link_pack and not link.exists():
         link.symlink_to(REPO_ROOT, target_is_directory=True)
     for folder, init_source in (extra_custom_nodes or {}).items():
-        (custom_nodes / folder).mkdir(exist_ok=True)
-        (custom_nodes / folder / "__init__.py").write_text(init_source)
+        (base_dir / "custom_nodes" / folder).mkdir(exist_ok=True)
+        (base_dir / "custom_nodes" / folder / "__init__.py").write_text(init_source)
     return base_dir
 
 
@@ -174,6 +175,15 @@ FIRST_LOAD_NOISE = ("TypeError: Cannot read properties of undefined (reading 'id
                     "Error loading core workflow templates")
 
 
+# Server messages the page receives over its websocket for prompts queued with its client id.
+RECORDED_EVENTS = ("progress", "execution_error", "execution_success")
+RECORD_EVENTS_JS = """(types) => {
+    window.__ditQuantEvents = [];
+    for (const type of types)
+        app.api.addEventListener(type, (event) => window.__ditQuantEvents.push({type, ...event.detail}));
+}"""
+
+
 class ComfyPage:
     """The ComfyUI web app in a headless Chromium page; records page errors, console errors and failed
     HTTP requests. ``startup_errors`` are those of opening the app, beyond the known noise."""
@@ -194,6 +204,7 @@ class ComfyPage:
         self.page.on("response", self._record_http_error)
         self.page.goto(server.url + "/")
         self.page.wait_for_function(PAGE_READY_JS, timeout=90_000)
+        self.evaluate(RECORD_EVENTS_JS, list(RECORDED_EVENTS))
         self.startup_errors = [e for e in self.unexpected_errors() if not e.startswith(FIRST_LOAD_NOISE)]
         self.clear_errors()
 
@@ -240,6 +251,22 @@ class ComfyPage:
             if (!node) throw new Error(`cannot create node ${type}`);
             return Object.fromEntries((node.widgets || []).map(w => [w.name, w.value]));
         }""", node_type)
+
+    @property
+    def client_id(self) -> str:
+        """The page's websocket client id: prompts queued with it report progress and errors to this page."""
+        return self.evaluate("() => app.api.clientId")
+
+    def events(self, prompt_id: str) -> list[dict]:
+        """Recorded server messages (``RECORDED_EVENTS``) about ``prompt_id``: {"type", **message data}."""
+        return self.evaluate("(id) => window.__ditQuantEvents.filter(e => e.prompt_id === id)", prompt_id)
+
+    def wait_for_end(self, prompt_id: str, timeout_s: float = 60.0) -> dict:
+        """Waits until the page heard that ``prompt_id`` succeeded or failed; returns that message."""
+        self.page.wait_for_function("""(id) => window.__ditQuantEvents.some(e => e.prompt_id === id &&
+            (e.type === 'execution_success' || e.type === 'execution_error'))""", arg=prompt_id,
+                                    timeout=timeout_s * 1000)
+        return [e for e in self.events(prompt_id) if e["type"] != "progress"][-1]
 
     def graph_to_prompt(self) -> dict:
         """The API-format prompt the Queue button would send (``app.graphToPrompt().output``)."""

@@ -35,8 +35,13 @@ class FakeTextEncoderNode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"tokens": ("INT", {"default": 8}), "context_dim": ("INT", {"default": 64}),
-                             "pooled_dim": ("INT", {"default": 32})}}
+        return {
+            "required": {
+                "tokens": ("INT", {"default": 8}),
+                "context_dim": ("INT", {"default": 64}),
+                "pooled_dim": ("INT", {"default": 32}),
+            }
+        }
 
     def make(self, tokens: int, context_dim: int, pooled_dim: int):
         return (FakeTextEncoder(tokens, context_dim, pooled_dim),)
@@ -72,11 +77,19 @@ def register(comfy) -> None:
 
 
 def text_encoder_node(spec: TinyModelSpec) -> dict:
-    return {"class_type": "DiTQuantTestTextEncoder",
-            "inputs": {"tokens": spec.context_tokens, "context_dim": spec.context_dim, "pooled_dim": spec.pooled_dim}}
+    return {
+        "class_type": "DiTQuantTestTextEncoder",
+        "inputs": {
+            "tokens": spec.context_tokens,
+            "context_dim": spec.context_dim,
+            "pooled_dim": spec.pooled_dim,
+        },
+    }
 
 
-def inject_outliers(state_dict: dict[str, torch.Tensor], hidden: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def inject_outliers(
+    state_dict: dict[str, torch.Tensor], hidden: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Gives the inputs of qkv, fc1, attn.proj and fc2 of every block a few channels 10–50× larger than
     the rest, as real DiT activations have (random weights have none), and divides the matching weight
     columns by the same factors so that the float model computes (nearly) what it did:
@@ -94,8 +107,13 @@ def inject_outliers(state_dict: dict[str, torch.Tensor], hidden: int, seed: int 
         channels = torch.randperm(count, generator=g)[:3]
         return channels, 10 + 40 * torch.rand(3, generator=g)
 
-    blocks = sorted({k.rsplit(".adaLN_modulation", 1)[0] for k in sd if ".adaLN_modulation.1.weight" in k
-                     and k.startswith("joint_blocks.")})
+    blocks = sorted(
+        {
+            k.rsplit(".adaLN_modulation", 1)[0]
+            for k in sd
+            if ".adaLN_modulation.1.weight" in k and k.startswith("joint_blocks.")
+        }
+    )
     for block in blocks:
         mod_w, mod_b = sd[f"{block}.adaLN_modulation.1.weight"], sd[f"{block}.adaLN_modulation.1.bias"]
         chunks = mod_w.shape[0] // hidden

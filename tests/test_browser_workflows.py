@@ -34,7 +34,7 @@ EXAMPLES_DIR = REPO_ROOT / "example_workflows"
 WORKFLOW_NAMES = sorted(path.stem for path in EXAMPLES_DIR.glob("*.json"))
 ARTIFACTS_DIR = REPO_ROOT / "test-artifacts" / "workflows"
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
-SPEC = TinyModelSpec()
+SPEC = TinyModelSpec(depth=4)  # hidden 256: rows fit the 256-wide blocks of GGUF K-quants
 
 # Node types the frontend itself provides (no server class): notes, reroutes, primitives.
 FRONTEND_NODE_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -47,9 +47,14 @@ MODEL_STAND_INS = {
     "flux1-dev.safetensors": "tiny_sd3.safetensors",
     "flux1-dev-int8.safetensors": "tiny_sd3_int8.safetensors",
     "flux1-dev-int8-sq.safetensors": "tiny_sd3_int8.safetensors",
+    "flux1-dev-Q4_K_S.gguf": "tiny_sd3_Q4_K_M.gguf",
     "ae.safetensors": "tiny_taesd.safetensors",
 }
 TEXT_ENCODER_LOADERS = {"CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "QuadrupleCLIPLoader"}
+# Nodes whose work takes minutes on real models: they must move ComfyUI's progress bar.
+LONG_RUNNING = {"QuantizeModelInt8", "SmoothQuantCalibrate", "QuantizationSensitivity", "ApplySmoothQuant",
+                "QualityEvaluation", "SaveModelGGUF"}
+SAVE_MODEL_NODES = {"SaveInt8Model", "SaveCalibration", "SaveModelGGUF"}
 TINY_SETTINGS = {"width": 64, "height": 64, "steps": 2, "num_prompts": 2, "seeds_per_prompt": 1}
 
 TEST_NODES_INIT = f'''"""Test-only nodes for the browser test's ComfyUI server (see tests/test_browser_workflows.py)."""
@@ -75,22 +80,26 @@ def save_tiny_taesd(path: pathlib.Path, latent_channels: int, seed: int = 0) -> 
 
 @pytest.fixture(scope="module")
 def server_base(comfy, tmp_path_factory) -> pathlib.Path:
-    """The server's base directory: the pack, the test-node folder and the tiny stand-in models."""
+    """The server's base directory: the pack, the test-node folder and the tiny stand-in models. The INT8 and
+    GGUF stand-ins are written by the pack's own save nodes, run in the in-process ComfyUI."""
     base = prepare_base_dir(tmp_path_factory.mktemp("comfy_server"), {"dit_quant_test_nodes": TEST_NODES_INIT})
-    models = base / "models"
-    save_tiny_model(comfy.diffusion_models_dir / "browser_tiny_sd3.safetensors", SPEC, seed=3)
+    made = comfy.diffusion_models_dir
+    save_tiny_model(made / "browser_tiny_sd3.safetensors", SPEC, seed=3)
+    load = {"class_type": "UNETLoader",
+            "inputs": {"unet_name": "browser_tiny_sd3.safetensors", "weight_dtype": "default"}}
     comfy.run({
-        "load": {"class_type": "UNETLoader",
-                 "inputs": {"unet_name": "browser_tiny_sd3.safetensors", "weight_dtype": "default"}},
+        "load": load,
         "quant": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
-        "save": {"class_type": "SaveInt8Model",
+        "int8": {"class_type": "SaveInt8Model",
                  "inputs": {"model": ["quant", 0], "filename": "browser_tiny_sd3_int8", "overwrite": True}},
+        "gguf": {"class_type": "SaveModelGGUF", "inputs": {"model": ["load", 0], "filename": "browser_tiny_sd3",
+                                                            "preset": "Q4_K_M", "overwrite": True}},
     })
-    shutil.copy(comfy.diffusion_models_dir / "browser_tiny_sd3.safetensors",
-                models / "diffusion_models" / "tiny_sd3.safetensors")
-    shutil.copy(comfy.diffusion_models_dir / "browser_tiny_sd3_int8.safetensors",
-                models / "diffusion_models" / "tiny_sd3_int8.safetensors")
-    save_tiny_taesd(models / "vae" / "tiny_taesd.safetensors", SPEC.in_channels)
+    for made_name, stand_in in (("browser_tiny_sd3.safetensors", "tiny_sd3.safetensors"),
+                                ("browser_tiny_sd3_int8.safetensors", "tiny_sd3_int8.safetensors"),
+                                ("browser_tiny_sd3.gguf", "tiny_sd3_Q4_K_M.gguf")):
+        shutil.copy(made / made_name, base / "models" / "diffusion_models" / stand_in)
+    save_tiny_taesd(base / "models" / "vae" / "tiny_taesd.safetensors", SPEC.in_channels)
     return base
 
 
@@ -158,7 +167,8 @@ def declared_default(kind, options: dict):
 def test_server_lists_the_example_workflows(server):
     templates = server.get_json("/workflow_templates")
     assert sorted(templates.get(PACK_FOLDER_NAME, [])) == WORKFLOW_NAMES
-    assert {"int8_load_and_sample", "int8_quantize_and_save"} <= set(WORKFLOW_NAMES)
+    assert set(WORKFLOW_NAMES) >= {"int8_load_and_sample", "int8_quantize_and_save", "smoothquant_calibrate_and_save",
+                                   "gguf_load_and_sample", "gguf_convert", "evaluate_quantized_vs_reference"}
 
 
 def test_page_opens_with_only_known_first_load_noise(page, pack_nodes):
@@ -246,19 +256,47 @@ def tiny_prompt(prompt: dict, object_info: dict) -> dict:
 def test_workflow_runs_on_tiny_models(page, server, object_info, name):
     page.load_template(PACK_FOLDER_NAME, name)
     prompt = tiny_prompt(page.graph_to_prompt(), object_info)
-    entry = server.wait_for_prompt(server.queue_prompt(prompt), timeout=300)
+    prompt_id = server.queue_prompt(prompt, client_id=page.client_id)
+    entry = server.wait_for_prompt(prompt_id, timeout=300)
+    assert page.wait_for_end(prompt_id)["type"] == "execution_success"
 
     outputs = entry["outputs"]
     output_nodes = [node_id for node_id, node in prompt.items() if object_info[node["class_type"]]["output_node"]]
     assert output_nodes and all(node_id in outputs for node_id in output_nodes), "every output node reported"
+    progress = {(e["node"], e["max"]) for e in page.events(prompt_id) if e["type"] == "progress"}
     for node_id, node in prompt.items():
         shown = outputs.get(node_id, {})
+        if node["class_type"] in LONG_RUNNING:
+            assert any(node == node_id and total > 0 for node, total in progress), f"{node_id}: no progress bar"
         if node["class_type"] == "SaveImage":
             image = shown["images"][0]
             assert (server.base_dir / "output" / image["subfolder"] / image["filename"]).stat().st_size > 0
-        elif node["class_type"] in ("SaveInt8Model", "SaveCalibration"):
+        elif node["class_type"] in SAVE_MODEL_NODES:
             saved = pathlib.Path(shown["text"][0])
             assert saved.is_relative_to(server.base_dir / "models") and saved.stat().st_size > 0
             assert saved.stem == node["inputs"]["filename"]
         elif node["class_type"] == "PreviewAny":
             assert shown["text"][0].strip(), f"{name}: empty preview of node {node_id}"
+
+
+def test_long_running_nodes_exist(pack_nodes):
+    assert LONG_RUNNING <= set(pack_nodes)
+
+
+def test_node_error_reaches_the_ui_as_one_readable_message(page, server):
+    """A user mistake (saving a model that was never quantized) shows the node's one-sentence message in
+    ComfyUI's error dialog, not a bare traceback."""
+    prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd3.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "SaveInt8Model", "inputs": {"model": ["1", 0], "filename": "never", "overwrite": False}},
+    }
+    end = page.wait_for_end(server.queue_prompt(prompt, client_id=page.client_id))
+    assert end["type"] == "execution_error" and end["node_type"] == "SaveInt8Model"
+    assert end["exception_type"] == "ValueError"
+    message = end["exception_message"].strip()
+    assert message.startswith("This model has no INT8 layers") and "\n" not in message and len(message) < 300
+    dialog_text = page.page.get_by_text(message, exact=False).first
+    dialog_text.wait_for(state="visible", timeout=10_000)
+    page.screenshot(ARTIFACTS_DIR / "error_dialog.png")
+    page.page.keyboard.press("Escape")
+    assert not (server.base_dir / "models" / "diffusion_models" / "never.safetensors").exists()

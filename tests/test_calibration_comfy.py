@@ -29,12 +29,29 @@ def calibrate_graph(unet_name: str, filename: str) -> dict:
     return {
         "load": {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}},
         "clip": text_encoder_node(SPEC),
-        "calib": {"class_type": "SmoothQuantCalibrate", "inputs": {
-            "model": ["load", 0], "clip": ["clip", 0], "prompts": "\n".join(PROMPTS), "negative_prompt": "blurry",
-            "num_prompts": 4, "width": 64, "height": 64, "steps": STEPS, "cfg": CFG, "sampler_name": "euler",
-            "scheduler": "simple", "seed": SEED, "timestep_buckets": BUCKETS, "reservoir_rows": 8}},
-        "save": {"class_type": "SaveCalibration",
-                 "inputs": {"calibration": ["calib", 0], "filename": filename, "overwrite": True}},
+        "calib": {
+            "class_type": "SmoothQuantCalibrate",
+            "inputs": {
+                "model": ["load", 0],
+                "clip": ["clip", 0],
+                "prompts": "\n".join(PROMPTS),
+                "negative_prompt": "blurry",
+                "num_prompts": 4,
+                "width": 64,
+                "height": 64,
+                "steps": STEPS,
+                "cfg": CFG,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "seed": SEED,
+                "timestep_buckets": BUCKETS,
+                "reservoir_rows": 8,
+            },
+        },
+        "save": {
+            "class_type": "SaveCalibration",
+            "inputs": {"calibration": ["calib", 0], "filename": filename, "overwrite": True},
+        },
     }
 
 
@@ -58,19 +75,36 @@ def direct_statistics(path) -> tuple[dict, dict, dict]:
             key = (name, bucket)
             per_bucket[key] = amax if key not in per_bucket else torch.maximum(per_bucket[key], amax)
             rows[name] = rows.get(name, 0) + x.shape[0]
+
         return hook
 
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in diffusion_model.named_modules()
-               if isinstance(m, torch.nn.Linear)]
-    count_calls = diffusion_model.register_forward_hook(lambda *a: state.__setitem__("call", state["call"] + 1))
+    handles = [
+        m.register_forward_pre_hook(hook_for(n))
+        for n, m in diffusion_model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    count_calls = diffusion_model.register_forward_hook(
+        lambda *a: state.__setitem__("call", state["call"] + 1)
+    )
     encoder = FakeTextEncoder(SPEC.context_tokens, SPEC.context_dim, SPEC.pooled_dim)
     negative = encoder.encode_from_tokens_scheduled("blurry")
     latent = torch.zeros(1, 16, 8, 8)
     for i, prompt in enumerate(PROMPTS):
         state["call"] = 0
         noise = comfy.sample.prepare_noise(latent, SEED + i)
-        comfy.sample.sample(model, noise, STEPS, CFG, "euler", "simple", encoder.encode_from_tokens_scheduled(prompt),
-                            negative, latent, disable_pbar=True, seed=SEED + i)
+        comfy.sample.sample(
+            model,
+            noise,
+            STEPS,
+            CFG,
+            "euler",
+            "simple",
+            encoder.encode_from_tokens_scheduled(prompt),
+            negative,
+            latent,
+            disable_pbar=True,
+            seed=SEED + i,
+        )
         assert state["call"] == STEPS
     for h in handles + [count_calls]:
         h.remove()
@@ -106,8 +140,14 @@ def test_load_calibration_node_and_summary(setup):
 
 def test_calibration_nodes_describe_their_inputs(setup):
     comfy = setup[0]
-    for name in ("SmoothQuantCalibrate", "SaveCalibration", "LoadCalibration", "QuantizationSensitivity",
-                 "ApplySmoothQuant", "QualityEvaluation"):
+    for name in (
+        "SmoothQuantCalibrate",
+        "SaveCalibration",
+        "LoadCalibration",
+        "QuantizationSensitivity",
+        "ApplySmoothQuant",
+        "QualityEvaluation",
+    ):
         assert name in comfy.modules["loaded_node_classes"], name
         cls = comfy.nodes.NODE_CLASS_MAPPINGS[name]
         assert cls.CATEGORY.startswith("DiT Quant/") and cls.DESCRIPTION and cls.DISPLAY_NAME
@@ -115,3 +155,103 @@ def test_calibration_nodes_describe_their_inputs(setup):
         for group in ("required", "optional"):
             for input_name, entry in spec.get(group, {}).items():
                 assert "tooltip" in entry[1], (name, input_name)
+
+
+def test_calibration_is_cancellable_and_leaves_no_hooks(setup):
+    import comfy.model_management as mm
+    import comfy.sd
+
+    harness, path, _ = setup
+    model = comfy.sd.load_diffusion_model(str(path))
+    encoder = FakeTextEncoder(SPEC.context_tokens, SPEC.context_dim, SPEC.pooled_dim)
+    mm.interrupt_current_processing(True)  # what ComfyUI's Cancel button does
+    with pytest.raises(mm.InterruptProcessingException):
+        harness.run_node(
+            "SmoothQuantCalibrate",
+            model=model,
+            clip=encoder,
+            prompts="\n".join(PROMPTS),
+            negative_prompt="",
+            num_prompts=4,
+            width=64,
+            height=64,
+            steps=STEPS,
+            cfg=CFG,
+            sampler_name="euler",
+            scheduler="simple",
+            seed=0,
+            timestep_buckets=0,
+            reservoir_rows=0,
+        )
+    assert not mm.processing_interrupted()
+    assert not any(m._forward_pre_hooks for m in model.model.diffusion_model.modules())
+
+
+def test_calibrate_and_apply_on_a_video_model(setup):
+    """Wan 2.1 (video latents, no pooled conditioning): the same nodes work; FFN down-projections are
+    protected by the default preset and every other block layer carries a smoothing vector."""
+    comfy, _, folder = setup
+    spec = TinyModelSpec(family="wan", depth=1)
+    path = comfy.diffusion_models_dir / "tiny_wan_calib.safetensors"
+    if not path.exists():
+        save_tiny_model(path, spec, seed=4)
+    comfy.run(
+        {
+            "load": {
+                "class_type": "UNETLoader",
+                "inputs": {"unet_name": path.name, "weight_dtype": "default"},
+            },
+            "clip": text_encoder_node(spec),
+            "calib": {
+                "class_type": "SmoothQuantCalibrate",
+                "inputs": {
+                    "model": ["load", 0],
+                    "clip": ["clip", 0],
+                    "prompts": PROMPTS[0],
+                    "negative_prompt": "",
+                    "num_prompts": 1,
+                    "width": 32,
+                    "height": 32,
+                    "steps": 2,
+                    "cfg": 3.0,
+                    "sampler_name": "euler",
+                    "scheduler": "simple",
+                    "seed": 0,
+                    "timestep_buckets": 2,
+                    "reservoir_rows": 4,
+                },
+            },
+            "smooth": {
+                "class_type": "ApplySmoothQuant",
+                "inputs": {
+                    "model": ["load", 0],
+                    "calibration": ["calib", 0],
+                    "protection": "ffn_down",
+                    "alpha": 0.5,
+                    "alpha_search": True,
+                    "fold_smoothing": "where exact",
+                    "extra_protected_layers": "",
+                },
+            },
+            "write": {
+                "class_type": "SaveInt8Model",
+                "inputs": {"model": ["smooth", 0], "filename": "tiny_wan_sq", "overwrite": True},
+            },
+        }
+    )
+    state_dict, recipe = comfy.module("quant.int8_checkpoint").load_int8_checkpoint(
+        comfy.diffusion_models_dir / "tiny_wan_sq.safetensors"
+    )
+    assert "blocks.0.ffn.2" in recipe["protected_layers"]
+    assert (
+        "blocks.0.ffn.0" in recipe["quantized_layers"]
+        and "blocks.0.self_attn.q" in recipe["quantized_layers"]
+    )
+    assert recipe["calibration"]["settings"]["latent_shape"] == [1, 16, 1, 4, 4]
+    assert set(recipe["smoothquant"]["layer_alpha"]) == set(recipe["quantized_layers"])
+    # cross_attn.q folds into norm3 when that norm is affine; everything else keeps a vector (or none won)
+    smoothed = set(recipe["smoothquant"]["smoothed_layers"])
+    unsmoothed = {k for k, v in recipe["smoothquant"]["layer_alpha"].items() if v is None}
+    folded = {t for site in recipe["smoothquant"]["folded_sites"] for t in site["targets"]}
+    assert smoothed | unsmoothed | folded == set(recipe["quantized_layers"])
+    assert all(f"{layer}.smooth" in state_dict for layer in smoothed)

@@ -13,7 +13,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-
 from dit_quant.quant.gguf_kquants import KQUANT_TYPE_SIZES, quantize_kquant
 
 f32 = np.float32
@@ -22,6 +21,7 @@ GROUP_MAX_EPS = f32(1e-15)
 
 
 # ----------------------------------------------------------------------------- literal port of the C code
+
 
 def nearest_int(fval):
     val = np.array(f32(fval) + f32(12582912.0), dtype=np.float32)
@@ -226,10 +226,11 @@ def q2_k_ref(x):
     max_scale = max_min = f32(0)
     for j in range(16):
         weights = [abs(x[16 * j + l]) for l in range(16)]
-        sub = L[16 * j:16 * j + 16]
-        scales[j], mins[j] = make_qkx2_quants(16, 3, x[16 * j:16 * j + 16], weights, sub, Laux,
-                                              f32(-0.5), f32(0.1), 15, True)
-        L[16 * j:16 * j + 16] = sub
+        sub = L[16 * j : 16 * j + 16]
+        scales[j], mins[j] = make_qkx2_quants(
+            16, 3, x[16 * j : 16 * j + 16], weights, sub, Laux, f32(-0.5), f32(0.1), 15, True
+        )
+        L[16 * j : 16 * j + 16] = sub
         if scales[j] > max_scale:
             max_scale = scales[j]
         if mins[j] > max_min:
@@ -265,9 +266,9 @@ def q3_k_ref(x):
     scales = [f32(0)] * 16
     max_scale = amax = f32(0)
     for j in range(16):
-        sub = L[16 * j:16 * j + 16]
-        scales[j] = make_q3_quants(16, 4, x[16 * j:16 * j + 16], sub)
-        L[16 * j:16 * j + 16] = sub
+        sub = L[16 * j : 16 * j + 16]
+        scales[j] = make_q3_quants(16, 4, x[16 * j : 16 * j + 16], sub)
+        L[16 * j : 16 * j + 16] = sub
         scale = abs(scales[j])
         if scale > amax:
             amax = scale
@@ -313,15 +314,17 @@ def q45_k_ref(x, nmax, rmin, nstep):
     mins, scales = [f32(0)] * 8, [f32(0)] * 8
     max_scale = max_min = f32(0)
     for j in range(8):
-        sub_x = x[32 * j:32 * j + 32]
+        sub_x = x[32 * j : 32 * j + 32]
         sum_x2 = f32(0)
         for l in range(32):
             sum_x2 = f32(sum_x2 + f32(sub_x[l] * sub_x[l]))
         av_x = f32(np.sqrt(f32(sum_x2 / f32(32))))
         weights = [f32(av_x + abs(sub_x[l])) for l in range(32)]
-        sub = L[32 * j:32 * j + 32]
-        scales[j], mins[j] = make_qkx2_quants(32, nmax, sub_x, weights, sub, Laux, f32(rmin), f32(0.1), nstep, False)
-        L[32 * j:32 * j + 32] = sub
+        sub = L[32 * j : 32 * j + 32]
+        scales[j], mins[j] = make_qkx2_quants(
+            32, nmax, sub_x, weights, sub, Laux, f32(rmin), f32(0.1), nstep, False
+        )
+        L[32 * j : 32 * j + 32] = sub
         if scales[j] > max_scale:
             max_scale = scales[j]
         if mins[j] > max_min:
@@ -378,9 +381,9 @@ def q6_k_ref(x):
     scales = [f32(0)] * 16
     max_scale = max_abs_scale = f32(0)
     for ib in range(16):
-        sub = L[16 * ib:16 * ib + 16]
-        scales[ib] = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], sub, 1)
-        L[16 * ib:16 * ib + 16] = sub
+        sub = L[16 * ib : 16 * ib + 16]
+        scales[ib] = make_qx_quants(16, 32, x[16 * ib : 16 * ib + 16], sub, 1)
+        L[16 * ib : 16 * ib + 16] = sub
         if abs(scales[ib]) > max_abs_scale:
             max_abs_scale = abs(scales[ib])
             max_scale = scales[ib]
@@ -402,8 +405,12 @@ def q6_k_ref(x):
             q1, q2, q3, q4 = (L[j + l + 32 * i] & 0xF for i in range(4))
             ql[64 * h + l] = q1 | (q3 << 4)
             ql[64 * h + l + 32] = q2 | (q4 << 4)
-            qh[32 * h + l] = ((L[j + l] >> 4) | ((L[j + l + 32] >> 4) << 2) | ((L[j + l + 64] >> 4) << 4)
-                              | ((L[j + l + 96] >> 4) << 6))
+            qh[32 * h + l] = (
+                (L[j + l] >> 4)
+                | ((L[j + l + 32] >> 4) << 2)
+                | ((L[j + l + 64] >> 4) << 4)
+                | ((L[j + l + 96] >> 4) << 6)
+            )
     return bytes(ql) + bytes(qh) + bytes(s & 0xFF for s in sc) + struct.pack("<H", d)
 
 
@@ -412,6 +419,7 @@ TYPES = list(LITERAL)
 
 
 # ----------------------------------------------------------------------------- test data
+
 
 def special_blocks(rng: np.random.Generator) -> np.ndarray:
     """Blocks that reach the corner cases of the C code: zero/flat sub-blocks, all-positive data, one
@@ -433,6 +441,7 @@ def gaussian_blocks(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- tests
+
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_vectorized_encoder_matches_literal_port_bytewise(qtype: str):
@@ -459,8 +468,13 @@ def test_rmse_on_gaussian_within_2_percent_of_reference(qtype: str):
 
 
 # Bits per weight vs RMSE on N(0, 1): K-quants must land where the format's bit budget puts them.
-EXPECTED_RMSE = {"Q2_K": (0.2, 0.4), "Q3_K": (0.1, 0.2), "Q4_K": (0.05, 0.09), "Q5_K": (0.025, 0.045),
-                 "Q6_K": (0.012, 0.024)}
+EXPECTED_RMSE = {
+    "Q2_K": (0.2, 0.4),
+    "Q3_K": (0.1, 0.2),
+    "Q4_K": (0.05, 0.09),
+    "Q5_K": (0.025, 0.045),
+    "Q6_K": (0.012, 0.024),
+}
 
 
 @pytest.mark.parametrize("qtype", TYPES)

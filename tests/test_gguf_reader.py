@@ -9,7 +9,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-
 from dit_quant.kernels.gguf_dequant_reference import dequantize_reference
 from dit_quant.quant.gguf_reader import GGUFFormatError, read_gguf
 from dit_quant.quant.gguf_types import WRITABLE_TYPES, gguf_type
@@ -29,13 +28,21 @@ def community_style_file(path, rng: np.random.Generator) -> dict[str, np.ndarray
         "img_in.weight": rng.standard_normal((64, 64)).astype(np.float32),
         "conv.weight": rng.standard_normal((16, 8, 4, 4)).astype(np.float32),
     }
-    w.add_tensor("model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
-                 gguf.quants.quantize(values["double_blocks.0.img_attn.qkv.weight"], Q.Q8_0), raw_dtype=Q.Q8_0)
-    w.add_tensor("model.diffusion_model.double_blocks.0.img_attn.qkv.bias", values["double_blocks.0.img_attn.qkv.bias"])
+    w.add_tensor(
+        "model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
+        gguf.quants.quantize(values["double_blocks.0.img_attn.qkv.weight"], Q.Q8_0),
+        raw_dtype=Q.Q8_0,
+    )
+    w.add_tensor(
+        "model.diffusion_model.double_blocks.0.img_attn.qkv.bias", values["double_blocks.0.img_attn.qkv.bias"]
+    )
     w.add_tensor("model.diffusion_model.img_in.weight", values["img_in.weight"].astype(np.float16))
     w.add_array("comfy.gguf.orig_shape.model.diffusion_model.conv.weight", [16, 8, 4, 4])
-    w.add_tensor("model.diffusion_model.conv.weight",
-                 gguf.quants.quantize(values["conv.weight"].reshape(-1, 256), Q.Q5_0), raw_dtype=Q.Q5_0)
+    w.add_tensor(
+        "model.diffusion_model.conv.weight",
+        gguf.quants.quantize(values["conv.weight"].reshape(-1, 256), Q.Q5_0),
+        raw_dtype=Q.Q5_0,
+    )
     w.add_tensor("first_stage_model.decoder.weight", rng.standard_normal((4, 4)).astype(np.float32))
     w.write_header_to_file(path=path)
     w.write_kv_data_to_file()
@@ -53,11 +60,15 @@ def test_reads_community_layout(tmp_path):
     qkv = model.tensors["double_blocks.0.img_attn.qkv.weight"]
     assert qkv.qtype.name == "Q8_0" and qkv.shape == (96, 256) and qkv.data.dtype == torch.uint8
     bias = model.tensors["double_blocks.0.img_attn.qkv.bias"]
-    assert bias.qtype.name == "F32" and torch.equal(bias.data, torch.from_numpy(values["double_blocks.0.img_attn.qkv.bias"]))
+    assert bias.qtype.name == "F32" and torch.equal(
+        bias.data, torch.from_numpy(values["double_blocks.0.img_attn.qkv.bias"])
+    )
     assert model.tensors["img_in.weight"].data.dtype == torch.float16
     conv = model.tensors["conv.weight"]
     assert conv.shape == (16, 8, 4, 4)
-    expected = gguf.quants.dequantize(gguf.quants.quantize(values["conv.weight"].reshape(-1, 256), Q.Q5_0), Q.Q5_0)
+    expected = gguf.quants.dequantize(
+        gguf.quants.quantize(values["conv.weight"].reshape(-1, 256), Q.Q5_0), Q.Q5_0
+    )
     ours = dequantize_reference(conv.data, "Q5_0", conv.shape)
     assert np.array_equal(ours.numpy(), expected.reshape(16, 8, 4, 4))
 
@@ -65,9 +76,11 @@ def test_reads_community_layout(tmp_path):
 @pytest.mark.parametrize("qtype", WRITABLE_TYPES)
 def test_files_we_write_decode_bit_exactly_with_gguf(tmp_path, qtype):
     torch.manual_seed(3)
-    weights = {"joint_blocks.0.x_block.attn.qkv.weight": torch.randn(48, 512),
-               "joint_blocks.0.x_block.attn.proj.weight": torch.randn(32, 256, dtype=torch.bfloat16),
-               "joint_blocks.0.x_block.attn.proj.bias": torch.randn(32)}
+    weights = {
+        "joint_blocks.0.x_block.attn.qkv.weight": torch.randn(48, 512),
+        "joint_blocks.0.x_block.attn.proj.weight": torch.randn(32, 256, dtype=torch.bfloat16),
+        "joint_blocks.0.x_block.attn.proj.bias": torch.randn(32),
+    }
     sources = {k: SourceTensor(v.shape, v.dtype, v.dim() == 2, lambda v=v: v) for k, v in weights.items()}
     write_gguf(tmp_path / "m.gguf", sources, qtype)
     ours = read_gguf(tmp_path / "m.gguf")
@@ -81,10 +94,13 @@ def test_files_we_write_decode_bit_exactly_with_gguf(tmp_path, qtype):
             got = dequantize_reference(mine.data, mine.qtype.name, mine.shape)
         else:
             got = mine.data.to(torch.float32)
-        assert np.array_equal(got.numpy().view(np.uint32), expected.astype(np.float32).view(np.uint32)), t.name
+        assert np.array_equal(got.numpy().view(np.uint32), expected.astype(np.float32).view(np.uint32)), (
+            t.name
+        )
 
 
 # ----------------------------------------------------------------------------- malformed files
+
 
 def valid_file(tmp_path) -> bytes:
     path = tmp_path / "valid.gguf"
@@ -185,10 +201,12 @@ def test_huge_array_count_fails_fast(tmp_path):
 
 # ----------------------------------------------------------------------------- fuzzing
 
+
 @contextlib.contextmanager
 def time_limit(seconds: float):
     def on_alarm(signum, frame):
         raise TimeoutError(f"read_gguf took longer than {seconds} s")
+
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -211,10 +229,10 @@ def mutate(data: bytes, rng: np.random.Generator, header_end: int) -> bytes:
         value = extremes[int(rng.integers(0, len(extremes)))]
         struct.pack_into("<Q", out, at, value)
     elif kind == 2:  # truncate anywhere
-        out = out[:int(rng.integers(0, len(out)))]
+        out = out[: int(rng.integers(0, len(out)))]
     elif kind == 3:  # random bytes anywhere
         at = int(rng.integers(0, len(out) - 16))
-        out[at:at + 16] = rng.integers(0, 256, 16, dtype=np.uint8).tobytes()
+        out[at : at + 16] = rng.integers(0, 256, 16, dtype=np.uint8).tobytes()
     else:  # append or insert garbage
         at = int(rng.integers(0, len(out)))
         out[at:at] = rng.integers(0, 256, int(rng.integers(1, 64)), dtype=np.uint8).tobytes()

@@ -51,8 +51,8 @@ def _case_id(cc, config):
             f"-s{config.num_stages}{'-split' if config.split_epilogue else ''}")
 
 
-GEMM_CASES = [(cc, config) for cc in ARCHS for small_m in (False, True)
-              for config in w8a8_triton.candidate_configs(cc, small_m)]
+GEMM_CASES = list(dict.fromkeys((cc, config) for cc in ARCHS for regime in ("small", "mid", "large")
+                                for config in w8a8_triton.candidate_configs(cc, regime)))
 
 
 def compile_all(shard: int, num_shards: int) -> dict[str, dict]:
@@ -72,20 +72,22 @@ def compile_all(shard: int, num_shards: int) -> dict[str, dict]:
             kernel = w8a8_triton._w8a8_gemm_tma_kernel
             constexprs = dict(tiles, HAS_BIAS=True, SPLIT_EPILOGUE=config.split_epilogue)
         else:
-            quantize_a = config.kind in ("fused", "fused_scale")
+            quantize_a = config.kind == "fused"
             signature = dict(POINTER_TYPES, M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32",
                              stride_om="i32", a_ptr="*bf16" if quantize_a else "*i8")
             kernel = w8a8_triton._w8a8_gemm_kernel
-            constexprs = dict(tiles, QUANTIZE_A=quantize_a, A_SCALE_GIVEN=config.kind != "fused",
-                              HAS_BIAS=True, HAS_SMOOTH=quantize_a, EVEN_K=False)
+            constexprs = dict(tiles, QUANTIZE_A=quantize_a, HAS_BIAS=True, HAS_SMOOTH=quantize_a,
+                              EVEN_K=False)
         results[_case_id(cc, config)] = _compile(kernel, signature, constexprs, cc, config.num_warps,
                                                  config.num_stages)
     for cc in ARCHS[shard::num_shards]:
         signature = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "q_ptr": "*i8", "scale_ptr": "*fp32",
                      "K": "i32", "stride_xm": "i32", "stride_qm": "i32"}
-        constexprs = {"HAS_SMOOTH": True, "WRITE_Q": True, "BLOCK_K": 1024}
-        results[f"sm{cc}-quantize_rows"] = _compile(w8a8_triton._quantize_rows_kernel, signature, constexprs,
-                                                    cc, 4, 2)
+        for one_tile in (True, False):  # rows in registers (K <= 16384) / two passes over longer rows
+            constexprs = {"HAS_SMOOTH": True, "BLOCK_K": w8a8_triton.QUANT_ONE_TILE_MAX_K,
+                          "ONE_TILE": one_tile}
+            results[f"sm{cc}-quantize_rows-{one_tile}"] = _compile(
+                w8a8_triton._quantize_rows_kernel, dict(signature), constexprs, cc, 16, 2)
     return results
 
 
@@ -121,8 +123,9 @@ def test_gemm_compiles_to_int8_tensor_cores(compiled, cc, config):
         f"{result['shared']} B of shared memory > {SMEM_LIMIT_KB[cc]} KB on sm_{cc}")
 
 
+@pytest.mark.parametrize("one_tile", [True, False])
 @pytest.mark.parametrize("cc", ARCHS)
-def test_quantize_rows_kernel_compiles(compiled, cc):
-    result = compiled[f"sm{cc}-quantize_rows"]
+def test_quantize_rows_kernel_compiles(compiled, cc, one_tile):
+    result = compiled[f"sm{cc}-quantize_rows-{one_tile}"]
     assert result["cubin_bytes"] > 0
     assert result["div_rn"]  # IEEE division, so the quantized ints match torch's

@@ -99,10 +99,10 @@ def _kind_configs():
 
     if DEVICE.type == "cpu":
         return [w8a8_triton.GemmConfig(kind, 16 if kind == "fused" else 64, 64, 64, 8, 4, 1, split)
-                for kind, split in [("int8", False), ("fused", False), ("fused_scale", False), ("tma", False),
-                                    ("tma", True)]]
+                for kind, split in [("int8", False), ("fused", False), ("tma", False), ("tma", True)]]
     cc = w8a8_triton.arch_key(torch.cuda.get_device_capability())
-    return w8a8_triton.candidate_configs(cc, False) + w8a8_triton.candidate_configs(cc, True)
+    return list(dict.fromkeys(c for regime in ("small", "mid", "large")
+                              for c in w8a8_triton.candidate_configs(cc, regime)))
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not importable here")
@@ -142,6 +142,19 @@ def test_backends_agree_on_larger_problem():
     ref = w8a8_linear(x, weight, weight_scale, bias, smooth, backend="torch").float()
     out = w8a8_linear(x, weight, weight_scale, bias, smooth, backend="triton").float()
     assert ((out - ref).abs() <= 2.0**-7 * ref.abs() + 1e-6).all()
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not importable here")
+def test_quantize_rows_two_pass_for_long_rows(monkeypatch):
+    """Rows longer than QUANT_ONE_TILE_MAX_K are quantized in two passes; same ints as one pass."""
+    from dit_quant.kernels import w8a8_triton
+
+    x, _, _, _, smooth = _inputs((9,), 200, 8, torch.bfloat16, False, True, seed=13)
+    one_pass = w8a8_triton.quantize_rows_triton(x, smooth)
+    monkeypatch.setattr(w8a8_triton, "QUANT_ONE_TILE_MAX_K", 64)
+    q, scale = w8a8_triton.quantize_rows_triton(x, smooth)
+    _check_quantized(q, scale, x, smooth)
+    assert torch.equal(q, one_pass[0]) and torch.equal(scale, one_pass[1])
 
 
 @pytest.mark.parametrize("k", [300, 2100])
@@ -199,6 +212,7 @@ def test_input_validation_errors():
 def fresh_dispatch_state(monkeypatch):
     monkeypatch.setattr(dispatch, "_logged", set())
     monkeypatch.setattr(dispatch, "_triton_failed_devices", set())
+    monkeypatch.setattr(dispatch, "_resolved", {})
     return monkeypatch
 
 

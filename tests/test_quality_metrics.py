@@ -209,7 +209,13 @@ def test_clip_scores_with_a_tiny_local_clip(tmp_path):
         },
         projection_dim=16,
     )
-    transformers.CLIPModel(config).save_pretrained(tmp_path)
+    model = transformers.CLIPModel(config)
+    with torch.no_grad():  # positive embeddings, so cosines are > 0 and the scores are not clamped to 0
+        model.vision_model.post_layernorm.bias.fill_(3.0)
+        model.text_model.final_layer_norm.bias.fill_(3.0)
+        model.visual_projection.weight.abs_()
+        model.text_projection.weight.abs_()
+    model.save_pretrained(tmp_path)
     transformers.CLIPTokenizer(
         str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt")
     ).save_pretrained(tmp_path)
@@ -218,7 +224,7 @@ def test_clip_scores_with_a_tiny_local_clip(tmp_path):
     ).save_pretrained(tmp_path)
     images = _images(b=3, h=40, w=36, seed=8)
     captions = ["a red fox", "a neon sign", "a bowl of soup"]
-    scores = clip_scores(images, captions, str(tmp_path))
+    scores = clip_scores({"a": images, "b": images.flip(1)}, captions, str(tmp_path))
 
     model = transformers.CLIPModel.from_pretrained(tmp_path).eval()
     processor = transformers.CLIPProcessor.from_pretrained(tmp_path)
@@ -233,7 +239,8 @@ def test_clip_scores_with_a_tiny_local_clip(tmp_path):
     direct = 100 * torch.nn.functional.cosine_similarity(
         out.image_embeds.double(), out.text_embeds.double()
     ).clamp(min=0)
-    np.testing.assert_allclose(scores, direct.numpy(), rtol=1e-5, atol=1e-6)
-    assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 100))
+    np.testing.assert_allclose(scores["a"], direct.numpy(), rtol=1e-5, atol=1e-6)
+    assert scores["a"].shape == (3,) and np.all((scores["a"] > 0) & (scores["a"] <= 100))
+    assert not np.allclose(scores["a"], scores["b"])  # each set is scored on its own images
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        clip_scores(images, captions, str(tmp_path / "nowhere"))
+        clip_scores({"a": images}, captions, str(tmp_path / "nowhere"))

@@ -10,9 +10,14 @@ from calibration_harness import register, save_outlier_mmdit, text_encoder_node
 from comfy_harness import CaptureLatent, TinyModelSpec, sampling_graph
 
 SPEC = TinyModelSpec(depth=2)
-CALIBRATION_PROMPTS = ["a red fox in snow", 'a neon sign that reads "OPEN"', "a bowl of ramen", "a lighthouse"]
+CALIBRATION_PROMPTS = [
+    "a red fox in snow",
+    'a neon sign that reads "OPEN"',
+    "a bowl of ramen",
+    "a lighthouse",
+]
 EVAL_PROMPTS = ["an astronaut riding a horse", "a watercolor of a harbor"]  # not seen in calibration
-SEEDS_PER_PROMPT = 4  # 2 prompts × 4 seeds = 8 paired samples
+SEEDS_PER_PROMPT = 8  # 2 prompts × 8 seeds = 16 paired samples
 
 
 @pytest.fixture(scope="module")
@@ -24,40 +29,83 @@ def outlier_model(comfy):
     return path.name
 
 
-def model_nodes(unet_name: str, protection: str = "ffn_down", fold: bool = False) -> dict:
+def model_nodes(unet_name: str, protection: str = "ffn_down", fold: str = "off") -> dict:
     return {
         "load": {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}},
         "clip": text_encoder_node(SPEC),
         "plain": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
-        "calib": {"class_type": "SmoothQuantCalibrate", "inputs": {
-            "model": ["load", 0], "clip": ["clip", 0], "prompts": "\n".join(CALIBRATION_PROMPTS),
-            "negative_prompt": "", "num_prompts": 4, "width": 64, "height": 64, "steps": 4, "cfg": 3.0,
-            "sampler_name": "euler", "scheduler": "simple", "seed": 100, "timestep_buckets": 0,
-            "reservoir_rows": 16}},
-        "smooth": {"class_type": "ApplySmoothQuant", "inputs": {
-            "model": ["load", 0], "calibration": ["calib", 0], "protection": protection, "alpha": 0.5,
-            "alpha_search": False, "fold_smoothing": fold, "extra_protected_layers": ""}},
+        "calib": {
+            "class_type": "SmoothQuantCalibrate",
+            "inputs": {
+                "model": ["load", 0],
+                "clip": ["clip", 0],
+                "prompts": "\n".join(CALIBRATION_PROMPTS),
+                "negative_prompt": "",
+                "num_prompts": 4,
+                "width": 64,
+                "height": 64,
+                "steps": 4,
+                "cfg": 3.0,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "seed": 100,
+                "timestep_buckets": 0,
+                "reservoir_rows": 16,
+            },
+        },
+        "smooth": {
+            "class_type": "ApplySmoothQuant",
+            "inputs": {
+                "model": ["load", 0],
+                "calibration": ["calib", 0],
+                "protection": protection,
+                "alpha": 0.5,
+                "alpha_search": False,
+                "fold_smoothing": fold,
+                "extra_protected_layers": "",
+            },
+        },
     }
 
 
 def test_smoothquant_and_protection_halve_the_error_with_a_significant_ci(comfy, outlier_model):
     graph = model_nodes(outlier_model)
     graph["vae"] = {"class_type": "DiTQuantTestVae", "inputs": {}}
-    graph["eval"] = {"class_type": "QualityEvaluation", "inputs": {
-        "reference_model": ["load", 0], "variant_a": ["smooth", 0], "variant_b": ["plain", 0],
-        "clip": ["clip", 0], "prompts": "\n".join(EVAL_PROMPTS), "negative_prompt": "", "num_prompts": 0,
-        "seeds_per_prompt": SEEDS_PER_PROMPT, "seed": 7, "width": 64, "height": 64, "steps": 4, "cfg": 3.0,
-        "sampler_name": "euler", "scheduler": "simple", "n_boot": 4000,
-        "variant_a_name": "smoothquant+ffn_down", "variant_b_name": "plain W8A8", "vae": ["vae", 0]}}
+    graph["eval"] = {
+        "class_type": "QualityEvaluation",
+        "inputs": {
+            "reference_model": ["load", 0],
+            "variant_a": ["smooth", 0],
+            "variant_b": ["plain", 0],
+            "clip": ["clip", 0],
+            "prompts": "\n".join(EVAL_PROMPTS),
+            "negative_prompt": "",
+            "num_prompts": 0,
+            "seeds_per_prompt": SEEDS_PER_PROMPT,
+            "seed": 7,
+            "width": 64,
+            "height": 64,
+            "steps": 4,
+            "cfg": 3.0,
+            "sampler_name": "euler",
+            "scheduler": "simple",
+            "n_boot": 4000,
+            "variant_a_name": "smoothquant+ffn_down",
+            "variant_b_name": "plain W8A8",
+            "vae": ["vae", 0],
+        },
+    }
     outputs = comfy.run(graph)
     report = json.loads(outputs["eval"]["dit_quant_quality"][0])
     plain = report["variants"]["plain W8A8"]["latent_rel_error"]
     smooth = report["variants"]["smoothquant+ffn_down"]["latent_rel_error"]
-    assert len(plain["per_sample"]) == len(smooth["per_sample"]) == 8
+    assert len(plain["per_sample"]) == len(smooth["per_sample"]) == 16
     (comparison,) = [c for c in report["comparisons"] if c["metric"] == "latent_rel_error"]
-    print(f"\nlatent rel. error vs bf16: plain {plain['mean']['mean']:.4f}, "
-          f"smoothquant+ffn_down {smooth['mean']['mean']:.4f}, ratio {comparison['ratio']:.2f}, "
-          f"paired diff CI [{comparison['difference']['low']:.4f}, {comparison['difference']['high']:.4f}]")
+    print(
+        f"\nlatent rel. error vs bf16: plain {plain['mean']['mean']:.4f}, "
+        f"smoothquant+ffn_down {smooth['mean']['mean']:.4f}, ratio {comparison['ratio']:.2f}, "
+        f"paired diff CI [{comparison['difference']['low']:.4f}, {comparison['difference']['high']:.4f}]"
+    )
     assert comparison["ratio"] >= 2.0
     assert comparison["difference"]["high"] < 0  # CI of mean(smooth − plain) excludes zero
     assert comparison["verdict"] == "smoothquant+ffn_down is better"
@@ -71,18 +119,20 @@ def sample_with(comfy, nodes: dict, model_ref: list, seed: int = 3) -> torch.Ten
     return CaptureLatent.captured[-1]
 
 
-@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("fold", ["off", "where exact"])
 def test_save_load_of_smoothquant_model_is_bit_exact(comfy, outlier_model, fold):
-    name = f"tiny_sq_{'fold' if fold else 'smooth'}"
+    name = f"tiny_sq_{fold.replace(' ', '_')}"
     nodes = model_nodes(outlier_model, protection="ffn_down+attn_out", fold=fold)
-    nodes["write"] = {"class_type": "SaveInt8Model",
-                      "inputs": {"model": ["smooth", 0], "filename": name, "overwrite": True}}
+    nodes["write"] = {
+        "class_type": "SaveInt8Model",
+        "inputs": {"model": ["smooth", 0], "filename": name, "overwrite": True},
+    }
     in_memory = sample_with(comfy, nodes, ["smooth", 0])
     path = comfy.diffusion_models_dir / f"{name}.safetensors"
     state_dict, recipe = comfy.module("quant.int8_checkpoint").load_int8_checkpoint(path)
     smoothed = recipe["smoothquant"]["smoothed_layers"]
     assert all(state_dict[f"{layer}.smooth"].dtype == torch.float32 for layer in smoothed)
-    if fold:  # every quantized qkv/fc1 reads a modulated input: folded, no vector needed
+    if fold == "where exact":  # every quantized qkv/fc1 reads a modulated input: folded, no vector needed
         assert recipe["smoothquant"]["folded_sites"] and not any(".qkv" in s or ".fc1" in s for s in smoothed)
     else:
         assert "joint_blocks.0.x_block.attn.qkv" in smoothed
@@ -93,8 +143,11 @@ def test_save_load_of_smoothquant_model_is_bit_exact(comfy, outlier_model, fold)
     (loaded,) = comfy.run_node("LoadInt8DiffusionModel", unet_name=path.name)
     for key, tensor in loaded.model.diffusion_model.state_dict().items():
         assert torch.equal(tensor, state_dict[key]), key
-    reloaded = sample_with(comfy, {"reload": {"class_type": "LoadInt8DiffusionModel",
-                                              "inputs": {"unet_name": path.name}}}, ["reload", 0])
+    reloaded = sample_with(
+        comfy,
+        {"reload": {"class_type": "LoadInt8DiffusionModel", "inputs": {"unet_name": path.name}}},
+        ["reload", 0],
+    )
     assert torch.equal(reloaded, in_memory)
 
 
@@ -116,12 +169,15 @@ def test_folding_keeps_the_float_model_function(comfy, outlier_model):
         before = model(x, t, y=y, context=context)
     state = model.state_dict()
     names = [k[: -len(".weight")] for k, v in state.items() if v.ndim == 2 and k.startswith("joint_blocks")]
-    plan = sq.plan_smoothquant(names, state.__getitem__, {k: v.shape for k, v in state.items()}, stats,
-                               alpha=0.5, fold=True)
+    plan = sq.plan_smoothquant(
+        names, state.__getitem__, {k: v.shape for k, v in state.items()}, stats, alpha=0.5, fold=True
+    )
     # block 0: qkv and fc1 of both streams; block 1: x_block qkv and fc1, pre-only context block qkv
     assert len(plan.folded) == 7
     folded = {target for site in plan.folded for target in site.targets}
-    assert not folded & set(plan.smooth) and "joint_blocks.0.x_block.mlp.fc2" in plan.smooth  # fc2: not foldable
+    assert (
+        not folded & set(plan.smooth) and "joint_blocks.0.x_block.mlp.fc2" in plan.smooth
+    )  # fc2: not foldable
     model.load_state_dict({**state, **plan.replaced})
     with torch.no_grad():
         after = model(x, t, y=y, context=context)
@@ -131,8 +187,10 @@ def test_folding_keeps_the_float_model_function(comfy, outlier_model):
 @pytest.fixture(scope="module")
 def smoothquant_checkpoint(comfy, outlier_model):
     nodes = model_nodes(outlier_model)
-    nodes["write"] = {"class_type": "SaveInt8Model",
-                      "inputs": {"model": ["smooth", 0], "filename": "tiny_sq_for_damage", "overwrite": True}}
+    nodes["write"] = {
+        "class_type": "SaveInt8Model",
+        "inputs": {"model": ["smooth", 0], "filename": "tiny_sq_for_damage", "overwrite": True},
+    }
     del nodes["plain"]
     comfy.run(nodes)
     path = comfy.diffusion_models_dir / "tiny_sq_for_damage.safetensors"
@@ -143,7 +201,11 @@ def _write_damaged(comfy, name: str, state_dict: dict, recipe: dict) -> str:
     from safetensors.torch import save_file
 
     checkpoint = comfy.module("quant.int8_checkpoint")
-    save_file(state_dict, str(comfy.diffusion_models_dir / name), metadata={checkpoint.RECIPE_KEY: json.dumps(recipe)})
+    save_file(
+        state_dict,
+        str(comfy.diffusion_models_dir / name),
+        metadata={checkpoint.RECIPE_KEY: json.dumps(recipe)},
+    )
     return name
 
 
@@ -156,8 +218,6 @@ def test_checkpoint_with_inconsistent_smoothing_vector_fails_clearly(comfy, smoo
         comfy.run_node("LoadInt8DiffusionModel", unet_name=name)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the recipe's smoothquant.smoothed_layers check in "
-                                       "quant/int8_checkpoint.validate_int8_state_dict (lead's file)")
 def test_checkpoint_missing_a_smoothing_vector_fails_clearly(comfy, smoothquant_checkpoint):
     state_dict, recipe = smoothquant_checkpoint
     layer = "joint_blocks.0.x_block.attn.qkv"
@@ -170,14 +230,31 @@ def test_checkpoint_missing_a_smoothing_vector_fails_clearly(comfy, smoothquant_
 def sensitivity_graph(unet_name: str, granularity: str, fraction: float, with_calibration: bool) -> dict:
     nodes = model_nodes(unet_name)
     del nodes["plain"], nodes["smooth"]
-    nodes["sens"] = {"class_type": "QuantizationSensitivity", "inputs": {
-        "model": ["load", 0], "clip": ["clip", 0], "prompts": "\n".join(EVAL_PROMPTS), "negative_prompt": "",
-        "num_prompts": 1, "width": 64, "height": 64, "steps": 2, "cfg": 3.0, "sampler_name": "euler",
-        "scheduler": "simple", "seed": 1, "granularity": granularity, "protect_fraction": fraction}}
+    nodes["sens"] = {
+        "class_type": "QuantizationSensitivity",
+        "inputs": {
+            "model": ["load", 0],
+            "clip": ["clip", 0],
+            "prompts": "\n".join(EVAL_PROMPTS),
+            "negative_prompt": "",
+            "num_prompts": 1,
+            "width": 64,
+            "height": 64,
+            "steps": 2,
+            "cfg": 3.0,
+            "sampler_name": "euler",
+            "scheduler": "simple",
+            "seed": 1,
+            "granularity": granularity,
+            "protect_fraction": fraction,
+        },
+    }
     if with_calibration:
         nodes["sens"]["inputs"].update({"calibration": ["calib", 0], "alpha": 0.5})
-    nodes["show"] = {"class_type": "DiTQuantTestShowText", "inputs": {"report": ["sens", 0], "protect": ["sens", 2],
-                                                                      "chart": ["sens", 1]}}
+    nodes["show"] = {
+        "class_type": "DiTQuantTestShowText",
+        "inputs": {"report": ["sens", 0], "protect": ["sens", 2], "chart": ["sens", 1]},
+    }
     return nodes
 
 
@@ -191,8 +268,13 @@ class ShowText:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"report": ("STRING", {"forceInput": True}), "protect": ("STRING", {"forceInput": True}),
-                             "chart": ("IMAGE",)}}
+        return {
+            "required": {
+                "report": ("STRING", {"forceInput": True}),
+                "protect": ("STRING", {"forceInput": True}),
+                "chart": ("IMAGE",),
+            }
+        }
 
     def show(self, report, protect, chart):
         return {"ui": {"report": [report], "protect": [protect], "chart_shape": list(chart.shape)}}
@@ -217,11 +299,50 @@ def test_sensitivity_node_ranks_layers_and_budgets_protection(comfy, outlier_mod
     assert protect and set(protect) <= set(rows) and protect[0] == next(iter(rows))
     assert plain["chart_shape"][0] == 1 and plain["chart_shape"][3] == 3
 
-    smoothed = _rows(comfy.run(sensitivity_graph(outlier_model, "layer", 0.25, with_calibration=True))["show"]
-                     ["report"][0])
+    smoothed = _rows(
+        comfy.run(sensitivity_graph(outlier_model, "layer", 0.25, with_calibration=True))["show"]["report"][0]
+    )
     # the outlier-carrying inputs (qkv, fc1, proj, fc2) lose most of their error once smoothed
     assert sum(smoothed.values()) * 2 < sum(rows.values())
 
-    blocks = _rows(comfy.run(sensitivity_graph(outlier_model, "block", 1.0, with_calibration=False))["show"]
-                   ["report"][0])
+    blocks = _rows(
+        comfy.run(sensitivity_graph(outlier_model, "block", 1.0, with_calibration=False))["show"]["report"][0]
+    )
     assert set(blocks) == {"joint_blocks.0", "joint_blocks.1"}
+
+
+def test_fold_only_model_exports_to_comfyui_int8_layout_and_back(comfy, outlier_model, tmp_path):
+    """Smoothing only where it folds leaves no smoothing vector, so the model is exactly representable in
+    ComfyUI core's per-layer INT8 layout: export → file → import gives back every tensor bit for bit.
+    A model with smoothing vectors is refused."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    checkpoint = comfy.module("quant.int8_checkpoint")
+    interop = comfy.module("quant.comfy_int8_format")
+    saved = {}
+    for fold in ("only where exact", "off"):
+        nodes = model_nodes(outlier_model, fold=fold)
+        del nodes["plain"]
+        name = f"tiny_sq_export_{fold.replace(' ', '_')}"
+        nodes["write"] = {
+            "class_type": "SaveInt8Model",
+            "inputs": {"model": ["smooth", 0], "filename": name, "overwrite": True},
+        }
+        comfy.run(nodes)
+        saved[fold] = checkpoint.load_int8_checkpoint(comfy.diffusion_models_dir / f"{name}.safetensors")
+
+    state_dict, recipe = saved["only where exact"]
+    assert recipe["smoothquant"]["folded_sites"] and not recipe["smoothquant"]["smoothed_layers"]
+    exported, metadata = interop.export_comfy_int8(state_dict, recipe["quantized_layers"])
+    path = tmp_path / "comfy_int8.safetensors"
+    save_file(exported, str(path), metadata=metadata or None)
+    with safe_open(str(path), framework="pt") as f:
+        back, layers = interop.read_comfy_int8({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
+    assert layers == sorted(recipe["quantized_layers"])
+    assert set(back) == set(state_dict)
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in state_dict.items())
+
+    smoothed_state, smoothed_recipe = saved["off"]
+    with pytest.raises(interop.ComfyInt8FormatError, match="unfolded SmoothQuant vector"):
+        interop.export_comfy_int8(smoothed_state, smoothed_recipe["quantized_layers"])
