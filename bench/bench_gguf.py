@@ -15,8 +15,8 @@
 
     python bench/bench_gguf.py [--out DIR] [--no-sweep] [--steps 5]
 
-Needs ComfyUI for part 3 (COMFYUI_PATH or .cache/ComfyUI, plus its einops/psutil/tqdm/Pillow); writes
-bench_gguf.{json,md} to bench/results/ and --out ($OUT).
+Needs the ``gguf`` package (pure Python) and, for part 3, ComfyUI (COMFYUI_PATH or .cache/ComfyUI, with
+einops, psutil, tqdm and Pillow importable). Writes bench_gguf.{json,md} to bench/results/ and --out ($OUT).
 """
 
 from __future__ import annotations
@@ -379,6 +379,15 @@ def main() -> int:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_gguf needs a CUDA GPU", file=sys.stderr)
+        return 2
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        print(
+            "bench_gguf needs the gguf package (pure Python: copy .venv/.../site-packages/gguf onto "
+            "PYTHONPATH)",
+            file=sys.stderr,
+        )
         return 2
     import_kernels()
     results: dict = {"environment": environment(), "checks": []}

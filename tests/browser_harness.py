@@ -27,8 +27,15 @@ from dataclasses import dataclass, field
 from comfy_harness import PACK_FOLDER_NAME, REPO_ROOT, comfy_root
 
 SERVER_START_TIMEOUT_S = 120.0
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 # Our nodes' registration is the page's signal that the frontend has loaded the server's node list.
 PAGE_READY_JS = "!!(window.app?.graph && window.LiteGraph?.registered_node_types?.Int8KernelPatch)"
 
@@ -40,10 +47,12 @@ def free_port() -> int:
 
 
 def chromium_path() -> str:
-    """The Chromium executable: ``$DIT_QUANT_CHROMIUM``, else ``chromium`` on PATH. Raises when there is none."""
+    """The Chromium executable: ``$DIT_QUANT_CHROMIUM``, else ``chromium`` on PATH; raises if none."""
     path = os.environ.get("DIT_QUANT_CHROMIUM") or shutil.which("chromium")
     if not path:
-        raise RuntimeError("no chromium found: run scripts/install_browser.sh (Debian) or set DIT_QUANT_CHROMIUM")
+        raise RuntimeError(
+            "no chromium found: run scripts/install_browser.sh (Debian) or set DIT_QUANT_CHROMIUM"
+        )
     return path
 
 
@@ -87,9 +96,13 @@ class ComfyServer:
     def queue_prompt(self, prompt: dict, client_id: str | None = None) -> str:
         """POSTs an API-format graph to /prompt for ``client_id`` (default: this harness's own id); returns
         its prompt id. Raises with the node errors when the server rejects the graph (HTTP 400)."""
-        status, payload = self.request("/prompt", {"prompt": prompt, "client_id": client_id or self.client_id})
+        status, payload = self.request(
+            "/prompt", {"prompt": prompt, "client_id": client_id or self.client_id}
+        )
         if status != 200:
-            raise RuntimeError(f"POST /prompt rejected the graph (HTTP {status}): {json.dumps(payload)[:3000]}")
+            raise RuntimeError(
+                f"POST /prompt rejected the graph (HTTP {status}): {json.dumps(payload)[:3000]}"
+            )
         return payload["prompt_id"]
 
     def wait_for_prompt(self, prompt_id: str, timeout: float = 120.0) -> dict:
@@ -100,7 +113,9 @@ class ComfyServer:
             if entry and entry.get("status", {}).get("completed") is not None:
                 status = entry["status"]
                 if status.get("status_str") != "success":
-                    errors = [data for event, data in status.get("messages", []) if event == "execution_error"]
+                    errors = [
+                        data for event, data in status.get("messages", []) if event == "execution_error"
+                    ]
                     raise RuntimeError(f"prompt {prompt_id} failed: {json.dumps(errors)[:3000]}")
                 return entry
             if self.process.poll() is not None:
@@ -118,13 +133,23 @@ class ComfyServer:
                 self.process.wait(timeout=15)
 
 
-def prepare_base_dir(base_dir: pathlib.Path, extra_custom_nodes: dict[str, str] | None = None,
-                     link_pack: bool = True) -> pathlib.Path:
+def prepare_base_dir(
+    base_dir: pathlib.Path, extra_custom_nodes: dict[str, str] | None = None, link_pack: bool = True
+) -> pathlib.Path:
     """Creates a ComfyUI base directory: model/input/output folders, the pack symlinked into custom_nodes
     (unless ``link_pack`` is false) and, for each ``{folder: init_source}`` of ``extra_custom_nodes``, a
     custom node folder with that ``__init__.py``."""
-    for sub in ("models/diffusion_models", "models/vae", "models/text_encoders", "models/loras",
-                "custom_nodes", "input", "output", "temp", "user"):
+    for sub in (
+        "models/diffusion_models",
+        "models/vae",
+        "models/text_encoders",
+        "models/loras",
+        "custom_nodes",
+        "input",
+        "output",
+        "temp",
+        "user",
+    ):
         (base_dir / sub).mkdir(parents=True, exist_ok=True)
     link = base_dir / "custom_nodes" / PACK_FOLDER_NAME
     if link_pack and not link.exists():
@@ -135,15 +160,31 @@ def prepare_base_dir(base_dir: pathlib.Path, extra_custom_nodes: dict[str, str] 
     return base_dir
 
 
-def start_server(base_dir: pathlib.Path, python: str = sys.executable, comfyui: pathlib.Path | None = None,
-                 timeout: float = SERVER_START_TIMEOUT_S) -> ComfyServer:
+def start_server(
+    base_dir: pathlib.Path,
+    python: str = sys.executable,
+    comfyui: pathlib.Path | None = None,
+    timeout: float = SERVER_START_TIMEOUT_S,
+) -> ComfyServer:
     """Starts ``python main.py --cpu`` of ComfyUI on a free port with ``base_dir`` as its base directory and
     waits until it answers. Raises with the end of its log if it exits or does not answer in time."""
     comfyui = comfyui or comfy_root()
     port = free_port()
     log_path = base_dir / "server.log"
-    command = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-               "--base-directory", str(base_dir), "--database-url", "sqlite:///:memory:", "--disable-api-nodes"]
+    command = [
+        python,
+        "main.py",
+        "--cpu",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--base-directory",
+        str(base_dir),
+        "--database-url",
+        "sqlite:///:memory:",
+        "--disable-api-nodes",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the server runs like a user's
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=comfyui, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -151,7 +192,9 @@ def start_server(base_dir: pathlib.Path, python: str = sys.executable, comfyui: 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"ComfyUI exited during start-up (code {process.returncode}):\n{server.log_tail()}")
+            raise RuntimeError(
+                f"ComfyUI exited during start-up (code {process.returncode}):\n{server.log_tail()}"
+            )
         try:
             if server.request("/system_stats", timeout=2)[0] == 200:
                 return server
@@ -167,12 +210,16 @@ def start_server(base_dir: pathlib.Path, python: str = sys.executable, comfyui: 
 # logged to the console as "Failed to load resource"), and requests to Comfy's cloud API that the page's
 # content security policy blocks on an offline machine.
 HARMLESS_HTTP_PATHS = ("/api/userdata", "/user.css", "/templates/")
-HARMLESS_CONSOLE_ERRORS = ("Failed to load resource: the server responded with a status of 404",
-                           "Connecting to 'https://api.comfy.org/")
+HARMLESS_CONSOLE_ERRORS = (
+    "Failed to load resource: the server responded with a status of 404",
+    "Connecting to 'https://api.comfy.org/",
+)
 # Only on the first load of the app: the frontend's own TypeError in its start-up code, and the core
 # templates package (comfyui-workflow-templates, optional) not being installed.
-FIRST_LOAD_NOISE = ("TypeError: Cannot read properties of undefined (reading 'id')\n    at onChange",
-                    "Error loading core workflow templates")
+FIRST_LOAD_NOISE = (
+    "TypeError: Cannot read properties of undefined (reading 'id')\n    at onChange",
+    "Error loading core workflow templates",
+)
 
 
 # Server messages the page receives over its websocket for prompts queued with its client id.
@@ -193,8 +240,14 @@ class ComfyPage:
         # A returning user's view: no first-run templates dialog, no "Nodes 2.0" banner, and no minimap
         # covering a corner of the graph in screenshots; full node detail at every zoom level, so that
         # screenshots of large graphs stay legible.
-        server.request("/settings", {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
-                                     "LiteGraph.Canvas.MinFontSizeForLOD": 0})
+        server.request(
+            "/settings",
+            {
+                "Comfy.TutorialCompleted": True,
+                "Comfy.Minimap.Visible": False,
+                "LiteGraph.Canvas.MinFontSizeForLOD": 0,
+            },
+        )
         self.context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
         self.context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
         self.page = self.context.new_page()
@@ -226,13 +279,16 @@ class ComfyPage:
     def load_template(self, pack_folder: str, name: str) -> dict:
         """Fetches ``/api/workflow_templates/<pack_folder>/<name>.json`` in the page and loads it with
         ``app.loadGraphData`` (the template browser's path). Returns the workflow as served."""
-        return self.evaluate("""async ([folder, name]) => {
+        return self.evaluate(
+            """async ([folder, name]) => {
             const response = await fetch(`/api/workflow_templates/${folder}/${name}.json`);
             if (!response.ok) throw new Error(`template ${name}: HTTP ${response.status}`);
             const workflow = await response.json();
             await app.loadGraphData(workflow, true, true, name);
             return workflow;
-        }""", [pack_folder, name])
+        }""",
+            [pack_folder, name],
+        )
 
     def missing_node_types(self) -> list[str]:
         """Types of loaded nodes the frontend does not know: the "missing nodes" a user would be shown."""
@@ -246,11 +302,14 @@ class ComfyPage:
 
     def new_node_widgets(self, node_type: str) -> dict:
         """Widget {name: value} of a freshly created node of ``node_type`` (not added to the graph)."""
-        return self.evaluate("""(type) => {
+        return self.evaluate(
+            """(type) => {
             const node = LiteGraph.createNode(type);
             if (!node) throw new Error(`cannot create node ${type}`);
             return Object.fromEntries((node.widgets || []).map(w => [w.name, w.value]));
-        }""", node_type)
+        }""",
+            node_type,
+        )
 
     @property
     def client_id(self) -> str:
@@ -263,9 +322,12 @@ class ComfyPage:
 
     def wait_for_end(self, prompt_id: str, timeout_s: float = 60.0) -> dict:
         """Waits until the page heard that ``prompt_id`` succeeded or failed; returns that message."""
-        self.page.wait_for_function("""(id) => window.__ditQuantEvents.some(e => e.prompt_id === id &&
-            (e.type === 'execution_success' || e.type === 'execution_error'))""", arg=prompt_id,
-                                    timeout=timeout_s * 1000)
+        self.page.wait_for_function(
+            """(id) => window.__ditQuantEvents.some(e => e.prompt_id === id &&
+            (e.type === 'execution_success' || e.type === 'execution_error'))""",
+            arg=prompt_id,
+            timeout=timeout_s * 1000,
+        )
         return [e for e in self.events(prompt_id) if e["type"] != "progress"][-1]
 
     def graph_to_prompt(self) -> dict:

@@ -27,14 +27,15 @@ import pathlib
 import shutil
 
 import pytest
-from browser_harness import ComfyPage, prepare_base_dir, start_server
+from browser_harness import CHROMIUM_ARGS, ComfyPage, chromium_path, prepare_base_dir, start_server
 from comfy_harness import PACK_FOLDER_NAME, REPO_ROOT, TinyModelSpec, save_tiny_model
+from playwright.sync_api import sync_playwright
 
 EXAMPLES_DIR = REPO_ROOT / "example_workflows"
 WORKFLOW_NAMES = sorted(path.stem for path in EXAMPLES_DIR.glob("*.json"))
 ARTIFACTS_DIR = REPO_ROOT / "test-artifacts" / "workflows"
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
-SPEC = TinyModelSpec(depth=4)  # hidden 256: rows fit the 256-wide blocks of GGUF K-quants
+SPEC = TinyModelSpec(depth=2)
 
 # Node types the frontend itself provides (no server class): notes, reroutes, primitives.
 FRONTEND_NODE_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -52,12 +53,18 @@ MODEL_STAND_INS = {
 }
 TEXT_ENCODER_LOADERS = {"CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "QuadrupleCLIPLoader"}
 # Nodes whose work takes minutes on real models: they must move ComfyUI's progress bar.
-LONG_RUNNING = {"QuantizeModelInt8", "SmoothQuantCalibrate", "QuantizationSensitivity", "ApplySmoothQuant",
-                "QualityEvaluation", "SaveModelGGUF"}
+LONG_RUNNING = {
+    "QuantizeModelInt8",
+    "SmoothQuantCalibrate",
+    "QuantizationSensitivity",
+    "ApplySmoothQuant",
+    "QualityEvaluation",
+    "SaveModelGGUF",
+}
 SAVE_MODEL_NODES = {"SaveInt8Model", "SaveCalibration", "SaveModelGGUF"}
 TINY_SETTINGS = {"width": 64, "height": 64, "steps": 2, "num_prompts": 2, "seeds_per_prompt": 1}
 
-TEST_NODES_INIT = f'''"""Test-only nodes for the browser test's ComfyUI server (see tests/test_browser_workflows.py)."""
+TEST_NODES_INIT = f'''"""Test-only nodes for the browser test's server (tests/test_browser_workflows.py)."""
 import sys
 
 sys.path.insert(0, {str(TESTS_DIR)!r})
@@ -82,22 +89,39 @@ def save_tiny_taesd(path: pathlib.Path, latent_channels: int, seed: int = 0) -> 
 def server_base(comfy, tmp_path_factory) -> pathlib.Path:
     """The server's base directory: the pack, the test-node folder and the tiny stand-in models. The INT8 and
     GGUF stand-ins are written by the pack's own save nodes, run in the in-process ComfyUI."""
-    base = prepare_base_dir(tmp_path_factory.mktemp("comfy_server"), {"dit_quant_test_nodes": TEST_NODES_INIT})
+    base = prepare_base_dir(
+        tmp_path_factory.mktemp("comfy_server"), {"dit_quant_test_nodes": TEST_NODES_INIT}
+    )
     made = comfy.diffusion_models_dir
     save_tiny_model(made / "browser_tiny_sd3.safetensors", SPEC, seed=3)
-    load = {"class_type": "UNETLoader",
-            "inputs": {"unet_name": "browser_tiny_sd3.safetensors", "weight_dtype": "default"}}
-    comfy.run({
-        "load": load,
-        "quant": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
-        "int8": {"class_type": "SaveInt8Model",
-                 "inputs": {"model": ["quant", 0], "filename": "browser_tiny_sd3_int8", "overwrite": True}},
-        "gguf": {"class_type": "SaveModelGGUF", "inputs": {"model": ["load", 0], "filename": "browser_tiny_sd3",
-                                                            "preset": "Q4_K_M", "overwrite": True}},
-    })
-    for made_name, stand_in in (("browser_tiny_sd3.safetensors", "tiny_sd3.safetensors"),
-                                ("browser_tiny_sd3_int8.safetensors", "tiny_sd3_int8.safetensors"),
-                                ("browser_tiny_sd3.gguf", "tiny_sd3_Q4_K_M.gguf")):
+    load = {
+        "class_type": "UNETLoader",
+        "inputs": {"unet_name": "browser_tiny_sd3.safetensors", "weight_dtype": "default"},
+    }
+    comfy.run(
+        {
+            "load": load,
+            "quant": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
+            "int8": {
+                "class_type": "SaveInt8Model",
+                "inputs": {"model": ["quant", 0], "filename": "browser_tiny_sd3_int8", "overwrite": True},
+            },
+            "gguf": {
+                "class_type": "SaveModelGGUF",
+                "inputs": {
+                    "model": ["load", 0],
+                    "filename": "browser_tiny_sd3",
+                    "preset": "Q4_K_M",
+                    "overwrite": True,
+                },
+            },
+        }
+    )
+    for made_name, stand_in in (
+        ("browser_tiny_sd3.safetensors", "tiny_sd3.safetensors"),
+        ("browser_tiny_sd3_int8.safetensors", "tiny_sd3_int8.safetensors"),
+        ("browser_tiny_sd3.gguf", "tiny_sd3_Q4_K_M.gguf"),
+    ):
         shutil.copy(made / made_name, base / "models" / "diffusion_models" / stand_in)
     save_tiny_taesd(base / "models" / "vae" / "tiny_taesd.safetensors", SPEC.in_channels)
     return base
@@ -112,11 +136,10 @@ def server(server_base):
 
 @pytest.fixture(scope="module")
 def browser():
-    from browser_harness import CHROMIUM_ARGS, chromium_path
-    from playwright.sync_api import sync_playwright
-
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+        chromium = playwright.chromium.launch(
+            executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS
+        )
         yield chromium
         chromium.close()
 
@@ -136,8 +159,11 @@ def object_info(server) -> dict:
 @pytest.fixture(scope="module")
 def pack_nodes(object_info) -> dict:
     """object_info entries of the pack's nodes (as the server lists them)."""
-    return {name: info for name, info in object_info.items()
-            if info["python_module"] == f"custom_nodes.{PACK_FOLDER_NAME}"}
+    return {
+        name: info
+        for name, info in object_info.items()
+        if info["python_module"] == f"custom_nodes.{PACK_FOLDER_NAME}"
+    }
 
 
 def widget_inputs(info: dict) -> dict[str, tuple]:
@@ -167,15 +193,22 @@ def declared_default(kind, options: dict):
 def test_server_lists_the_example_workflows(server):
     templates = server.get_json("/workflow_templates")
     assert sorted(templates.get(PACK_FOLDER_NAME, [])) == WORKFLOW_NAMES
-    assert set(WORKFLOW_NAMES) >= {"int8_load_and_sample", "int8_quantize_and_save", "smoothquant_calibrate_and_save",
-                                   "gguf_load_and_sample", "gguf_convert", "evaluate_quantized_vs_reference"}
+    assert set(WORKFLOW_NAMES) >= {
+        "int8_load_and_sample",
+        "int8_quantize_and_save",
+        "smoothquant_calibrate_and_save",
+        "gguf_load_and_sample",
+        "gguf_convert",
+        "evaluate_quantized_vs_reference",
+    }
 
 
 def test_page_opens_with_only_known_first_load_noise(page, pack_nodes):
     assert len(pack_nodes) >= 4
     assert page.startup_errors == []
-    registered = page.evaluate("(names) => names.filter(n => !(n in LiteGraph.registered_node_types))",
-                               sorted(pack_nodes))
+    registered = page.evaluate(
+        "(names) => names.filter(n => !(n in LiteGraph.registered_node_types))", sorted(pack_nodes)
+    )
     assert registered == []
 
 
@@ -203,7 +236,9 @@ def check_widget_value(where: str, value, kind, options: dict) -> None:
     python_type = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}[kind]
     assert isinstance(value, python_type) and not (kind != "BOOLEAN" and isinstance(value, bool)), where
     if kind in ("INT", "FLOAT"):
-        assert options.get("min", value) <= value <= options.get("max", value), f"{where}: {value} out of range"
+        assert options.get("min", value) <= value <= options.get("max", value), (
+            f"{where}: {value} out of range"
+        )
 
 
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
@@ -218,8 +253,12 @@ def test_workflow_loads_in_the_browser(page, object_info, pack_nodes, name):
     loaded = page.node_widgets()
     assert len(loaded) == len(served["nodes"])
     types = {node["type"] for node in loaded}
-    stock_or_ours = {t for t in types if t in object_info and (
-        t in pack_nodes or object_info[t]["python_module"].split(".")[0] in ("nodes", "comfy_extras"))}
+    stock_or_ours = {
+        t
+        for t in types
+        if t in object_info
+        and (t in pack_nodes or object_info[t]["python_module"].split(".")[0] in ("nodes", "comfy_extras"))
+    }
     assert types - FRONTEND_NODE_TYPES - stock_or_ours == set(), "only stock nodes and ours"
     assert "Note" in types or "MarkdownNote" in types, "each workflow explains itself in a note"
     assert types & set(pack_nodes), "each workflow uses the pack"
@@ -232,15 +271,20 @@ def test_workflow_loads_in_the_browser(page, object_info, pack_nodes, name):
             check_widget_value(f"{name}: {node['type']}.{widget}", node["widgets"][widget], kind, options)
 
 
-def tiny_prompt(prompt: dict, object_info: dict) -> dict:
+def tiny_prompt(prompt: dict) -> dict:
     """The page's API prompt rewritten for the tiny models (see the module docstring)."""
     rewritten = {}
     for node_id, node in prompt.items():
         inputs = dict(node["inputs"])
         if node["class_type"] in TEXT_ENCODER_LOADERS:
-            rewritten[node_id] = {"class_type": "DiTQuantTestTextEncoder",
-                                  "inputs": {"tokens": SPEC.context_tokens, "context_dim": SPEC.context_dim,
-                                             "pooled_dim": SPEC.pooled_dim}}
+            rewritten[node_id] = {
+                "class_type": "DiTQuantTestTextEncoder",
+                "inputs": {
+                    "tokens": SPEC.context_tokens,
+                    "context_dim": SPEC.context_dim,
+                    "pooled_dim": SPEC.pooled_dim,
+                },
+            }
             continue
         for key, value in inputs.items():
             if isinstance(value, str) and value.endswith((".safetensors", ".gguf", ".ckpt", ".pt")):
@@ -255,19 +299,23 @@ def tiny_prompt(prompt: dict, object_info: dict) -> dict:
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
 def test_workflow_runs_on_tiny_models(page, server, object_info, name):
     page.load_template(PACK_FOLDER_NAME, name)
-    prompt = tiny_prompt(page.graph_to_prompt(), object_info)
+    prompt = tiny_prompt(page.graph_to_prompt())
     prompt_id = server.queue_prompt(prompt, client_id=page.client_id)
     entry = server.wait_for_prompt(prompt_id, timeout=300)
     assert page.wait_for_end(prompt_id)["type"] == "execution_success"
 
     outputs = entry["outputs"]
-    output_nodes = [node_id for node_id, node in prompt.items() if object_info[node["class_type"]]["output_node"]]
+    output_nodes = [
+        node_id for node_id, node in prompt.items() if object_info[node["class_type"]]["output_node"]
+    ]
     assert output_nodes and all(node_id in outputs for node_id in output_nodes), "every output node reported"
     progress = {(e["node"], e["max"]) for e in page.events(prompt_id) if e["type"] == "progress"}
     for node_id, node in prompt.items():
         shown = outputs.get(node_id, {})
         if node["class_type"] in LONG_RUNNING:
-            assert any(node == node_id and total > 0 for node, total in progress), f"{node_id}: no progress bar"
+            assert any(shown_by == node_id and total > 0 for shown_by, total in progress), (
+                f"{name}: {node['class_type']} (node {node_id}) never moved the progress bar"
+            )
         if node["class_type"] == "SaveImage":
             image = shown["images"][0]
             assert (server.base_dir / "output" / image["subfolder"] / image["filename"]).stat().st_size > 0
@@ -287,8 +335,14 @@ def test_node_error_reaches_the_ui_as_one_readable_message(page, server):
     """A user mistake (saving a model that was never quantized) shows the node's one-sentence message in
     ComfyUI's error dialog, not a bare traceback."""
     prompt = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd3.safetensors", "weight_dtype": "default"}},
-        "2": {"class_type": "SaveInt8Model", "inputs": {"model": ["1", 0], "filename": "never", "overwrite": False}},
+        "1": {
+            "class_type": "UNETLoader",
+            "inputs": {"unet_name": "tiny_sd3.safetensors", "weight_dtype": "default"},
+        },
+        "2": {
+            "class_type": "SaveInt8Model",
+            "inputs": {"model": ["1", 0], "filename": "never", "overwrite": False},
+        },
     }
     end = page.wait_for_end(server.queue_prompt(prompt, client_id=page.client_id))
     assert end["type"] == "execution_error" and end["node_type"] == "SaveInt8Model"

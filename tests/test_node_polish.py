@@ -39,10 +39,15 @@ def polish_violations(name: str, cls, display_names: dict) -> list[str]:
 def test_every_pack_node_is_polished(comfy):
     names = comfy.modules["loaded_node_classes"]
     assert len(names) >= 4
-    violations = {name: polish_violations(name, comfy.nodes.NODE_CLASS_MAPPINGS[name],
-                                          comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS)
-                  for name in names}
-    report = "\n".join(f"{name}: {'; '.join(problems)}" for name, problems in sorted(violations.items()) if problems)
+    violations = {
+        name: polish_violations(
+            name, comfy.nodes.NODE_CLASS_MAPPINGS[name], comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS
+        )
+        for name in names
+    }
+    report = "\n".join(
+        f"{name}: {'; '.join(problems)}" for name, problems in sorted(violations.items()) if problems
+    )
     assert not report, f"nodes that are not polished:\n{report}"
 
 
@@ -69,6 +74,12 @@ class _UnpolishedNode:
 
 def test_the_audit_catches_each_kind_of_violation():
     problems = "; ".join(polish_violations("_UnpolishedNode", _UnpolishedNode, {}))
-    for expected in ("no DISPLAY_NAME", "no DESCRIPTION", "CATEGORY 'loaders'", "input 'model' has no tooltip",
-                     "input 'strength' has no tooltip", "RETURN_NAMES ('model',)"):
+    for expected in (
+        "no DISPLAY_NAME",
+        "no DESCRIPTION",
+        "CATEGORY 'loaders'",
+        "input 'model' has no tooltip",
+        "input 'strength' has no tooltip",
+        "RETURN_NAMES ('model',)",
+    ):
         assert expected in problems

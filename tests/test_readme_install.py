@@ -24,17 +24,25 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 from browser_harness import prepare_base_dir, start_server
 from comfy_harness import PACK_FOLDER_NAME, REPO_ROOT, comfy_root
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 TORCH_PIN = "torch==2.13.0"
-COMFYUI_OPTIONAL = {"torch", "torchaudio", "comfyui-workflow-templates", "comfyui-embedded-docs", "alembic",
-                    "sqlalchemy", "kornia", "spandrel"}
+COMFYUI_OPTIONAL = {
+    "torch",
+    "torchaudio",
+    "comfyui-workflow-templates",
+    "comfyui-embedded-docs",
+    "alembic",
+    "sqlalchemy",
+    "kornia",
+    "spandrel",
+}
 TORCH_STACK = ("torch", "torchvision", "triton")
 INSTALL_TIMEOUT_S = 600
 
@@ -53,23 +61,35 @@ def readme_install_commands() -> list[str]:
 def run(command: list[str], cwd: pathlib.Path, timeout: float = INSTALL_TIMEOUT_S) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VIRTUAL_ENV", "PYTHONPATH")}
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, f"{shlex.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"{shlex.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result.stdout
 
 
 def installed_versions(python: pathlib.Path, names) -> dict[str, str | None]:
-    script = ("import importlib.metadata as m, json, sys\n"
-              "def v(n):\n"
-              "    try: return m.version(n)\n"
-              "    except m.PackageNotFoundError: return None\n"
-              "print(json.dumps({n: v(n) for n in sys.argv[1:]}))")
+    script = (
+        "import importlib.metadata as m, json, sys\n"
+        "def v(n):\n"
+        "    try: return m.version(n)\n"
+        "    except m.PackageNotFoundError: return None\n"
+        "print(json.dumps({n: v(n) for n in sys.argv[1:]}))"
+    )
     return json.loads(run([str(python), "-c", script, *names], cwd=REPO_ROOT))
 
 
 def copy_working_tree(destination: pathlib.Path) -> None:
     """The files a clone of this checkout would hold if everything not ignored were committed."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                            cwd=REPO_ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for relative in filter(None, listed):
         source = REPO_ROOT / relative
         if source.is_file():
@@ -89,13 +109,25 @@ def comfyui_env(tmp_path_factory):
     run(pip + [TORCH_PIN], cwd=root)
     constraints = root / "constraints.txt"
     constraints.write_text(f"torch=={installed_versions(python, ['torch'])['torch']}\n")
-    comfyui_requirements = [line.split("#", 1)[0].strip() for line in
-                            (comfy_root() / "requirements.txt").read_text().splitlines()]
-    wanted = [r for r in comfyui_requirements if r and canonicalize_name(Requirement(r).name) not in COMFYUI_OPTIONAL]
+    comfyui_requirements = [
+        line.split("#", 1)[0].strip() for line in (comfy_root() / "requirements.txt").read_text().splitlines()
+    ]
+    wanted = [
+        r
+        for r in comfyui_requirements
+        if r and canonicalize_name(Requirement(r).name) not in COMFYUI_OPTIONAL
+    ]
     run(pip + ["-c", str(constraints), *wanted], cwd=root)
-    site = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=root).strip()
-    shutil.copy(REPO_ROOT / "scripts" / "torchvision_cpu_shim.py", pathlib.Path(site) / "dit_quant_torchvision_cpu_shim.py")
-    (pathlib.Path(site) / "dit_quant_torchvision_cpu_shim.pth").write_text("import dit_quant_torchvision_cpu_shim\n")
+    site = run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=root
+    ).strip()
+    shutil.copy(
+        REPO_ROOT / "scripts" / "torchvision_cpu_shim.py",
+        pathlib.Path(site) / "dit_quant_torchvision_cpu_shim.py",
+    )
+    (pathlib.Path(site) / "dit_quant_torchvision_cpu_shim.pth").write_text(
+        "import dit_quant_torchvision_cpu_shim\n"
+    )
     yield root, python
     shutil.rmtree(venv, ignore_errors=True)  # 1.5 GB
 
@@ -103,19 +135,25 @@ def comfyui_env(tmp_path_factory):
 @pytest.mark.slow
 def test_readme_install_keeps_torch_and_the_server_lists_the_nodes(comfy, comfyui_env):
     root, python = comfyui_env
-    base = root / "ComfyUI"  # the user's ComfyUI folder: its custom_nodes, models, ... (code from comfy_root())
+    base = (
+        root / "ComfyUI"
+    )  # the user's ComfyUI folder: its custom_nodes, models, ... (code from comfy_root())
     (base / "custom_nodes").mkdir(parents=True)
     repository = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
     torch_before = installed_versions(python, TORCH_STACK)
 
     commands = readme_install_commands()
-    assert [c.split()[0] for c in commands][:1] == ["cd"] and any(c.startswith("pip install") for c in commands)
+    assert [c.split()[0] for c in commands][:1] == ["cd"] and any(
+        c.startswith("pip install") for c in commands
+    )
     cwd = root
     for command in commands:
         words = shlex.split(command)
         if words[0] == "cd":
             cwd = (cwd / words[1]).resolve()
-            assert cwd == (base / "custom_nodes").resolve(), f"README: {command!r} is not ComfyUI/custom_nodes"
+            assert cwd == (base / "custom_nodes").resolve(), (
+                f"README: {command!r} is not ComfyUI/custom_nodes"
+            )
         elif words[:2] == ["git", "clone"]:
             assert words[2].removesuffix(".git") == repository, f"README clones {words[2]}, not {repository}"
             folder = cwd / (words[3] if len(words) > 3 else words[2].removesuffix(".git").rsplit("/", 1)[1])
@@ -137,6 +175,9 @@ def test_readme_install_keeps_torch_and_the_server_lists_the_nodes(comfy, comfyu
         object_info = server.get_json("/object_info")
     finally:
         server.stop()
-    listed = {name for name, info in object_info.items()
-              if info["python_module"] == f"custom_nodes.{PACK_FOLDER_NAME}"}
+    listed = {
+        name
+        for name, info in object_info.items()
+        if info["python_module"] == f"custom_nodes.{PACK_FOLDER_NAME}"
+    }
     assert listed == set(comfy.modules["loaded_node_classes"]), server.log_tail()

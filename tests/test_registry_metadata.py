@@ -10,10 +10,10 @@ custom node's pyproject.toml (``comfy_config.config_parser``) must read the same
 
 import re
 import sys
-import tomllib
 import urllib.parse
 
 import pytest
+import tomllib
 from comfy_harness import REPO_ROOT, comfy_root
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -65,7 +65,9 @@ def test_tool_comfy_publisher_display_name_icon(pyproject):
     assert PUBLISHER_ID.match(comfy["PublisherId"]), f"PublisherId {comfy['PublisherId']!r}"
     assert comfy["DisplayName"].strip()
     icon = urllib.parse.urlsplit(comfy["Icon"])
-    assert icon.scheme == "https" and icon.netloc, f"Icon must be an https URL of an image, got {comfy['Icon']!r}"
+    assert icon.scheme == "https" and icon.netloc, (
+        f"Icon must be an https URL of an image, got {comfy['Icon']!r}"
+    )
     assert icon.path.lower().endswith(IMAGE_SUFFIXES), f"Icon {comfy['Icon']!r} is not an image file"
 
 
@@ -101,7 +103,9 @@ def test_requirements_never_touch_torch():
     lines = requirement_lines()
     assert lines, "requirements.txt lists nothing"
     for line in lines:
-        assert not line.startswith("-"), f"pip option in requirements.txt: {line!r} (users' pip config decides)"
+        assert not line.startswith("-"), (
+            f"pip option in requirements.txt: {line!r} (users' pip config decides)"
+        )
         requirement = Requirement(line)
         assert canonicalize_name(requirement.name) not in USER_TORCH_STACK, f"requirements.txt lists {line!r}"
         assert not canonicalize_name(requirement.name).startswith("nvidia-"), line
