@@ -191,8 +191,11 @@ def declared_default(kind, options: dict):
 
 
 def test_server_lists_the_example_workflows(server):
+    """ComfyUI's template browser lists them under the pack, each with its thumbnail (``<name>.jpg``)."""
     templates = server.get_json("/workflow_templates")
     assert sorted(templates.get(PACK_FOLDER_NAME, [])) == WORKFLOW_NAMES
+    for name in WORKFLOW_NAMES:
+        assert server.request(f"/api/workflow_templates/{PACK_FOLDER_NAME}/{name}.jpg")[0] == 200, name
     assert set(WORKFLOW_NAMES) >= {
         "int8_load_and_sample",
         "int8_quantize_and_save",
