@@ -1,12 +1,11 @@
 """Triton kernels of the INT8 W8A8 linear (see w8a8_reference.py for the exact math they reproduce).
 
-Two paths, chosen by the number of rows M:
-- large M: ``_quantize_rows_kernel`` (one pass: per-row amax, then int8 rows + fp32 scales) followed by
-  ``_w8a8_gemm_kernel`` in its int8-A mode (int8 tensor-core GEMM, int32 accumulation, fused epilogue:
-  row scale x column scale (+ bias) -> output dtype);
-- small M: ``_w8a8_gemm_kernel`` alone in its quantize-on-load mode: each program computes the row
-  amax of its few rows over the whole K, then quantizes the activation tiles in registers as it loads
-  them. One launch, no int8 activation round trip through memory.
+- ``_quantize_rows_kernel``: per-row amax, fp32 scale and int8 row (one program per row);
+- ``_w8a8_gemm_kernel``: tiled int8 tensor-core GEMM, int32 accumulation, fused epilogue (row scale x
+  column scale (+ bias) -> output dtype); in its QUANTIZE_A mode it takes the float activation and
+  quantizes it on load instead (one launch, for small M);
+- ``_w8a8_gemm_tma_kernel``: persistent Hopper variant of the int8-A GEMM with TMA descriptors.
+Which runs is a ``GemmConfig`` (see KINDS and ``candidate_configs``), chosen by w8a8_autotune.py.
 
 The weight is int8 [N, K] with K contiguous (nn.Linear layout): 8-bit tensor-core operands must be
 K-major on Hopper (wgmma) and this layout keeps both operand loads contiguous along K.
@@ -254,14 +253,15 @@ INTERPRETER_CONFIGS = {
     "large": GemmConfig("int8", 64, 64, 64, 8, 4, 1),
 }
 
+# Hopper lists are pruned to the configs that won (or came within a few percent) somewhere in the H100
+# sweeps (bench/results/bench_w8a8_layers_*sweep*.json), plus one one-launch "fused" config, which never
+# won on GPU time there but saves a launch; Ampere/Ada lists are chosen to fit 99 KB of shared memory.
 _SMALL_M_CONFIGS = [  # weight streaming: narrow N tiles so that enough programs run, long K tiles
+    GemmConfig("int8", 16, 64, 256, 1, 4, 4),
     GemmConfig("int8", 16, 32, 256, 1, 4, 4),
     GemmConfig("int8", 16, 16, 256, 1, 4, 4),
-    GemmConfig("int8", 16, 64, 256, 1, 4, 4),
     GemmConfig("int8", 32, 32, 256, 1, 4, 4),
-    GemmConfig("int8", 64, 32, 256, 1, 4, 3),
     GemmConfig("fused", 16, 32, 256, 1, 4, 4),
-    GemmConfig("fused", 16, 64, 128, 1, 4, 4),
 ]
 _MID_M_CONFIGS = {
     "ampere": [
@@ -272,10 +272,9 @@ _MID_M_CONFIGS = {
     ],
     "hopper": [
         GemmConfig("tma", 128, 256, 128, 8, 8, 4, split_epilogue=True),
-        GemmConfig("tma", 64, 256, 128, 8, 4, 4),
+        GemmConfig("tma", 128, 128, 128, 8, 4, 5),
         GemmConfig("tma", 64, 128, 128, 8, 4, 4),
         GemmConfig("int8", 64, 128, 128, 8, 4, 4),
-        GemmConfig("int8", 64, 64, 256, 8, 4, 4),
     ],
 }
 _LARGE_M_CONFIGS = {
@@ -290,8 +289,6 @@ _LARGE_M_CONFIGS = {
         GemmConfig("tma", 128, 256, 128, 8, 8, 3, split_epilogue=True),
         GemmConfig("tma", 256, 128, 128, 8, 8, 3, split_epilogue=True),
         GemmConfig("tma", 64, 256, 128, 8, 4, 4),
-        GemmConfig("tma", 128, 128, 128, 8, 8, 4),
-        GemmConfig("tma", 128, 128, 128, 8, 4, 5),
     ],
 }
 
