@@ -22,7 +22,7 @@ from ..quant.protection import DEFAULT_PRESET, PRESETS, protection_rules
 from ..quant.sensitivity import group_by_block, measure_sensitivity
 from ..quant.smoothquant import DEFAULT_ALPHA, plan_smoothquant, smoothing_factors, weight_input_absmax
 from .comfy_int8_ops import ComfyInt8Linear, make_int8_layer
-from .comfy_model import patched_weight, release_model_weights, with_new_diffusion_model
+from .comfy_model import output_path, patched_weight, release_model_weights, with_new_diffusion_model
 from .int8_nodes import RECIPE_ATTR, int8_layer_names
 from .sampling import (
     DEFAULT_PROMPTS,
@@ -263,14 +263,7 @@ class SaveCalibration:
         }
 
     def save(self, calibration: ActivationStats, filename: str, overwrite: bool):
-        name = os.path.basename(filename.strip())
-        if not name:
-            raise ValueError("filename is empty")
-        if not name.endswith(".safetensors"):
-            name += ".safetensors"
-        path = os.path.join(folder_paths.get_folder_paths(CALIBRATION_FOLDER)[0], name)
-        if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{path} exists; set overwrite to replace it.")
+        path = output_path(CALIBRATION_FOLDER, filename, ".safetensors", overwrite)
         calibration.save(path)
         return {"ui": {"text": [path]}}
 

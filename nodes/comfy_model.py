@@ -1,11 +1,13 @@
 """Helpers for handing ComfyUI MODELs (ModelPatcher) to the quantizers."""
 
 import copy
+import os
 import uuid
 
 import comfy.lora
 import comfy.model_management
 import comfy.model_patcher
+import folder_paths
 import torch
 
 
@@ -47,3 +49,19 @@ def with_new_diffusion_model(
     new.backup, new.object_patches_backup, new.pinned, new.parent = {}, {}, set(), None
     new.size = comfy.model_management.module_size(base)
     return new
+
+
+def output_path(folder: str, filename: str, extension: str, overwrite: bool) -> str:
+    """Where a save node writes ``filename`` (+ ``extension``) in ComfyUI's model ``folder``.
+
+    Refuses an empty name and an existing file unless ``overwrite``; path parts of the name are dropped.
+    """
+    name = os.path.basename(filename.strip())
+    if not name:
+        raise ValueError("filename is empty")
+    if not name.endswith(extension):
+        name += extension
+    path = os.path.join(folder_paths.get_folder_paths(folder)[0], name)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; set overwrite to replace it.")
+    return path

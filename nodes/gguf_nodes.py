@@ -1,7 +1,6 @@
 """GGUF nodes: load a GGUF diffusion model (weights stay quantized), save a MODEL as GGUF."""
 
 import logging
-import os
 
 import comfy.lora
 import comfy.model_management
@@ -16,7 +15,7 @@ from ..quant.gguf_reader import GGUFTensor, read_gguf
 from ..quant.gguf_type_rules import PRESETS
 from ..quant.gguf_types import gguf_type
 from ..quant.gguf_writer import SourceTensor, write_gguf
-from .comfy_model import release_model_weights
+from .comfy_model import output_path, release_model_weights
 from .gguf_ops import GGUFLayer, GGUFOps, GGUFWeightPatch, gguf_layers, state_dict_for_comfy
 
 CATEGORY = "DiT Quant/GGUF"
@@ -237,14 +236,7 @@ class SaveModelGGUF:
         }
 
     def save(self, model, filename: str, preset: str, overwrite: bool):
-        name = os.path.basename(filename.strip())
-        if not name:
-            raise ValueError("filename is empty")
-        if not name.endswith(".gguf"):
-            name += ".gguf"
-        path = os.path.join(folder_paths.get_folder_paths("diffusion_models")[0], name)
-        if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{path} exists; set overwrite to replace it.")
+        path = output_path("diffusion_models", filename, ".gguf", overwrite)
         sources = model_sources(model)
         bar = comfy.utils.ProgressBar(len(sources))
         device = comfy.model_management.get_torch_device()

@@ -1,7 +1,6 @@
 """INT8 W8A8 nodes: load, quantize on the fly, save, and the kernel patch for the sampler."""
 
 import logging
-import os
 
 import comfy.patcher_extension
 import comfy.sd
@@ -18,7 +17,7 @@ from ..quant.int8_checkpoint import (
 from ..quant.int8_linear import Int8Linear, kernel_backend
 from ..quant.model_quantizer import plan_quantization, quantized_copy
 from .comfy_int8_ops import Int8Operations, make_int8_layer, unloaded_layers
-from .comfy_model import patched_weight, release_model_weights, with_new_diffusion_model
+from .comfy_model import output_path, patched_weight, release_model_weights, with_new_diffusion_model
 
 CATEGORY = "DiT Quant/INT8"
 BACKENDS = ["auto", "triton", "torch"]
@@ -189,14 +188,7 @@ class SaveInt8Model:
                 "This model has LoRA/weight patches; save the INT8 model before applying LoRAs "
                 "(or quantize after them: 'Quantize Model to INT8' merges them)."
             )
-        name = os.path.basename(filename.strip())
-        if not name:
-            raise ValueError("filename is empty")
-        if not name.endswith(".safetensors"):
-            name += ".safetensors"
-        path = os.path.join(folder_paths.get_folder_paths("diffusion_models")[0], name)
-        if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{path} exists; set overwrite to replace it.")
+        path = output_path("diffusion_models", filename, ".safetensors", overwrite)
         release_model_weights(model)
         state_dict = diffusion_model.state_dict()
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("_")}

@@ -268,7 +268,6 @@ def save_tiny_model(
     return path
 
 
-save_tiny_mmdit = save_tiny_model  # the SD3 default; kept as a short name for callers
 
 
 def sampling_graph(
