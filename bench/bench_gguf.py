@@ -5,13 +5,15 @@
    - the K-quant encoder on the GPU writes the same bytes as on the CPU;
    - the fused dequantize-and-multiply kernel (all 8 fused types) and the INT8 Q8_0 kernel vs float
      references.
-2. Per-layer GEMMs at Flux shapes (M = 4608 tokens of a 1024x1024 image, M = 512 text tokens): bf16
-   ``F.linear`` (cuBLAS), plain-torch dequantize + ``F.linear`` (what the common ComfyUI GGUF loader does),
-   Triton dequantize + ``F.linear``, our fused kernel (Q8_0, Q4_K) and the INT8 Q8_0 option. With --sweep
+2. Per-layer GEMMs at Flux shapes (M = 4608 tokens of a 1024x1024 image, M = 512 text tokens, M = 16 and
+   M = 1 as the modulation layers see): bf16 ``F.linear`` (cuBLAS), plain-torch dequantize + ``F.linear``
+   (what the common ComfyUI GGUF loader does),
+   Triton dequantize + ``F.linear``, our fused kernel (Q8_0, Q4_K), "auto" (what the loader runs: fused
+   or dequantize + cuBLAS, per ``gguf_dispatch.fused_wins``) and the INT8 Q8_0 option. With --sweep
    (default) every candidate tile of the fused kernel is timed on one shape.
-3. One denoising step of ComfyUI's own Flux class at flux-dev size (random weights, 1024x1024, bf16) with the
-   same paths; weight bytes of each variant. Target: ours at Q8_0 and Q4_K <= 1.05x bf16's step time with
-   <= 0.55x / <= 0.32x of its weight bytes.
+3. One denoising step of ComfyUI's own Flux class at flux-dev size (random weights, 1024x1024, bf16) with
+   the same paths; weight bytes of each variant. Target: ours ("auto") at Q8_0 and Q4_K <= 1.05x bf16's
+   step time with <= 0.55x / <= 0.32x of its weight bytes.
 
     python bench/bench_gguf.py [--out DIR] [--no-sweep] [--steps 5]
 
@@ -31,26 +33,11 @@ import traceback
 import numpy as np
 import torch
 import torch.nn.functional as F
-from w8a8_common import REPO_ROOT, environment, import_kernels, markdown_table, save_results, time_ms
+from flux_common import build_flux, flux_inputs, import_comfy_module, tensor_bytes, time_step
+from w8a8_common import environment, import_kernels, markdown_table, save_results, time_ms
 
 # (K, N) of Flux's Linear layers (hidden 3072): attention qkv / out, MLP up / down, single-block in / out.
 FLUX_SHAPES = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
-FLUX_DEV = dict(
-    in_channels=16,
-    out_channels=16,
-    vec_in_dim=768,
-    context_in_dim=4096,
-    hidden_size=3072,
-    mlp_ratio=4.0,
-    num_heads=24,
-    depth=19,
-    depth_single_blocks=38,
-    axes_dim=[16, 56, 56],
-    theta=10000,
-    patch_size=2,
-    qkv_bias=True,
-    guidance_embed=True,
-)
 QUANT_TYPES = ("Q8_0", "Q4_K")
 SWEEP_SHAPE = (3072, 12288)
 
@@ -149,6 +136,7 @@ def layer_paths(x: torch.Tensor, weight_bf16: torch.Tensor, raws: dict, bias: to
             ("torch", "torch dequant+linear"),
             ("dequant", "triton dequant+linear"),
             ("fused", "fused"),
+            ("auto", "auto"),
         ):
             paths[f"{qtype} {label}"] = lambda raw=raw, qtype=qtype, mode=mode: gguf_linear(
                 x, raw, qtype, (n, k), bias, mode
@@ -172,7 +160,7 @@ def bench_layers(results: dict) -> None:
         weight = torch.randn(n, k, device="cuda", generator=g) * k**-0.5
         raws = {q: quantize_weight(weight, q) for q in QUANT_TYPES}
         bias = torch.randn(n, device="cuda", generator=g).bfloat16()
-        for m in (4608, 512):
+        for m in (4608, 512, 16, 1):
             x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
             times = {name: timed(fn) for name, fn in layer_paths(x, weight.bfloat16(), raws, bias).items()}
             base = times["bf16 F.linear"]
@@ -228,64 +216,6 @@ def sweep_configs(results: dict) -> None:
 # ----------------------------------------------------------------------------- 3. full Flux step
 
 
-def import_comfy():
-    """ComfyUI's Flux class and ops, and our GGUF operations (imported without the other node modules)."""
-    import importlib
-    import types
-
-    sys.path.insert(0, os.environ.get("COMFYUI_PATH", str(REPO_ROOT / ".cache" / "ComfyUI")))
-    flux = importlib.import_module("comfy.ldm.flux.model")
-    comfy_ops = importlib.import_module("comfy.ops")
-    if "dit_quant.nodes" not in sys.modules:  # skip nodes/__init__.py: it imports every node family
-        package = types.ModuleType("dit_quant.nodes")
-        package.__path__ = [str(REPO_ROOT / "nodes")]
-        sys.modules["dit_quant.nodes"] = package
-    gguf_ops = importlib.import_module("dit_quant.nodes.gguf_ops")
-    return flux.Flux, comfy_ops, gguf_ops
-
-
-def init_small_(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """Random weights that keep activations finite through 57 blocks: fan-in scaled matrices, vectors ~1."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if p is None or not p.is_floating_point():
-                continue
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, device=p.device, generator=generator) * p.shape[-1] ** -0.5)
-            else:
-                p.copy_(1.0 + 0.02 * torch.randn(p.shape, device=p.device, generator=generator))
-
-
-def flux_inputs(generator: torch.Generator) -> dict:
-    return {
-        "x": torch.randn(1, 16, 128, 128, device="cuda", generator=generator, dtype=torch.bfloat16),
-        "timestep": torch.tensor([0.5], device="cuda", dtype=torch.bfloat16),
-        "context": torch.randn(1, 512, 4096, device="cuda", generator=generator, dtype=torch.bfloat16),
-        "y": torch.randn(1, 768, device="cuda", generator=generator, dtype=torch.bfloat16),
-        "guidance": torch.tensor([3.5], device="cuda", dtype=torch.bfloat16),
-    }
-
-
-def time_step(model, inputs: dict, steps: int) -> tuple[float, torch.Tensor]:
-    with torch.no_grad():
-        for _ in range(2):
-            out = model(**inputs)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model(**inputs)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    return float(np.median(times)), out
-
-
-def param_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def quantize_flux(model: torch.nn.Module, gguf_ops, qtype: str, device: str = "cuda") -> None:
     """Give every quantizable Linear GGUF bytes (the writer's rules: embedders and final layer stay bf16,
     biases F32). Bytes are made once per distinct shape from random weights and copied to same-shape layers:
@@ -316,15 +246,13 @@ def quantize_flux(model: torch.nn.Module, gguf_ops, qtype: str, device: str = "c
 
 
 def bench_step(results: dict, steps: int) -> None:
-    flux_cls, comfy_ops, gguf_ops = import_comfy()
+    comfy_ops = import_comfy_module("comfy.ops")
+    gguf_ops = import_comfy_module("dit_quant.nodes.gguf_ops")
     g = torch.Generator(device="cuda").manual_seed(6)
     inputs = flux_inputs(g)
     step = {}
-    model = flux_cls(
-        dtype=torch.bfloat16, device="cuda", operations=comfy_ops.disable_weight_init, **FLUX_DEV
-    )
-    init_small_(model, g)
-    bf16_bytes = param_bytes(model)
+    model = build_flux(comfy_ops.disable_weight_init, g)
+    bf16_bytes = tensor_bytes(model)
     bf16_ms, bf16_out = time_step(model, inputs, steps)
     step["bf16"] = {"ms": bf16_ms, "weight_bytes": bf16_bytes}
     print(f"  bf16: {bf16_ms:.1f} ms, {bf16_bytes / 2**30:.2f} GiB of weights", flush=True)
@@ -333,12 +261,11 @@ def bench_step(results: dict, steps: int) -> None:
     torch.cuda.empty_cache()
 
     for qtype in QUANT_TYPES:
-        model = flux_cls(dtype=torch.bfloat16, device="cuda", operations=gguf_ops.GGUFOps, **FLUX_DEV)
-        init_small_(model, g)
+        model = build_flux(gguf_ops.GGUFOps, g)
         quantize_flux(model, gguf_ops, qtype)
-        weight_bytes = param_bytes(model)
+        weight_bytes = tensor_bytes(model)
         outputs = {}
-        for mode in ("torch", "dequant", "fused") + (("int8",) if qtype == "Q8_0" else ()):
+        for mode in ("torch", "dequant", "fused", "auto") + (("int8",) if qtype == "Q8_0" else ()):
             for layer in gguf_ops.gguf_layers(model).values():
                 layer.gguf_mode = mode
             ms, outputs[mode] = time_step(model, inputs, steps)
@@ -363,7 +290,7 @@ def bench_step(results: dict, steps: int) -> None:
         torch.cuda.empty_cache()
     targets = {"Q8_0": (1.05, 0.55), "Q4_K": (1.05, 0.32)}
     for qtype, (time_bound, bytes_bound) in targets.items():
-        entry = step[f"{qtype} fused"]
+        entry = step[f"{qtype} auto"]
         entry["meets_target"] = (
             entry["ratio_to_bf16"] <= time_bound and entry["bytes_ratio_to_bf16"] <= bytes_bound
         )

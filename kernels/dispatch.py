@@ -39,6 +39,11 @@ class Backend(NamedTuple):
 BACKENDS: dict[str, Backend] = {}
 REQUESTS = ("auto", "triton", "torch")
 
+# Appended to the backend line on GPUs with FP8 tensor cores (Ada sm_89, Hopper sm_90 and newer).
+FP8_NOTE = (". This GPU also has FP8 tensor cores: ComfyUI's weight dtype 'fp8_e4m3fn_fast' is an "
+            "alternative of the same size and similar speed, without per-channel scales or SmoothQuant "
+            "(lower quality on outlier-heavy models). See docs/kernels.md, 'INT8 or FP8'")
+
 _state_lock = threading.Lock()
 _logged: set[tuple[str, str]] = set()
 _resolved: dict[tuple[str, str], str] = {}  # (device, request) -> backend, after the first resolution
@@ -134,7 +139,9 @@ def _resolve_uncached(device: torch.device, requested: str) -> str:
             raise RuntimeError(f"DiT Quant: backend 'triton' does not run on {device.type} tensors")
         return "triton"
     backend, reason = _auto_choice(device)
-    suffix = "" if backend == "triton" else "; using the torch reference path"
+    suffix = "; using the torch reference path"
+    if backend == "triton":
+        suffix = FP8_NOTE if torch.cuda.get_device_capability(device) >= (8, 9) else ""
     _log_once(device, reason, f"DiT Quant: W8A8 backend '{backend}' on {device}: {reason}{suffix}")
     return backend
 

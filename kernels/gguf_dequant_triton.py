@@ -118,18 +118,6 @@ def _values_q5_1(base, j, mask):
 
 
 @triton.jit
-def _values_q4_k(base, j, mask):
-    d = load_f16(base, mask)
-    dmin = load_f16(base + 2, mask)
-    sub = j // 32
-    sc, mn = k_scale_min(base[:, None] + 4, sub[None, :], mask[:, None])
-    # pair p = j // 64 shares bytes 16 + 32p + l: low nibble for sub-block 2p, high for 2p+1
-    byte = tl.load(base[:, None] + 16 + ((j // 64) * 32 + j % 32)[None, :], mask=mask[:, None], other=0)
-    q = (byte.to(tl.int32) >> ((sub % 2) * 4)[None, :]) & 0xF
-    return (d[:, None] * sc) * q.to(tl.float32) - dmin[:, None] * mn
-
-
-@triton.jit
 def _values_q5_k(base, j, mask):
     d = load_f16(base, mask)
     dmin = load_f16(base + 2, mask)
@@ -241,7 +229,8 @@ def _values_float(base, mask, QTYPE: tl.constexpr):
 
 @triton.jit
 def block_values(base, j, mask, codebook, QTYPE: tl.constexpr):
-    """float32 [len(base), len(j)]: values j of the blocks starting at byte pointers ``base``."""
+    """float32 [len(base), len(j)]: values j of the blocks starting at byte pointers ``base`` (every type but
+    Q4_K, which ``_dequantize_q4_k_blocks`` decodes by nibble halves)."""
     if QTYPE == 0:
         v = _values_q8_0(base, j, mask)
     elif QTYPE == 1:
@@ -252,8 +241,6 @@ def block_values(base, j, mask, codebook, QTYPE: tl.constexpr):
         v = _values_q5_0(base, j, mask)
     elif QTYPE == 4:
         v = _values_q5_1(base, j, mask)
-    elif QTYPE == 5:
-        v = _values_q4_k(base, j, mask)
     elif QTYPE == 6:
         v = _values_q5_k(base, j, mask)
     elif QTYPE == 7:
@@ -281,6 +268,35 @@ def round_to_bf16(v):
 
 
 @triton.jit
+def _store_values(ptrs, values, mask, OUT_BF16: tl.constexpr):
+    if OUT_BF16:
+        tl.store(ptrs, round_to_bf16(values), mask=mask)
+    else:
+        tl.store(ptrs, values.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequantize_q4_k_blocks(base, out, mask, OUT_BF16: tl.constexpr):
+    """Q4_K blocks at byte pointers ``base`` [B] -> values at ``out`` [B] (256 each), by nibble halves: each
+    byte 32p + l is loaded once and gives value 64p + l (low nibble) and 64p + 32 + l (high nibble); the
+    (scale, min) pairs are decoded once per sub-block: value = (d * scale) * q - dmin * min in float32."""
+    d = load_f16(base, mask)[:, None, None]
+    dmin = load_f16(base + 2, mask)[:, None, None]
+    sc, mn = k_scale_min(base[:, None] + 4, tl.arange(0, 8)[None, :], mask[:, None])  # [B, 8]
+    sc_lo, sc_hi = tl.split(tl.reshape(sc, (sc.shape[0], 4, 2)))  # sub-blocks 2p and 2p + 1: [B, 4]
+    mn_lo, mn_hi = tl.split(tl.reshape(mn, (mn.shape[0], 4, 2)))
+    pair = tl.arange(0, 4)[None, :, None]
+    lane = tl.arange(0, 32)[None, None, :]
+    m3 = mask[:, None, None]
+    byte = tl.load(base[:, None, None] + 16 + pair * 32 + lane, mask=m3, other=0).to(tl.int32)
+    lo = (d * sc_lo[:, :, None]) * (byte & 0xF).to(tl.float32) - dmin * mn_lo[:, :, None]
+    hi = (d * sc_hi[:, :, None]) * (byte >> 4).to(tl.float32) - dmin * mn_hi[:, :, None]
+    first = out[:, None, None] + pair * 64 + lane
+    _store_values(first, lo, m3, OUT_BF16)
+    _store_values(first + 32, hi, m3, OUT_BF16)
+
+
+@triton.jit
 def _dequantize_kernel(
     src,
     dst,
@@ -294,20 +310,24 @@ def _dequantize_kernel(
 ):
     blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     mask = blk < n_blocks
-    j = tl.arange(0, BLOCK_SIZE)
-    values = block_values(src + blk * TYPE_SIZE, j, mask, codebook, QTYPE)
-    out = dst + blk[:, None] * BLOCK_SIZE + j[None, :]
-    if OUT_BF16:
-        tl.store(out, round_to_bf16(values), mask=mask[:, None])
+    if QTYPE == 5:
+        _dequantize_q4_k_blocks(src + blk * TYPE_SIZE, dst + blk * BLOCK_SIZE, mask, OUT_BF16)
     else:
-        tl.store(out, values.to(dst.dtype.element_ty), mask=mask[:, None])
+        j = tl.arange(0, BLOCK_SIZE)
+        values = block_values(src + blk * TYPE_SIZE, j, mask, codebook, QTYPE)
+        _store_values(dst + blk[:, None] * BLOCK_SIZE + j[None, :], values, mask[:, None], OUT_BF16)
 
 
 def dequantize_triton(
-    raw: torch.Tensor, qtype: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32
+    raw: torch.Tensor,
+    qtype: str,
+    shape: torch.Size | tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GGUF bytes ``uint8`` (contiguous, on a CUDA device or on CPU under TRITON_INTERPRET=1) ->
-    tensor of ``shape`` in ``dtype`` (float32, bfloat16 or float16)."""
+    tensor of ``shape`` in ``dtype`` (float32, bfloat16 or float16), written into ``out`` (contiguous,
+    ``dtype``, at least as many elements) when given."""
     if qtype not in _QTYPE_ID:
         raise ValueError(f"DiT Quant: no Triton dequantizer for GGUF type {qtype}; have {TRITON_TYPES}")
     if raw.device.type == "cpu" and not INTERPRETED:
@@ -322,7 +342,13 @@ def dequantize_triton(
             f"DiT Quant: {raw.numel()} bytes of {qtype} do not hold a tensor of shape {tuple(shape)}"
         )
     src = raw.contiguous().view(-1)
-    out = torch.empty(n_elements, dtype=dtype, device=raw.device)
+    if out is None:
+        out = torch.empty(n_elements, dtype=dtype, device=raw.device)
+    elif out.dtype != dtype or not out.is_contiguous() or out.numel() < n_elements:
+        raise ValueError(f"DiT Quant: dequantize_triton out must be contiguous {dtype} with >= {n_elements} "
+                         f"elements, got {out.dtype} {tuple(out.shape)}")
+    else:
+        out = out.view(-1)[:n_elements]
     blocks = _BLOCKS_PER_PROGRAM[qtype]
     grid = (triton.cdiv(n_blocks, blocks),)
     if raw.device not in _CODEBOOKS:

@@ -2,7 +2,8 @@
 
 - ``gguf_dequantize``: Triton kernel on CUDA GPUs of compute capability >= 8.0 for the types it covers,
   else the torch reference (on the tensor's own device).
-- ``gguf_linear``: the fused dequantize-and-multiply kernel on such GPUs (``mode="auto"``/"fused");
+- ``gguf_linear``: the fused dequantize-and-multiply kernel on such GPUs (``mode="fused"``, and ``"auto"``
+  where it is measured to be faster: few rows, wide weights);
   ``mode="int8"`` runs Q8_0 weights on INT8 tensor cores with per-token activation quantization;
   ``mode="dequant"`` dequantizes the weight (Triton where possible) and calls ``F.linear``;
   ``mode="torch"`` does the same with the plain-torch dequantizer (what the common ComfyUI loader does).
@@ -82,6 +83,18 @@ def gguf_dequantize(
     return dequantize_reference(raw, qtype, shape, dtype)
 
 
+# Where the fused kernel beat Triton dequantization + cuBLAS on the H100 (bench/results/bench_gguf.md): only
+# for a few rows and a wide weight. With many rows it decodes every weight tile once per row tile and
+# loses to cuBLAS; with N < 3K it has too few column tiles to fill the GPU (no split-K).
+FUSED_MAX_ROWS = 16
+FUSED_MIN_N_OVER_K = 3
+
+
+def fused_wins(m: int, n: int, k: int) -> bool:
+    """True if ``mode="auto"`` runs the fused kernel for M rows, weight [N, K] (else dequant + cuBLAS)."""
+    return m <= FUSED_MAX_ROWS and n >= FUSED_MIN_N_OVER_K * k
+
+
 def gguf_linear(
     x: torch.Tensor,
     raw: torch.Tensor,
@@ -92,7 +105,8 @@ def gguf_linear(
 ) -> torch.Tensor:
     """``x [..., K] @ dequant(W).T + bias`` for a GGUF weight W of ``weight_shape`` [N, K] held as raw bytes.
 
-    Returns [..., N] in x.dtype. ``mode``: "auto" (fused kernel where possible), "fused", "int8" (Q8_0 on
+    Returns [..., N] in x.dtype. ``mode``: "auto" (the fused kernel where it is the faster path, see
+    ``fused_wins``, else "dequant"), "fused", "int8" (Q8_0 on
     INT8 tensor cores where possible), "dequant" (dequantize then ``F.linear``) or "torch" (the same with
     the plain-torch dequantizer).
     """
@@ -101,6 +115,8 @@ def gguf_linear(
     n, k = weight_shape
     if bias is not None:
         bias = bias.to(device=x.device, dtype=x.dtype)
+    if mode == "auto" and not fused_wins(x.numel() // k, n, k):
+        mode = "dequant"
     if (
         mode not in ("dequant", "torch")
         and qtype in FUSED_TYPES

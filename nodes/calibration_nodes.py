@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 
-import comfy.lora
 import comfy.model_management
 import comfy.utils
 import folder_paths
@@ -467,15 +466,7 @@ def _patched_tensors(model, diffusion_model):
     def tensor_of(key: str) -> torch.Tensor:
         if key not in cache:
             module_name, param = key.rsplit(".", 1)
-            module = modules[module_name]
-            if param == "weight":
-                cache[key] = patched_weight(model, module_name, module)
-            else:
-                value = getattr(module, param).detach().float()
-                patches = model.patches.get(f"diffusion_model.{key}")
-                cache[key] = (
-                    value if patches is None else comfy.lora.calculate_weight(patches, value.clone(), key)
-                )
+            cache[key] = patched_weight(model, module_name, modules[module_name], param)
         return cache[key]
 
     return tensor_of

@@ -1,4 +1,4 @@
-"""ComfyUI side of the INT8 layer: low-VRAM weight offloading, LoRA hooks, the loader's operations class."""
+"""ComfyUI side of the INT8 layer: low-VRAM weight offloading, LoRA, the loader's operations class."""
 
 import comfy.model_management
 import comfy.ops
@@ -7,6 +7,7 @@ import torch
 from ..kernels import w8a8_linear
 from ..quant.int8_linear import Int8Linear, active_backend
 from ..quant.int8_weights import INT8_MAX
+from ..quant.lora_branch import LowRankBranch
 
 
 class ComfyInt8Linear(Int8Linear, comfy.ops.CastWeightBiasOp):
@@ -14,14 +15,20 @@ class ComfyInt8Linear(Int8Linear, comfy.ops.CastWeightBiasOp):
 
     - Low VRAM: when ModelPatcher leaves the weights on the offload device it sets ``comfy_cast_weights``;
       the int8 tensors are then moved to the input's device per call (4x fewer bytes than bf16).
-    - LoRA merged by ModelPatcher goes through ``convert_weight``/``set_weight``: the merged weight is
-      re-quantized with the layer's fixed scales, so un-patching restores the exact original.
+    - LoRA: ``lora_branch`` (attached by nodes/lora_patcher.py) adds the low-rank update beside the
+      kernel; the int8 weight is never rewritten. Patches that cannot run as a branch (LoHa, LoKr, DoRA,
+      full diffs...) are merged by ModelPatcher through ``convert_weight``/``set_weight``: the merged
+      weight is re-quantized with the layer's fixed scales, so un-patching restores the exact original.
     """
+
+    lora_branch: LowRankBranch | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.comfy_cast_weights or self.weight_function or self.bias_function:
-            return self._forward_moving_weights(x)
-        return super().forward(x)
+            y = self._forward_moving_weights(x)
+        else:
+            y = super().forward(x)
+        return y if self.lora_branch is None else self.lora_branch.add_to(y, x)
 
     def _forward_moving_weights(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device

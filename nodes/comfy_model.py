@@ -10,6 +10,8 @@ import comfy.model_patcher
 import folder_paths
 import torch
 
+from .lora_patcher import QuantModelPatcher, quant_model_patcher
+
 
 def release_model_weights(patcher: comfy.model_patcher.ModelPatcher) -> None:
     """Unloads every loaded copy of this model so its module weights are the unpatched originals."""
@@ -21,27 +23,29 @@ def release_model_weights(patcher: comfy.model_patcher.ModelPatcher) -> None:
 
 
 def patched_weight(
-    patcher: comfy.model_patcher.ModelPatcher, layer: str, module: torch.nn.Module
+    patcher: comfy.model_patcher.ModelPatcher, layer: str, module: torch.nn.Module, param: str = "weight"
 ) -> torch.Tensor:
-    """The layer's float weight with the patcher's weight patches (LoRA, ...) merged, in fp32."""
-    key = f"diffusion_model.{layer}.weight"
-    weight = module.weight.detach().float()
+    """The layer's float ``param`` tensor (weight, bias, ...) with the patcher's patches (LoRA, ...)
+    merged, in fp32."""
+    key = f"diffusion_model.{layer}.{param}"
+    tensor = getattr(module, param).detach().float()
     if key in patcher.patches:
-        weight = comfy.lora.calculate_weight(patcher.patches[key], weight.clone(), key)
-    return weight
+        tensor = comfy.lora.calculate_weight(patcher.patches[key], tensor.clone(), key)
+    return tensor
 
 
 def with_new_diffusion_model(
     patcher: comfy.model_patcher.ModelPatcher, diffusion_model: torch.nn.Module, consumed_layers: list[str]
-) -> comfy.model_patcher.ModelPatcher:
-    """A new MODEL like ``patcher`` (options, wrappers, remaining patches) around another diffusion model.
+) -> QuantModelPatcher:
+    """A new MODEL like ``patcher`` (options, wrappers, remaining patches) around another diffusion model
+    with quantized layers (a :class:`QuantModelPatcher`: LoRA runs beside them).
 
     Patches of ``consumed_layers``' weights are dropped: the caller merged them.
     """
     base = copy.copy(patcher.model)
     base._modules = dict(patcher.model._modules)
     base.diffusion_model = diffusion_model
-    new = patcher.clone()
+    new = quant_model_patcher(patcher.clone())
     consumed = {f"diffusion_model.{name}.weight" for name in consumed_layers}
     new.model = base
     new.patches = {k: v[:] for k, v in patcher.patches.items() if k not in consumed}

@@ -4,7 +4,6 @@ import logging
 
 import comfy.lora
 import comfy.model_management
-import comfy.model_patcher
 import comfy.sd
 import comfy.utils
 import folder_paths
@@ -16,7 +15,8 @@ from ..quant.gguf_type_rules import PRESETS
 from ..quant.gguf_types import gguf_type
 from ..quant.gguf_writer import SourceTensor, write_gguf
 from .comfy_model import output_path, release_model_weights
-from .gguf_ops import GGUFLayer, GGUFOps, GGUFWeightPatch, gguf_layers, state_dict_for_comfy
+from .gguf_ops import GGUFLayer, GGUFOps, gguf_layers, state_dict_for_comfy
+from .lora_patcher import quant_model_patcher
 
 CATEGORY = "DiT Quant/GGUF"
 GGUF_FOLDER = "dit_quant_gguf"
@@ -28,60 +28,6 @@ folder_paths.folder_names_and_paths[GGUF_FOLDER] = (
     folder_paths.folder_names_and_paths["diffusion_models"][0],
     {".gguf"},
 )
-
-
-def _owner(model: torch.nn.Module, key: str) -> tuple[torch.nn.Module | None, str]:
-    module_name, _, param = key.rpartition(".")
-    try:
-        return model.get_submodule(module_name), param
-    except AttributeError:
-        return None, param
-
-
-def _strip_gguf_patches(model: torch.nn.Module, only_lowvram_duplicates: bool) -> None:
-    """Remove our per-call patches from the layers' weight functions; with the flag, only those that
-    ComfyUI's own LowVramPatch for the same key now duplicates."""
-    for m in model.modules():
-        if not isinstance(m, GGUFLayer):
-            continue
-        for attr in ("weight_function", "bias_function"):
-            functions = getattr(m, attr)
-            if only_lowvram_duplicates:
-                lowvram_keys = {f.key for f in functions if isinstance(f, comfy.model_patcher.LowVramPatch)}
-                kept = [
-                    f for f in functions if not (isinstance(f, GGUFWeightPatch) and f.key in lowvram_keys)
-                ]
-            else:
-                kept = [f for f in functions if not isinstance(f, GGUFWeightPatch)]
-            if len(kept) != len(functions):
-                setattr(m, attr, kept)
-
-
-class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
-    """ModelPatcher for models with GGUF layers: patches of a quantized weight are applied per call to its
-    dequantized copy instead of being merged into (and backed up from) the quantized bytes."""
-
-    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
-        module, param = _owner(self.model, key)
-        if (
-            key not in self.patches
-            or not isinstance(module, GGUFLayer)
-            or module.gguf_qtype is None
-            or param != "weight"
-        ):
-            return super().patch_weight_to_device(key, device_to, inplace_update)
-        if not any(isinstance(f, GGUFWeightPatch) and f.key == key for f in module.weight_function):
-            module.weight_function = [*module.weight_function, GGUFWeightPatch(key, self.patches)]
-
-    def unpatch_model(self, device_to=None, unpatch_weights=True):
-        if unpatch_weights:
-            _strip_gguf_patches(self.model, only_lowvram_duplicates=False)
-        return super().unpatch_model(device_to=device_to, unpatch_weights=unpatch_weights)
-
-    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
-        freed = super().partially_unload(device_to, memory_to_free, force_patch_weights)
-        _strip_gguf_patches(self.model, only_lowvram_duplicates=True)
-        return freed
 
 
 class LoadGGUFDiffusionModel:
@@ -145,7 +91,7 @@ class LoadGGUFDiffusionModel:
         layers = gguf_layers(diffusion_model)
         for layer in layers.values():
             layer.gguf_mode = kernel
-        patcher.__class__ = GGUFModelPatcher
+        quant_model_patcher(patcher)
         counts = ", ".join(f"{k} x{v}" for k, v in sorted(model_file.type_counts().items()))
         logging.info(
             "DiT Quant: loaded %s (%s): %d quantized layers; tensor types: %s",

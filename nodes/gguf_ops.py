@@ -1,6 +1,5 @@
 """ComfyUI side of GGUF models: the operations class whose layers keep GGUF-quantized weights and the
-state-dict wrapper that lets ComfyUI's model detection see logical shapes (the ModelPatcher that applies
-LoRA to quantized layers on the fly is ``GGUFModelPatcher`` in gguf_nodes.py).
+state-dict wrapper that lets ComfyUI's model detection see logical shapes.
 
 How weights stay quantized:
 - the loader hands ComfyUI a state dict whose quantized tensors are :class:`GGUFStateTensor`: the raw
@@ -9,10 +8,11 @@ How weights stay quantized:
   measures it like any weight: its size is the quantized size) plus ``gguf_qtype``/``gguf_shape``;
 - ``forward`` runs the fused Triton dequantize-and-multiply kernel on CUDA (kernels/gguf_dispatch.py), or
   dequantizes the layer's weight for that call only (CPU, other layer types, or weight patches present).
-- ComfyUI's low-VRAM mode works unchanged: offloaded weights are moved per call by ``cast_to`` (raw bytes)
-  and its ``LowVramPatch`` weight functions are applied to the dequantized weight;
-- ``GGUFModelPatcher`` (gguf_nodes.py) turns the full-load LoRA merge (``patch_weight_to_device``), which
-  would rewrite the weight, into the same per-call application: LoRA never dequantizes a layer for good.
+- ComfyUI's low-VRAM mode works unchanged: offloaded weights are moved per call by ``cast_to`` (raw bytes).
+- LoRA (nodes/lora_patcher.py): plain LoRA on a Linear runs as ``lora_branch`` beside the kernel; other
+  patches (LoHa, LoKr, DoRA, conv layers...) are applied per call to the dequantized weight
+  (:class:`GGUFWeightPatch`, or ComfyUI's ``LowVramPatch`` for offloaded layers). LoRA never dequantizes a
+  layer for good.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..kernels.gguf_dispatch import gguf_dequantize, gguf_linear
 from ..quant.gguf_reader import GGUFModelFile
+from ..quant.lora_branch import LowRankBranch
 
 
 class GGUFStateTensor(torch.Tensor):
@@ -114,6 +115,8 @@ class GGUFOps(comfy.ops.manual_cast):
     """Operations for building a diffusion model from a GGUF state dict (see the module docstring)."""
 
     class Linear(GGUFLayer, comfy.ops.manual_cast.Linear):
+        lora_branch: LowRankBranch | None = None
+
         def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
             torch.nn.Module.__init__(self)  # no weight allocation: the state dict brings it
             self.in_features, self.out_features = in_features, out_features
@@ -129,8 +132,10 @@ class GGUFOps(comfy.ops.manual_cast):
                 return super().forward_comfy_cast_weights(input)
             raw, bias = self._gguf_inputs(input.device, input.dtype)
             if self.weight_function:
-                return F.linear(input, self.gguf_weight(raw, input.dtype), bias)
-            return gguf_linear(input, raw, self.gguf_qtype, tuple(self.gguf_shape), bias, self.gguf_mode)
+                y = F.linear(input, self.gguf_weight(raw, input.dtype), bias)
+            else:
+                y = gguf_linear(input, raw, self.gguf_qtype, tuple(self.gguf_shape), bias, self.gguf_mode)
+            return y if self.lora_branch is None else self.lora_branch.add_to(y, input)
 
     class Conv1d(GGUFLayer, comfy.ops.manual_cast.Conv1d):
         def forward_comfy_cast_weights(self, input: torch.Tensor) -> torch.Tensor:

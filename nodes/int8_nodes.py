@@ -8,6 +8,8 @@ import comfy.utils
 import folder_paths
 
 from ..quant.int8_checkpoint import (
+    LAYOUT_DIT_QUANT,
+    LAYOUTS,
     RECIPE_KEY,
     CheckpointError,
     load_int8_checkpoint,
@@ -18,6 +20,7 @@ from ..quant.int8_linear import Int8Linear, kernel_backend
 from ..quant.model_quantizer import plan_quantization, quantized_copy
 from .comfy_int8_ops import Int8Operations, make_int8_layer, unloaded_layers
 from .comfy_model import output_path, patched_weight, release_model_weights, with_new_diffusion_model
+from .lora_patcher import quant_model_patcher
 
 CATEGORY = "DiT Quant/INT8"
 BACKENDS = ["auto", "triton", "torch"]
@@ -33,9 +36,10 @@ class LoadInt8DiffusionModel:
     DISPLAY_NAME = "Load Diffusion Model (INT8)"
     CATEGORY = CATEGORY
     DESCRIPTION = (
-        "Loads a DiT Quant INT8 W8A8 checkpoint from models/diffusion_models. Quantized layers stay "
-        "int8 in memory and VRAM (never expanded to bf16); the architecture is detected like the "
-        "stock loader does."
+        "Loads an INT8 W8A8 checkpoint from models/diffusion_models: a DiT Quant file or one in ComfyUI "
+        "core's int8_tensorwise layout (comfy_quant tensors or the older _quantization_metadata header). "
+        "Quantized layers stay int8 in memory and VRAM (never expanded to bf16); the architecture is "
+        "detected like the stock loader does."
     )
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
@@ -50,8 +54,8 @@ class LoadInt8DiffusionModel:
                 "unet_name": (
                     names,
                     {
-                        "tooltip": "An INT8 checkpoint written by 'Save INT8 Model' "
-                        "(safetensors with a dit_quant_recipe header)."
+                        "tooltip": "An INT8 checkpoint: written by 'Save INT8 Model' (either format) "
+                        "or by ComfyUI core in its int8_tensorwise layout (not ConvRot)."
                     },
                 )
             }
@@ -82,7 +86,7 @@ class LoadInt8DiffusionModel:
             )
         setattr(diffusion_model, RECIPE_ATTR, recipe)
         logging.info("DiT Quant: loaded %s with %d INT8 layers", unet_name, len(loaded))
-        return (model,)
+        return (quant_model_patcher(model),)
 
 
 class QuantizeModelInt8:
@@ -150,7 +154,8 @@ class SaveInt8Model:
     CATEGORY = CATEGORY
     DESCRIPTION = (
         "Writes an INT8 model to models/diffusion_models as safetensors (int8 weights, fp32 scales, "
-        "the recipe in the header), atomically. Load it back with 'Load Diffusion Model (INT8)'."
+        "the recipe in the header), atomically, in this pack's layout or in ComfyUI core's "
+        "int8_tensorwise layout. Load it back with 'Load Diffusion Model (INT8)'."
     )
     RETURN_TYPES = ()
     OUTPUT_NODE = True
@@ -175,10 +180,22 @@ class SaveInt8Model:
                     "BOOLEAN",
                     {"default": False, "tooltip": "Replace an existing file of that name."},
                 ),
-            }
+            },
+            "optional": {
+                "format": (
+                    LAYOUTS,
+                    {
+                        "default": LAYOUT_DIT_QUANT,
+                        "tooltip": "dit_quant: this pack's layout, holds every model (SmoothQuant "
+                        "vectors included). comfy_int8: ComfyUI core's int8_tensorwise layout, readable "
+                        "by stock ComfyUI with INT8 support; only for models without smoothing vectors "
+                        "(plain INT8, or SmoothQuant folded 'only where exact').",
+                    },
+                ),
+            },
         }
 
-    def save(self, model, filename: str, overwrite: bool):
+    def save(self, model, filename: str, overwrite: bool, format: str = LAYOUT_DIT_QUANT):
         diffusion_model = model.model.diffusion_model
         recipe = getattr(diffusion_model, RECIPE_ATTR, None)
         if recipe is None or not int8_layer_names(diffusion_model):
@@ -192,7 +209,7 @@ class SaveInt8Model:
         release_model_weights(model)
         state_dict = diffusion_model.state_dict()
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("_")}
-        save_int8_checkpoint(path, state_dict, recipe)
+        save_int8_checkpoint(path, state_dict, recipe, layout=format)
         logging.info("DiT Quant: saved %s", path)
         return {"ui": {"text": [path]}}
 

@@ -8,6 +8,10 @@ Layout (keys are ComfyUI diffusion-model state-dict keys, no ``model.diffusion_m
   every other tensor        as in the source model (protected layers, norms, embedders)
 Header metadata ``dit_quant_recipe``: JSON with ``format``, ``format_version``, ``quantized_layers``,
 ``protected_layers`` and the quantization settings (SmoothQuant α, calibration summary, ...).
+
+Files in ComfyUI core's per-layer INT8 layout (``comfy_int8_format``) are read too, and written where the
+model is exactly representable there; such files carry the recipe only as ``dit_quant_source_recipe``
+(information), so stock ComfyUI and this pack both see them as ComfyUI-layout files.
 """
 
 import json
@@ -19,10 +23,23 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic_io import atomic_path
+from .comfy_int8_format import (
+    COMFY_QUANT_SUFFIX,
+    INT8_FORMAT,
+    LEGACY_METADATA_KEY,
+    ComfyInt8FormatError,
+    export_comfy_int8,
+    read_comfy_int8,
+)
 
 FORMAT_NAME = "dit_quant.int8_w8a8"
 FORMAT_VERSION = 1
 RECIPE_KEY = "dit_quant_recipe"
+SOURCE_RECIPE_KEY = "dit_quant_source_recipe"
+# File layouts: this pack's (smoothing vectors allowed) and ComfyUI core's int8_tensorwise.
+LAYOUT_DIT_QUANT = "dit_quant"
+LAYOUT_COMFY_INT8 = "comfy_int8"
+LAYOUTS = [LAYOUT_DIT_QUANT, LAYOUT_COMFY_INT8]
 
 
 class CheckpointError(ValueError):
@@ -43,38 +60,98 @@ def make_recipe(quantized_layers: list[str], protected_layers: list[str], **sett
 
 
 def save_int8_checkpoint(
-    path: str | os.PathLike, state_dict: dict[str, torch.Tensor], recipe: dict[str, Any]
+    path: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor],
+    recipe: dict[str, Any],
+    layout: str = LAYOUT_DIT_QUANT,
 ) -> None:
-    """Validates and writes ``state_dict`` + ``recipe`` to ``path`` atomically."""
+    """Validates ``state_dict`` (this pack's layout) + ``recipe`` and writes them to ``path`` atomically.
+
+    layout: ``"dit_quant"`` (recipe in ``dit_quant_recipe``) or ``"comfy_int8"`` (ComfyUI core's
+    int8_tensorwise layout, readable by stock ComfyUI with INT8 support; the recipe goes to
+    ``dit_quant_source_recipe``). A model with unfolded smoothing vectors is refused for comfy_int8
+    before anything is written.
+    """
     validate_int8_state_dict(state_dict, recipe, str(path))
+    if layout == LAYOUT_DIT_QUANT:
+        metadata = {RECIPE_KEY: json.dumps(recipe)}
+    elif layout == LAYOUT_COMFY_INT8:
+        try:
+            state_dict, metadata = export_comfy_int8(state_dict, recipe["quantized_layers"])
+        except ComfyInt8FormatError as e:
+            raise CheckpointError(
+                f"{path}: not written as {LAYOUT_COMFY_INT8}: {e}. Save with format '{LAYOUT_DIT_QUANT}' "
+                "instead, which keeps the smoothing vectors"
+            ) from e
+        metadata = {**metadata, SOURCE_RECIPE_KEY: json.dumps(recipe)}
+    else:
+        raise ValueError(f"unknown checkpoint layout {layout!r}; expected one of {LAYOUTS}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={RECIPE_KEY: json.dumps(recipe)})
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
-def read_recipe(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The recipe of a safetensors file, or None when it has none. Raises CheckpointError if unreadable."""
+def _read_header(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
+    """(tensor names, header metadata) of a safetensors file. Raises CheckpointError if unreadable."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+            return list(f.keys()), f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    if RECIPE_KEY not in metadata:
+
+
+def _parse_recipe(path: str | os.PathLike, metadata: dict[str, str], key: str) -> dict[str, Any] | None:
+    if key not in metadata:
         return None
     try:
-        recipe = json.loads(metadata[RECIPE_KEY])
+        return json.loads(metadata[key])
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: the {RECIPE_KEY} header is not valid JSON ({e})") from e
-    return recipe
+        raise CheckpointError(f"{path}: the {key} header is not valid JSON ({e})") from e
+
+
+def _read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: tensor data unreadable, the file may be truncated ({e})") from e
+
+
+def _load_comfy_int8(
+    path: str | os.PathLike, metadata: dict[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    try:
+        state_dict, layers = read_comfy_int8(_read_tensors(path), metadata)
+    except ComfyInt8FormatError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    source = _parse_recipe(path, metadata, SOURCE_RECIPE_KEY)
+    if (
+        isinstance(source, dict)
+        and source.get("format") == FORMAT_NAME
+        and sorted(source.get("quantized_layers", [])) == layers
+    ):
+        recipe = source  # written by this pack: the recipe it was made with
+    else:
+        recipe = make_recipe(layers, [], method=f"imported from ComfyUI's {INT8_FORMAT} layout")
+    validate_int8_state_dict(state_dict, recipe, str(path))
+    return state_dict, recipe
 
 
 def load_int8_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Reads and validates an INT8 checkpoint; returns (state_dict, recipe)."""
-    recipe = read_recipe(path)
+    """Reads and validates an INT8 checkpoint; returns (state_dict in this pack's layout, recipe).
+
+    Files in ComfyUI core's int8_tensorwise layout are converted (exactly: same int8 weights, scales
+    as fp32 [N]); their recipe lists the quantized layers and no protected ones.
+    """
+    keys, metadata = _read_header(path)
+    recipe = _parse_recipe(path, metadata, RECIPE_KEY)
+    comfy_layout = LEGACY_METADATA_KEY in metadata or any(k.endswith(COMFY_QUANT_SUFFIX) for k in keys)
+    if recipe is None and comfy_layout:
+        return _load_comfy_int8(path, metadata)
     if recipe is None:
         raise CheckpointError(
-            f"{path}: no {RECIPE_KEY} metadata, so this is not a DiT Quant INT8 checkpoint "
-            "(use ComfyUI's stock 'Load Diffusion Model' for ordinary files)"
+            f"{path}: no {RECIPE_KEY} metadata and no ComfyUI {INT8_FORMAT} layers, so this is not a "
+            "DiT Quant INT8 checkpoint (use ComfyUI's stock 'Load Diffusion Model' for ordinary files)"
         )
     if recipe.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: recipe format {recipe.get('format')!r} is not {FORMAT_NAME!r}")
@@ -83,13 +160,7 @@ def load_int8_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
             f"{path}: format version {recipe['format_version']} is newer than this pack "
             f"understands ({FORMAT_VERSION}); update DiT Quant"
         )
-    try:
-        state_dict: dict[str, torch.Tensor] = {}
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                state_dict[key] = f.get_tensor(key)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: tensor data unreadable, the file may be truncated ({e})") from e
+    state_dict = _read_tensors(path)
     validate_int8_state_dict(state_dict, recipe, str(path))
     return state_dict, recipe
 

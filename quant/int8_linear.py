@@ -24,7 +24,11 @@ def kernel_backend(backend: str) -> Iterator[None]:
         _ACTIVE_BACKEND.reset(token)
 
 
+# torch.compile cannot trace ContextVar.get(): it takes the backend active when the model is traced as a
+# constant (a later kernel_backend() around the compiled model does not re-trace it).
+@torch.compiler.assume_constant_result
 def active_backend() -> str:
+    """The backend set by the innermost ``kernel_backend`` context ("auto" outside any)."""
     return _ACTIVE_BACKEND.get()
 
 

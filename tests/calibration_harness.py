@@ -147,3 +147,46 @@ def save_outlier_mmdit(path, spec: TinyModelSpec, seed: int = 0) -> None:
     model = build_tiny_model(spec, seed, dtype=torch.float32)
     sd = inject_outliers(model.state_dict(), 64 * spec.depth, seed)
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, str(path))
+
+
+def smoothquant_nodes(
+    unet_name: str, spec: TinyModelSpec, prompts: list[str], protection: str = "ffn_down", fold: str = "off"
+) -> dict:
+    """API-format nodes: UNETLoader "load" → plain INT8 "plain", and SmoothQuantCalibrate "calib" over
+    ``prompts`` (64×64, 4 euler steps) → ApplySmoothQuant "smooth" (α = 0.5)."""
+    return {
+        "load": {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}},
+        "clip": text_encoder_node(spec),
+        "plain": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
+        "calib": {
+            "class_type": "SmoothQuantCalibrate",
+            "inputs": {
+                "model": ["load", 0],
+                "clip": ["clip", 0],
+                "prompts": "\n".join(prompts),
+                "negative_prompt": "",
+                "num_prompts": len(prompts),
+                "width": 64,
+                "height": 64,
+                "steps": 4,
+                "cfg": 3.0,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "seed": 100,
+                "timestep_buckets": 0,
+                "reservoir_rows": 16,
+            },
+        },
+        "smooth": {
+            "class_type": "ApplySmoothQuant",
+            "inputs": {
+                "model": ["load", 0],
+                "calibration": ["calib", 0],
+                "protection": protection,
+                "alpha": 0.5,
+                "alpha_search": False,
+                "fold_smoothing": fold,
+                "extra_protected_layers": "",
+            },
+        },
+    }

@@ -118,20 +118,37 @@ class Comfy:
     def diffusion_models_dir(self) -> pathlib.Path:
         return self.base_dir / "models" / "diffusion_models"
 
-    def run(self, prompt: dict) -> dict:
-        """Validates and executes an API-format graph; returns {node_id: ui outputs}. Raises on failure."""
+    def run(self, prompt: dict, executor: Any = None) -> dict:
+        """Validates and executes an API-format graph; returns {node_id: ui outputs}. Raises on failure.
+
+        executor: one from :meth:`new_executor`, to run several graphs the way the server does: ComfyUI's
+        output cache then keeps nodes whose inputs did not change from running again.
+        """
         import execution
 
         prompt_id = str(uuid.uuid4())
         valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
         if not valid[0]:
             raise RuntimeError(f"graph rejected: {valid[1]} {valid[3]}")
-        executor = execution.PromptExecutor(_ServerStandIn(), cache_args={"lru": 0, "ram": 0})
+        executor = executor or self.new_executor()
         executor.execute(prompt, prompt_id, {}, valid[2])
         if not executor.success:
             errors = [m for m in executor.status_messages if m[0] == "execution_error"]
             raise RuntimeError(f"graph failed: {errors}")
         return executor.history_result["outputs"]
+
+    @staticmethod
+    def new_executor() -> Any:
+        """A PromptExecutor with ComfyUI's default (classic) output cache."""
+        import execution
+
+        return execution.PromptExecutor(_ServerStandIn(), cache_args={"lru": 0, "ram": 0})
+
+    @staticmethod
+    def cached_nodes(executor: Any) -> list[str]:
+        """The nodes the executor's last graph took from its cache instead of running them."""
+        messages = executor.status_messages
+        return [n for event, data in messages if event == "execution_cached" for n in data["nodes"]]
 
     def module(self, name: str):
         """A pack module as ComfyUI imported it, e.g. ``comfy.module("quant.int8_linear")``."""
@@ -270,6 +287,31 @@ def save_tiny_model(
 
 
 
+def save_random_lora(
+    path: pathlib.Path,
+    layer_shapes: dict[str, tuple[int, int]],
+    rank: int = 4,
+    seed: int = 0,
+    std: float = 0.05,
+    alpha: float | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> str:
+    """Writes a LoRA in the generic key format (``diffusion_model.<layer>.lora_up/lora_down.weight``, and
+    ``.alpha`` when given) with seeded random factors for layers {name: (N, K)}; returns the file name."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer, (n, k) in layer_shapes.items():
+        prefix = f"diffusion_model.{layer}"
+        tensors[f"{prefix}.lora_up.weight"] = (torch.randn(n, rank, generator=g) * std).to(dtype)
+        tensors[f"{prefix}.lora_down.weight"] = (torch.randn(rank, k, generator=g) * std).to(dtype)
+        if alpha is not None:
+            tensors[f"{prefix}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(path))
+    return path.name
+
+
 def sampling_graph(
     model_node: list | dict,
     *,
@@ -320,6 +362,23 @@ def sampling_graph(
     }
     graph.update(extra or {})
     return graph
+
+
+def load_int8_graph(unet_name: str, backend: str = "torch") -> dict:
+    """API-format nodes: LoadInt8DiffusionModel "load" → Int8KernelPatch "patch" (``backend``)."""
+    return {
+        "load": {"class_type": "LoadInt8DiffusionModel", "inputs": {"unet_name": unet_name}},
+        "patch": {"class_type": "Int8KernelPatch", "inputs": {"model": ["load", 0], "backend": backend}},
+    }
+
+
+def sample_latent(comfy: "Comfy", model_nodes: dict, model_ref: list, **graph_options) -> torch.Tensor:
+    """Runs ``sampling_graph(model_ref, extra=model_nodes, **graph_options)`` through the executor and
+    returns the sampled latent."""
+    CaptureLatent.captured.clear()
+    comfy.run(sampling_graph(model_ref, extra=model_nodes, **graph_options))
+    assert len(CaptureLatent.captured) == 1
+    return CaptureLatent.captured[0]
 
 
 class CaptureLatent:

@@ -1,4 +1,5 @@
-"""GGUF end to end in a real ComfyUI: our loader and saver nodes, the stock KSampler, LoRA, low-VRAM.
+"""GGUF end to end in a real ComfyUI: our loader and saver nodes, the stock KSampler, saving with LoRA
+(LoRA at run time and low-VRAM: test_lora_side_branch.py).
 
 The reference for every comparison is the same model with its GGUF weights dequantized in float32, loaded
 by ComfyUI's own loader with dtype float32 and sampled by the same KSampler node. The harness forces a
@@ -13,12 +14,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from comfy_harness import CaptureLatent, TinyModelSpec, sampling_graph, save_tiny_model
+from comfy_harness import CaptureLatent, TinyModelSpec, sampling_graph, save_random_lora, save_tiny_model
 from dit_quant.kernels.gguf_dequant_reference import dequantize_reference
 from dit_quant.quant.gguf_reader import read_gguf
 from dit_quant.quant.gguf_types import WRITABLE_TYPES
 from dit_quant.quant.gguf_writer import safetensors_sources, write_gguf
-from safetensors.torch import save_file
 
 SPEC = TinyModelSpec(family="sd3", depth=4)  # hidden 256: K-quant rows fit most layers
 TOLERANCE = 1e-4
@@ -169,22 +169,15 @@ def test_resaving_a_gguf_model_copies_quantized_bytes(comfy, tiny_source):
         assert torch.equal(t.data.view(torch.uint8), after[key].data.view(torch.uint8)), key
 
 
-def make_lora(comfy, rank: int = 4, seed: int = 3) -> str:
-    """A random LoRA on the attention qkv and MLP layers of the tiny model (generic key format)."""
-    g = torch.Generator().manual_seed(seed)
+def make_lora(comfy) -> str:
+    """A random LoRA on the attention qkv and MLP fc2 layers of the tiny model (generic key format)."""
     hidden = 64 * SPEC.depth
-    lora = {}
+    shapes = {}
     for block in range(SPEC.depth):
-        for layer, (out_f, in_f) in {
-            "x_block.attn.qkv": (3 * hidden, hidden),
-            "x_block.mlp.fc2": (hidden, 4 * hidden),
-        }.items():
-            key = f"diffusion_model.joint_blocks.{block}.{layer}"
-            lora[f"{key}.lora_up.weight"] = torch.randn(out_f, rank, generator=g) * 0.05
-            lora[f"{key}.lora_down.weight"] = torch.randn(rank, in_f, generator=g) * 0.05
+        shapes[f"joint_blocks.{block}.x_block.attn.qkv"] = (3 * hidden, hidden)
+        shapes[f"joint_blocks.{block}.x_block.mlp.fc2"] = (hidden, 4 * hidden)
     path = comfy.base_dir / "models" / "loras" / "gguf_tiny_lora.safetensors"
-    save_file(lora, str(path))
-    return path.name
+    return save_random_lora(path, shapes, seed=3, dtype=torch.float32)
 
 
 def with_lora(loader: dict, lora_name: str) -> dict:
@@ -194,67 +187,6 @@ def with_lora(loader: dict, lora_name: str) -> dict:
         "inputs": {"model": ["base", 0], "lora_name": lora_name, "strength_model": 1.0},
     }
     return nodes
-
-
-def test_lora_applies_on_the_fly_and_is_removed_after(comfy, tiny_source):
-    name = "gguf_tiny_Q8_0.gguf"
-    write_gguf(comfy.diffusion_models_dir / name, safetensors_sources(tiny_source), "Q8_0")
-    lora = make_lora(comfy)
-    plain = sample(comfy, gguf_loader(name))
-    ours = sample(comfy, with_lora(gguf_loader(name), lora))
-    (reference_with_lora,) = comfy.run_node(
-        "LoraLoaderModelOnly",
-        model=reference_model(comfy.diffusion_models_dir / name),
-        lora_name=lora,
-        strength_model=1.0,
-    )
-    reference = sample_model(comfy, reference_with_lora)
-    assert rel_err(ours, plain) > 1e-2  # the LoRA changes the result ...
-    assert rel_err(ours, reference) <= TOLERANCE  # ... the way ComfyUI's own merge does
-    assert rel_err(sample(comfy, gguf_loader(name)), plain) <= TOLERANCE  # and leaves no trace
-
-
-def test_low_vram_partial_load_with_lora_matches_full_load(comfy, tiny_source):
-    """ComfyUI's low-VRAM mode (weights left on the offload device, LowVramPatch functions for LoRA)."""
-    import comfy.model_management as model_management
-
-    nodes = comfy.nodes.NODE_CLASS_MAPPINGS
-    name = "gguf_tiny_Q4_K.gguf"
-    write_gguf(comfy.diffusion_models_dir / name, safetensors_sources(tiny_source), "Q4_K")
-    (model,) = nodes["LoadGGUFDiffusionModel"]().load(name, "auto")
-    (patched,) = nodes["LoraLoaderModelOnly"]().load_lora_model_only(model, make_lora(comfy), 1.0)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, SPEC.in_channels, 8, 8, generator=g)
-    t = torch.tensor([500.0])
-    context = torch.randn(1, SPEC.context_tokens, SPEC.context_dim, generator=g)
-    y = torch.randn(1, SPEC.pooled_dim, generator=g)
-    device = torch.device("cpu")
-    qkv = patched.model.diffusion_model.joint_blocks[0].x_block.attn.qkv
-
-    def run(patcher) -> torch.Tensor:
-        with torch.no_grad():
-            return patcher.model.diffusion_model(x, t, context=context, y=y)
-
-    model_management.unload_all_models()
-    model.patch_model(device_to=device, lowvram_model_memory=0)
-    without_lora = run(model)
-    model.unpatch_model(device)
-    patched.patch_model(device_to=device, lowvram_model_memory=0)
-    assert qkv.gguf_qtype == "Q4_K" and qkv.weight.dtype == torch.uint8  # still quantized under LoRA
-    full = run(patched)
-    patched.unpatch_model(device)
-    assert rel_err(full, without_lora) > 1e-2
-    assert not qkv.weight_function  # un-patching removed the per-call LoRA
-    patched.patch_model(device_to=device, lowvram_model_memory=1)  # nothing fits: every layer offloaded
-    assert patched.model.model_lowvram
-    assert [type(f).__name__ for f in qkv.weight_function] == ["LowVramPatch"]
-    partial = run(patched)
-    patched.unpatch_model(device)
-    assert rel_err(partial, full) <= TOLERANCE
-    patched.patch_model(device_to=device, lowvram_model_memory=0)
-    patched.partially_unload(device, memory_to_free=1 << 40)  # offload everything after a full load
-    assert rel_err(run(patched), full) <= TOLERANCE  # LoRA applied once, not twice
-    patched.unpatch_model(device)
 
 
 def test_community_layout_file_loads(comfy, tiny_source):

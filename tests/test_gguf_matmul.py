@@ -14,7 +14,7 @@ import pytest
 import torch
 from dit_quant.kernels import quantize_rows
 from dit_quant.kernels.gguf_dequant_reference import dequantize_reference
-from dit_quant.kernels.gguf_dispatch import MODES, gguf_linear
+from dit_quant.kernels.gguf_dispatch import MODES, fused_wins, gguf_linear
 from dit_quant.kernels.gguf_matmul_triton import (
     FUSED_TYPES,
     K_MULTIPLE,
@@ -123,3 +123,13 @@ def test_every_tile_is_correct_on_gpu(qtype):
         for config in (None, *CANDIDATES):
             out = gguf_linear_fused(x, raw, qtype, n, k, bias, config)
             assert ((out.double() - ref).abs() <= bound).all(), (m, config)
+
+
+@pytest.mark.parametrize(
+    "m, n, k, fused",
+    [(1, 12288, 3072, True), (16, 9216, 3072, True), (17, 12288, 3072, False), (1, 3072, 12288, False),
+     (1, 3072, 3072, False), (4608, 21504, 3072, False)],
+)
+def test_auto_runs_fused_only_where_it_measured_faster(m, n, k, fused):
+    """The rule from the H100 measurements (bench/results/bench_gguf.md): few rows and N >= 3K."""
+    assert fused_wins(m, n, k) is fused

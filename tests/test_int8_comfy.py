@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from comfy_harness import CaptureLatent, TinyModelSpec, sampling_graph, save_tiny_model
+from comfy_harness import TinyModelSpec, sample_latent, save_tiny_model
 
 NODE_NAMES = ["LoadInt8DiffusionModel", "QuantizeModelInt8", "SaveInt8Model", "Int8KernelPatch"]
 
@@ -28,10 +28,7 @@ def tiny_file(comfy, family):
 
 
 def sample(comfy, model_nodes: dict, model_ref: list, family: str, seed: int = 1) -> torch.Tensor:
-    CaptureLatent.captured.clear()
-    comfy.run(sampling_graph(model_ref, seed=seed, spec=FAMILIES[family], extra=model_nodes))
-    assert len(CaptureLatent.captured) == 1
-    return CaptureLatent.captured[0]
+    return sample_latent(comfy, model_nodes, model_ref, seed=seed, spec=FAMILIES[family])
 
 
 def test_pack_loads_through_comfyui_loader(comfy):

@@ -4,7 +4,14 @@ import json
 
 import pytest
 import torch
-from comfy_harness import CaptureLatent, TinyModelSpec, sampling_graph, save_tiny_model
+from comfy_harness import (
+    CaptureLatent,
+    TinyModelSpec,
+    load_int8_graph,
+    sampling_graph,
+    save_random_lora,
+    save_tiny_model,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -29,13 +36,6 @@ def files(comfy):
         }
     )
     return {"float": models / "robust_sd3.safetensors", "int8": models / "robust_sd3_int8.safetensors"}
-
-
-def load_int8_graph(name: str) -> dict:
-    return {
-        "load": {"class_type": "LoadInt8DiffusionModel", "inputs": {"unet_name": name}},
-        "patch": {"class_type": "Int8KernelPatch", "inputs": {"model": ["load", 0], "backend": "torch"}},
-    }
 
 
 def run_expecting_error(comfy, name: str) -> str:
@@ -106,22 +106,6 @@ def test_low_vram_offloading_gives_the_same_output(comfy, files):
     assert torch.equal(full, low)
 
 
-def make_lora(
-    path, layers: list[str], dims: dict[str, tuple[int, int]], rank: int = 4, seed: int = 0
-) -> None:
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in layers:
-        n, k = dims[layer]
-        tensors[f"diffusion_model.{layer}.lora_up.weight"] = (
-            torch.randn(n, rank, generator=g) * 0.06
-        ).bfloat16()
-        tensors[f"diffusion_model.{layer}.lora_down.weight"] = (
-            torch.randn(rank, k, generator=g) * 0.06
-        ).bfloat16()
-    save_file(tensors, str(path))
-
-
 @pytest.mark.parametrize("target", ["unquantized", "quantized"])
 def test_lora_on_int8_model_matches_lora_on_bf16(comfy, files, target):
     layers = {
@@ -131,7 +115,7 @@ def test_lora_on_int8_model_matches_lora_on_bf16(comfy, files, target):
     with safe_open(str(files["float"]), framework="pt") as f:
         dims = {layer: tuple(f.get_slice(f"{layer}.weight").get_shape()) for layer in layers}
     loras_dir = comfy.base_dir / "models" / "loras"
-    make_lora(loras_dir / f"lora_{target}.safetensors", layers, dims)
+    save_random_lora(loras_dir / f"lora_{target}.safetensors", dims, std=0.06)
 
     def run(model_nodes: dict, ref: list) -> torch.Tensor:
         CaptureLatent.captured.clear()

@@ -243,7 +243,11 @@ def test_auto_on_gpus_by_compute_capability(fresh_dispatch_state, caplog):
     caplog.clear()
     assert resolve_backend(torch.device("cuda:1"), "auto") == "triton"
     assert resolve_backend(torch.device("cuda:1"), "auto") == "triton"
-    assert len(caplog.records) == 1 and "sm_86" in caplog.text
+    assert len(caplog.records) == 1 and "sm_86" in caplog.text and "FP8" not in caplog.text
+    _fake_gpu(fresh_dispatch_state, (8, 9))
+    caplog.clear()
+    assert resolve_backend(torch.device("cuda:2"), "auto") == "triton"
+    assert len(caplog.records) == 1 and "sm_89" in caplog.text and "fp8_e4m3fn_fast" in caplog.text
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not importable here")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from calibration_harness import register, save_outlier_mmdit, text_encoder_node
-from comfy_harness import CaptureLatent, TinyModelSpec, sampling_graph
+from calibration_harness import register, save_outlier_mmdit, smoothquant_nodes
+from comfy_harness import TinyModelSpec, sample_latent
 
 SPEC = TinyModelSpec(depth=2)
 CALIBRATION_PROMPTS = [
@@ -30,42 +30,7 @@ def outlier_model(comfy):
 
 
 def model_nodes(unet_name: str, protection: str = "ffn_down", fold: str = "off") -> dict:
-    return {
-        "load": {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}},
-        "clip": text_encoder_node(SPEC),
-        "plain": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
-        "calib": {
-            "class_type": "SmoothQuantCalibrate",
-            "inputs": {
-                "model": ["load", 0],
-                "clip": ["clip", 0],
-                "prompts": "\n".join(CALIBRATION_PROMPTS),
-                "negative_prompt": "",
-                "num_prompts": 4,
-                "width": 64,
-                "height": 64,
-                "steps": 4,
-                "cfg": 3.0,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "seed": 100,
-                "timestep_buckets": 0,
-                "reservoir_rows": 16,
-            },
-        },
-        "smooth": {
-            "class_type": "ApplySmoothQuant",
-            "inputs": {
-                "model": ["load", 0],
-                "calibration": ["calib", 0],
-                "protection": protection,
-                "alpha": 0.5,
-                "alpha_search": False,
-                "fold_smoothing": fold,
-                "extra_protected_layers": "",
-            },
-        },
-    }
+    return smoothquant_nodes(unet_name, SPEC, CALIBRATION_PROMPTS, protection=protection, fold=fold)
 
 
 def test_smoothquant_and_protection_halve_the_error_with_a_significant_ci(comfy, outlier_model):
@@ -114,9 +79,7 @@ def test_smoothquant_and_protection_halve_the_error_with_a_significant_ci(comfy,
 
 
 def sample_with(comfy, nodes: dict, model_ref: list, seed: int = 3) -> torch.Tensor:
-    CaptureLatent.captured.clear()
-    comfy.run(sampling_graph(model_ref, seed=seed, steps=3, spec=SPEC, extra=nodes))
-    return CaptureLatent.captured[-1]
+    return sample_latent(comfy, nodes, model_ref, seed=seed, steps=3, spec=SPEC)
 
 
 @pytest.mark.parametrize("fold", ["off", "where exact"])
