@@ -6,7 +6,7 @@ Variants, built one after another from ComfyUI's own Flux class with random weig
   replaced by the ComfyUI INT8 layer the loader builds, Triton kernels, no torch.compile;
 - fp8_e4m3fn_fast (GPUs with FP8, sm_89+): ComfyUI's ``fp8_ops`` (what the weight dtype
   "fp8_e4m3fn_fast" selects) with every Linear weight cast to float8_e4m3fn;
-- int8 + torch.compile (``--compile``): the int8 model compiled whole; first-call time and steady state.
+- bf16 / int8 + torch.compile (``--compile``): each model compiled whole; first-call time and steady state.
 For each: median step time, 4-step sample time, resident weight bytes (parameters + buffers), peak VRAM
 during a step, and the relative L2 error of the step output against bf16's.
 
@@ -150,7 +150,20 @@ def release() -> None:
     torch.cuda.empty_cache()
 
 
-def run(results: dict, steps: int, compile_int8: bool, profile: bool) -> None:
+def measure_compiled(
+    name: str, model, inputs: dict, steps: int, reference, step: dict, profile: bool, results: dict
+) -> None:
+    """``measure`` of ``torch.compile(model)``; the first call's wall time (compilation) is recorded too."""
+    compiled = torch.compile(model)
+    start = time.time()
+    with torch.no_grad():
+        compiled(**inputs)
+    torch.cuda.synchronize()
+    results.setdefault("compile_first_call_s", {})[name] = time.time() - start
+    measure(name, compiled, inputs, steps, reference, step, profile)
+
+
+def run(results: dict, steps: int, compile_models: bool, profile: bool) -> None:
     comfy_ops = import_comfy_module("comfy.ops")
     g = torch.Generator(device="cuda").manual_seed(7)
     inputs = flux_inputs(g)
@@ -159,19 +172,18 @@ def run(results: dict, steps: int, compile_int8: bool, profile: bool) -> None:
 
     model = build_flux(comfy_ops.disable_weight_init, g, WEIGHT_STD)
     reference = measure("bf16", model, inputs, steps, None, step, profile)
+    if compile_models:
+        measure_compiled("bf16 + torch.compile", model, inputs, steps, reference, step, profile, results)
+        torch._dynamo.reset()
     int8 = int8_copy(model)
     del model  # the int8 copy shares every tensor it did not quantize
     release()
     measure("int8 (ours)", int8, inputs, steps, reference, step, profile)
-    if compile_int8:
-        compiled = torch.compile(int8)
-        start = time.time()
-        with torch.no_grad():
-            compiled(**inputs)
-        torch.cuda.synchronize()
-        results["compile_first_call_s"] = time.time() - start
-        measure("int8 (ours) + torch.compile", compiled, inputs, steps, reference, step, profile)
-        del compiled
+    if compile_models:
+        measure_compiled(
+            "int8 (ours) + torch.compile", int8, inputs, steps, reference, step, profile, results
+        )
+        torch._dynamo.reset()
     del int8
     release()
     if torch.cuda.get_device_capability() >= (8, 9):
@@ -198,6 +210,7 @@ def render_markdown(results: dict) -> str:
             [
                 name,
                 f"{e['step_ms']:.1f}",
+                f"{e['host_submit_ms']:.1f}",
                 f"{e.get('speedup_vs_bf16', 1.0):.3f}",
                 f"{e['sample_4_steps_ms']:.0f}",
                 f"{e.get('sample_speedup_vs_bf16', 1.0):.3f}",
@@ -239,11 +252,8 @@ def render_markdown(results: dict) -> str:
                     ["kernel", "calls", "ms"], [[r["kernel"], r["calls"], f"{r['ms']:.2f}"] for r in p["top"]]
                 )
             )
-    if "compile_first_call_s" in results:
-        lines += [
-            "",
-            f"torch.compile first call (compilation included): {results['compile_first_call_s']:.0f} s",
-        ]
+    for name, seconds in results.get("compile_first_call_s", {}).items():
+        lines += ["", f"{name}: first call (compilation included) {seconds:.0f} s"]
     if "error" in results:
         lines += ["", "## Error", "", "```", results["error"], "```"]
     return "\n".join(lines) + "\n"
@@ -253,7 +263,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT"), help="extra output folder (default $OUT)")
     parser.add_argument("--steps", type=int, default=5, help="timed denoising steps per variant (median)")
-    parser.add_argument("--compile", action="store_true", help="also time the int8 model under torch.compile")
+    parser.add_argument("--compile", action="store_true", help="also time bf16 and int8 under torch.compile")
     parser.add_argument("--profile", action="store_true", help="record the top GPU kernels of each variant")
     args = parser.parse_args()
     if not torch.cuda.is_available():

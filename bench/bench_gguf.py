@@ -178,6 +178,26 @@ def bench_layers(results: dict) -> None:
     results["layers_table"] = markdown_table(headers, rows)
 
 
+def bench_dequant_bandwidth(results: dict) -> None:
+    """Triton dequantization to bf16 of a 12288 x 3072 weight per type: ms and GB/s (bytes read + written)."""
+    from dit_quant.kernels.gguf_dequant_reference import BLOCK_LAYOUT
+    from dit_quant.kernels.gguf_dequant_triton import TRITON_TYPES, dequantize_triton
+
+    n, k = 12288, 3072
+    rng = np.random.default_rng(7)
+    rows = []
+    for qtype in TRITON_TYPES:
+        block_size, type_size = BLOCK_LAYOUT[qtype]
+        raw = torch.from_numpy(rng.integers(0, 256, size=(n * k // block_size, type_size), dtype=np.uint8))
+        raw = raw.cuda()  # random bytes: the kernels' speed does not depend on the values
+        ms = time_ms(lambda raw=raw, qtype=qtype: dequantize_triton(raw, qtype, (n, k), torch.bfloat16))
+        gbps = (raw.numel() + n * k * 2) / ms / 1e6
+        results.setdefault("dequant_bandwidth", {})[qtype] = {"ms": ms, "GBps": gbps}
+        rows.append([qtype, f"{ms * 1e3:.1f}", f"{gbps:.0f}"])
+        print(f"  dequant {qtype}: {ms * 1e3:.1f} us, {gbps:.0f} GB/s", flush=True)
+    results["dequant_table"] = markdown_table(["type", "µs (12288x3072 -> bf16)", "GB/s"], rows)
+
+
 def sweep_configs(results: dict) -> None:
     from dit_quant.kernels.gguf_matmul_triton import CANDIDATES, default_config, gguf_linear_fused
 
@@ -329,7 +349,10 @@ def main() -> int:
     if not all(c["ok"] for c in results["checks"]):
         status = 1
     else:
-        sections = [("2. per-layer GEMMs", bench_layers)]
+        sections = [
+            ("2. per-layer GEMMs", bench_layers),
+            ("2a. dequantization bandwidth", bench_dequant_bandwidth),
+        ]
         if not args.no_sweep:
             sections.append(("2b. tile sweep", sweep_configs))
         sections.append(("3. Flux denoising step", lambda r: bench_step(r, args.steps)))
@@ -385,6 +408,8 @@ def render_markdown(results: dict) -> str:
                 rows,
             ),
         ]
+    if "dequant_table" in results:
+        lines += ["", "## Triton dequantization to bf16", "", results["dequant_table"]]
     if "layers_table" in results:
         lines += ["", "## Per-layer GEMMs: time relative to bf16 F.linear", "", results["layers_table"]]
     if "sweep" in results:

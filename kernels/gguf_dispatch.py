@@ -84,15 +84,16 @@ def gguf_dequantize(
 
 
 # Where the fused kernel beat Triton dequantization + cuBLAS on the H100 (bench/results/bench_gguf.md): only
-# for a few rows and a wide weight. With many rows it decodes every weight tile once per row tile and
-# loses to cuBLAS; with N < 3K it has too few column tiles to fill the GPU (no split-K).
+# for a few rows and a wide weight (N >= 3K for K-quants, N >= 4K for the 32-value block types: Q8_0 lost
+# at N = 3K). With many rows it decodes every weight tile once per row tile and loses to cuBLAS; with a
+# narrow weight it has too few column tiles to fill the GPU (no split-K).
 FUSED_MAX_ROWS = 16
-FUSED_MIN_N_OVER_K = 3
 
 
-def fused_wins(m: int, n: int, k: int) -> bool:
-    """True if ``mode="auto"`` runs the fused kernel for M rows, weight [N, K] (else dequant + cuBLAS)."""
-    return m <= FUSED_MAX_ROWS and n >= FUSED_MIN_N_OVER_K * k
+def fused_wins(m: int, n: int, k: int, qtype: str) -> bool:
+    """True if ``mode="auto"`` runs the fused kernel for M rows, a ``qtype`` weight [N, K] (else dequant +
+    cuBLAS)."""
+    return m <= FUSED_MAX_ROWS and n >= (3 if qtype.endswith("_K") else 4) * k
 
 
 def gguf_linear(
@@ -115,7 +116,7 @@ def gguf_linear(
     n, k = weight_shape
     if bias is not None:
         bias = bias.to(device=x.device, dtype=x.dtype)
-    if mode == "auto" and not fused_wins(x.numel() // k, n, k):
+    if mode == "auto" and not fused_wins(x.numel() // k, n, k, qtype):
         mode = "dequant"
     if (
         mode not in ("dequant", "torch")

@@ -56,8 +56,10 @@ class LoadGGUFDiffusionModel:
                     list(MODES),
                     {
                         "default": "auto",
-                        "tooltip": "auto: fused Triton dequantize+matmul on NVIDIA sm_80+, torch elsewhere. "
-                        "fused: the same, but Triton errors are raised instead of falling back. "
+                        "tooltip": "auto: the faster Triton path per layer on NVIDIA sm_80+ (fused "
+                        "dequantize+matmul for a few tokens and wide weights, else Triton dequantization + "
+                        "cuBLAS), torch elsewhere. "
+                        "fused: always the fused kernel; Triton errors are raised instead of falling back. "
                         "int8: Q8_0 layers on INT8 tensor cores (activations quantized per token). "
                         "dequant: dequantize each weight (Triton), then a regular matmul. "
                         "torch: the same with plain torch ops (what the common GGUF loader does).",

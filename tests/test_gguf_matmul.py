@@ -126,10 +126,11 @@ def test_every_tile_is_correct_on_gpu(qtype):
 
 
 @pytest.mark.parametrize(
-    "m, n, k, fused",
-    [(1, 12288, 3072, True), (16, 9216, 3072, True), (17, 12288, 3072, False), (1, 3072, 12288, False),
-     (1, 3072, 3072, False), (4608, 21504, 3072, False)],
+    "m, n, k, qtype, fused",
+    [(1, 12288, 3072, "Q8_0", True), (16, 9216, 3072, "Q4_K", True), (16, 9216, 3072, "Q8_0", False),
+     (17, 12288, 3072, "Q4_K", False), (1, 3072, 12288, "Q6_K", False), (1, 3072, 3072, "Q8_0", False),
+     (4608, 21504, 3072, "Q4_K", False)],
 )
-def test_auto_runs_fused_only_where_it_measured_faster(m, n, k, fused):
-    """The rule from the H100 measurements (bench/results/bench_gguf.md): few rows and N >= 3K."""
-    assert fused_wins(m, n, k) is fused
+def test_auto_runs_fused_only_where_it_measured_faster(m, n, k, qtype, fused):
+    """The rule from the H100 measurements (bench/results/bench_gguf.md): few rows and a wide weight."""
+    assert fused_wins(m, n, k, qtype) is fused
