@@ -124,6 +124,12 @@ class Int8Operations(comfy.ops.manual_cast):
             if weight is None:
                 missing_keys.append(prefix + "weight")
                 return
+            if tuple(weight.shape) != (self.out_features, self.in_features):
+                error_msgs.append(
+                    f"{prefix}weight has shape {list(weight.shape)} but this model's layer is "
+                    f"[{self.out_features}, {self.in_features}] (a checkpoint of another model size?)"
+                )
+                return
             if weight.dtype == torch.int8:
                 if tensors["weight_scale"] is None:
                     error_msgs.append(f"{prefix}weight is int8 but {prefix}weight_scale is missing")

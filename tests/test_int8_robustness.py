@@ -77,6 +77,19 @@ def test_unknown_architecture_is_refused_clearly(comfy, files):
     assert "could not detect the model architecture" in run_expecting_error(comfy, "mystery_int8.safetensors")
 
 
+def test_layer_shape_that_contradicts_the_architecture_is_refused_clearly(comfy, files):
+    with safe_open(str(files["int8"]), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    layer = "joint_blocks.1.x_block.mlp.fc1"
+    assert tensors[f"{layer}.weight"].dtype == torch.int8
+    for name in ("weight", "weight_scale", "bias"):  # consistent with each other, not with the model
+        tensors[f"{layer}.{name}"] = tensors[f"{layer}.{name}"][:-16].contiguous()
+    save_file(tensors, str(comfy.diffusion_models_dir / "reshaped_int8.safetensors"), metadata=metadata)
+    message = run_expecting_error(comfy, "reshaped_int8.safetensors")
+    assert f"{layer}.weight has shape" in message and "another model size" in message
+
+
 def test_save_refuses_to_overwrite_and_writes_atomically(comfy, files):
     before = files["int8"].read_bytes()
     (model,) = comfy.run_node("LoadInt8DiffusionModel", unet_name=files["int8"].name)
