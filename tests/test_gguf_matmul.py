@@ -134,3 +134,21 @@ def test_every_tile_is_correct_on_gpu(qtype):
 def test_auto_runs_fused_only_where_it_measured_faster(m, n, k, qtype, fused):
     """The rule from the H100 measurements (bench/results/bench_gguf.md): few rows and a wide weight."""
     assert fused_wins(m, n, k, qtype) is fused
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback; a GPU takes the Triton path")
+def test_torch_path_is_announced_once_per_device(monkeypatch, caplog):
+    import logging
+
+    from dit_quant.kernels import gguf_dispatch
+
+    monkeypatch.setattr(gguf_dispatch, "_logged", set())
+    caplog.set_level(logging.INFO, logger="dit_quant.kernels")
+    weight = torch.randn(64, 256)
+    raw = quantized(weight, "Q8_0")
+    x = torch.randn(3, 256)
+    for _ in range(3):
+        out = gguf_linear(x, raw, "Q8_0", (64, 256))
+    torch.testing.assert_close(out, x @ dequantize_reference(raw, "Q8_0", (64, 256)).T, rtol=1e-5, atol=1e-5)
+    messages = [r.getMessage() for r in caplog.records if "plain-torch dequantization path" in r.getMessage()]
+    assert len(messages) == 1 and "cpu" in messages[0]
