@@ -36,8 +36,10 @@ class LoadGGUFDiffusionModel:
     DESCRIPTION = (
         "Loads a GGUF diffusion model (community ComfyUI-GGUF layout or written by 'Save Model as GGUF') "
         "from models/diffusion_models. Weights stay quantized in RAM and VRAM; on NVIDIA sm_80+ GPUs each "
-        "layer runs a fused Triton dequantize-and-multiply kernel, elsewhere the layer's weight is "
-        "dequantized per call. LoRA and low-VRAM offloading work as with the stock loader."
+        "layer runs the faster Triton path for its shape (a fused dequantize-and-multiply kernel for a few "
+        "tokens, else Triton dequantization of that layer's weight + cuBLAS), elsewhere plain-torch "
+        "dequantization per call. LoRAs run as a side branch (the GGUF bytes are never changed); low-VRAM "
+        "offloading works as with the stock loader."
     )
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
