@@ -65,17 +65,18 @@ def _quantize_rows_kernel(
         mask = offs < K
         xs = _load_smoothed(x_row + offs, smooth_ptr + offs, mask, HAS_SMOOTH)
         scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(xs), axis=0), 1e-12), 127.0)
-        tl.store(q_row + offs, _round_clamp_int8(tl.math.div_rn(xs, scale)), mask=mask)
+        tl.store(q_row + offs, _round_clamp_int8(xs * tl.math.div_rn(1.0, scale)), mask=mask)
     else:
         amax = tl.zeros((BLOCK_K,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, k0 + offs < K, HAS_SMOOTH)
             amax = tl.maximum(amax, tl.abs(xs))
         scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), 127.0)
+        inverse = tl.math.div_rn(1.0, scale)
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + offs < K
             xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, mask, HAS_SMOOTH)
-            tl.store(q_row + k0 + offs, _round_clamp_int8(tl.math.div_rn(xs, scale)), mask=mask)
+            tl.store(q_row + k0 + offs, _round_clamp_int8(xs * inverse), mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
@@ -360,8 +361,8 @@ def quantize_rows_triton(
         block_k = min(triton.next_power_of_2(k), QUANT_ONE_TILE_MAX_K)
         _quantize_rows_kernel[(m,)](
             x2d, smooth if smooth is not None else scale, q, scale, k, x2d.stride(0), k,
-            HAS_SMOOTH=smooth is not None, BLOCK_K=block_k, ONE_TILE=k <= block_k,
-            num_warps=min(16, max(4, block_k // 1024)),
+            HAS_SMOOTH=smooth is not None, BLOCK_K=block_k, ONE_TILE=k <= block_k, num_warps=4,
+            enable_fp_fusion=False,  # x * inverse must round before the rounding trick's add, as in torch
         )
     return q, scale
 
