@@ -89,19 +89,36 @@ def _log_once(device: torch.device, reason: str, message: str, level: int = logg
     logger.log(level, message)
 
 
-def _auto_choice(device: torch.device) -> tuple[str, str]:
-    """(backend, reason) for ``"auto"`` on a device."""
-    if "triton" not in BACKENDS:
-        return "torch", f"Triton is not importable ({_triton_import_error})"
+def triton_unavailable(
+    device: torch.device, import_error: str | None, interpreted: bool, failed_devices: set[str], kind: str
+) -> str | None:
+    """Why the Triton ``kind`` kernels ("INT8", "GGUF") cannot run natively on ``device``, or None.
+
+    import_error: why Triton did not import (None if it did); interpreted: TRITON_INTERPRET=1 is set;
+    failed_devices: devices where a kernel of this kind failed before.
+    """
+    if import_error is not None:
+        return f"Triton is not importable ({import_error})"
     if device.type != "cuda":
-        return "torch", f"{device.type} tensors have no Triton INT8 path"
-    if _TRITON_INTERPRETED:
-        return "torch", "TRITON_INTERPRET=1 is set (the interpreter is for tests only)"
+        return f"{device.type} tensors have no Triton {kind} path"
+    if interpreted:
+        return "TRITON_INTERPRET=1 is set (the interpreter is for tests only)"
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 0):
-        return "torch", f"GPU sm_{major}{minor} has no Triton INT8 support"
-    if str(device) in _triton_failed_devices:
-        return "torch", "the Triton kernel failed earlier on this device"
+        return f"GPU sm_{major}{minor} has no Triton {kind} support"
+    if str(device) in failed_devices:
+        return f"the Triton {kind} kernel failed earlier on this device"
+    return None
+
+
+def _auto_choice(device: torch.device) -> tuple[str, str]:
+    """(backend, reason) for ``"auto"`` on a device."""
+    reason = triton_unavailable(
+        device, _triton_import_error, _TRITON_INTERPRETED, _triton_failed_devices, "INT8"
+    )
+    if reason is not None:
+        return "torch", reason
+    major, minor = torch.cuda.get_device_capability(device)
     return "triton", f"GPU sm_{major}{minor} ({torch.cuda.get_device_name(device)})"
 
 

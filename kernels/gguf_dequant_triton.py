@@ -319,15 +319,10 @@ def _dequantize_kernel(
 
 
 def dequantize_triton(
-    raw: torch.Tensor,
-    qtype: str,
-    shape: torch.Size | tuple[int, ...],
-    dtype: torch.dtype = torch.float32,
-    out: torch.Tensor | None = None,
+    raw: torch.Tensor, qtype: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """GGUF bytes ``uint8`` (contiguous, on a CUDA device or on CPU under TRITON_INTERPRET=1) ->
-    tensor of ``shape`` in ``dtype`` (float32, bfloat16 or float16), written into ``out`` (contiguous,
-    ``dtype``, at least as many elements) when given."""
+    tensor of ``shape`` in ``dtype`` (float32, bfloat16 or float16)."""
     if qtype not in _QTYPE_ID:
         raise ValueError(f"DiT Quant: no Triton dequantizer for GGUF type {qtype}; have {TRITON_TYPES}")
     if raw.device.type == "cpu" and not INTERPRETED:
@@ -342,13 +337,7 @@ def dequantize_triton(
             f"DiT Quant: {raw.numel()} bytes of {qtype} do not hold a tensor of shape {tuple(shape)}"
         )
     src = raw.contiguous().view(-1)
-    if out is None:
-        out = torch.empty(n_elements, dtype=dtype, device=raw.device)
-    elif out.dtype != dtype or not out.is_contiguous() or out.numel() < n_elements:
-        raise ValueError(f"DiT Quant: dequantize_triton out must be contiguous {dtype} with >= {n_elements} "
-                         f"elements, got {out.dtype} {tuple(out.shape)}")
-    else:
-        out = out.view(-1)[:n_elements]
+    out = torch.empty(n_elements, dtype=dtype, device=raw.device)
     blocks = _BLOCKS_PER_PROGRAM[qtype]
     grid = (triton.cdiv(n_blocks, blocks),)
     if raw.device not in _CODEBOOKS:

@@ -22,6 +22,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from .dispatch import triton_unavailable
 from .gguf_dequant_reference import dequantize_reference
 
 logger = logging.getLogger("dit_quant.kernels")
@@ -51,25 +52,10 @@ def _log_once(key: str, level: int, message: str) -> None:
     logger.log(level, message)
 
 
-def _no_triton_reason(device: torch.device) -> str | None:
-    if _TRITON_ERROR is not None:
-        return f"Triton is not importable ({_TRITON_ERROR})"
-    if device.type != "cuda":
-        return f"{device.type} tensors have no Triton GGUF path"
-    if INTERPRETED:
-        return "TRITON_INTERPRET=1 is set (the interpreter is for tests only)"
-    if str(device) in _failed_devices:
-        return "a GGUF Triton kernel failed earlier on this device"
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 0):
-        return f"GPU sm_{major}{minor} is older than Ampere (sm_80)"
-    return None
-
-
 def triton_usable(device: torch.device) -> bool:
     """True if the GGUF Triton kernels run natively on ``device`` (CUDA, sm_80+, Triton importable); when
     not, logs once per device why the plain-torch path runs."""
-    reason = _no_triton_reason(device)
+    reason = triton_unavailable(device, _TRITON_ERROR, INTERPRETED, _failed_devices, "GGUF")
     if reason is not None:
         _log_once(f"torch:{device}", logging.INFO,
                   f"DiT Quant: GGUF layers on {device} use the plain-torch dequantization path: {reason}")

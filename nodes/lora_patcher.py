@@ -33,9 +33,10 @@ from .gguf_ops import GGUFLayer, GGUFOps, GGUFWeightPatch
 BRANCH_LAYERS = (ComfyInt8Linear, GGUFOps.Linear)
 
 
-def lora_terms(patches: list, out_features: int, in_features: int) -> tuple[list[LowRankTerm], str | None]:
+def lora_terms(patches: list) -> tuple[list[LowRankTerm], str | None]:
     """The low-rank terms of a layer's ModelPatcher patches ``(strength, adapter, strength_model, offset,
-    function)``, or ([], why) when one of them cannot run as a side branch."""
+    function)``, or ([], why) when one of them cannot run as a side branch (whether their shapes fit the
+    layer is checked by ``LowRankBranch``)."""
     terms = []
     for strength, adapter, strength_model, offset, function in patches:
         if type(adapter) is not LoRAAdapter:
@@ -53,12 +54,6 @@ def lora_terms(patches: list, out_features: int, in_features: int) -> tuple[list
             return [], "patch on a slice of the input dimension"
         rank = mid.shape[0] if mid is not None else down.shape[0]  # ComfyUI's alpha divisor
         rows = (int(offset[1]), int(offset[2])) if offset is not None else None
-        if (
-            down.shape[1] != in_features
-            or up.shape != (rows[1] if rows else out_features, rank)
-            or (mid is not None and mid.shape[1] != down.shape[0])
-        ):
-            return [], "shape mismatch"
         scale = float(strength) * (float(alpha) / rank if alpha is not None else 1.0)
         terms.append(LowRankTerm(down, up, scale, mid, rows))
     return terms, None
@@ -104,13 +99,17 @@ class QuantModelPatcher(comfy.model_patcher.ModelPatcher):
         """Attaches the branch of ``key``'s patches to ``module`` (on ``device``, default: where its
         weight is); returns None, or why the patches cannot run as a branch."""
         n, k = module.weight.shape if isinstance(module, ComfyInt8Linear) else module.gguf_shape
-        terms, why = lora_terms(self.patches[key], n, k)
-        if why is None:
-            dtype = self.model.manual_cast_dtype or self.model.get_dtype()
-            if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-                dtype = torch.float32
+        terms, why = lora_terms(self.patches[key])
+        if why is not None:
+            return why
+        dtype = self.model.manual_cast_dtype or self.model.get_dtype()
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            dtype = torch.float32
+        try:
             module.lora_branch = LowRankBranch(terms, n, k, dtype, device or module.weight.device)
-        return why
+        except ValueError:  # the LoRA's shapes do not fit this layer (LowRankBranch checks them)
+            return "shape mismatch"
+        return None
 
     def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
         module, param = _owner(self.model, key)

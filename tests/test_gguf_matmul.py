@@ -9,10 +9,12 @@ Tolerances:
 - INT8 Q8_0: integer dots are exact; vs the float64 evaluation of the same int8 sums: 1e-5 of max|ref|.
 """
 
+import logging
+
 import gguf
 import pytest
 import torch
-from dit_quant.kernels import quantize_rows
+from dit_quant.kernels import gguf_dispatch, quantize_rows
 from dit_quant.kernels.gguf_dequant_reference import dequantize_reference
 from dit_quant.kernels.gguf_dispatch import MODES, fused_wins, gguf_linear
 from dit_quant.kernels.gguf_matmul_triton import (
@@ -138,10 +140,6 @@ def test_auto_runs_fused_only_where_it_measured_faster(m, n, k, qtype, fused):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback; a GPU takes the Triton path")
 def test_torch_path_is_announced_once_per_device(monkeypatch, caplog):
-    import logging
-
-    from dit_quant.kernels import gguf_dispatch
-
     monkeypatch.setattr(gguf_dispatch, "_logged", set())
     caplog.set_level(logging.INFO, logger="dit_quant.kernels")
     weight = torch.randn(64, 256)
