@@ -6,11 +6,13 @@ Variants, built one after another from ComfyUI's own Flux class with random weig
   replaced by the ComfyUI INT8 layer the loader builds, Triton kernels, no torch.compile;
 - fp8_e4m3fn_fast (GPUs with FP8, sm_89+): ComfyUI's ``fp8_ops`` (what the weight dtype
   "fp8_e4m3fn_fast" selects) with every Linear weight cast to float8_e4m3fn;
-- bf16 / int8 + torch.compile (``--compile``): each model compiled whole; first-call time and steady state.
+- bf16 / int8 + torch.compile (``--compile``): each model compiled whole; first-call time and steady state;
+- bf16 / int8 + fused blocks (``--fused``): every Flux block runs the pack's fused forward (what the
+  "Fused Flux Blocks" node switches on; nodes/fused_flux.py), eager, no torch.compile.
 For each: median step time, 4-step sample time, resident weight bytes (parameters + buffers), peak VRAM
 during a step, and the relative L2 error of the step output against bf16's.
 
-    python bench/bench_flux_step.py [--out DIR] [--steps 5] [--compile]
+    python bench/bench_flux_step.py [--out DIR] [--steps 5] [--compile] [--fused] [--profile]
 
 Needs ComfyUI (COMFYUI_PATH or .cache/ComfyUI). Writes bench_flux_step.{json,md} to bench/results/ and --out.
 """
@@ -18,6 +20,7 @@ Needs ComfyUI (COMFYUI_PATH or .cache/ComfyUI). Writes bench_flux_step.{json,md}
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -145,6 +148,22 @@ def fp8_model(generator: torch.Generator) -> torch.nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def fused_blocks(model: torch.nn.Module):
+    """Within: every Flux block of ``model`` runs the pack's fused forward (nodes/fused_flux.py), as the
+    "Fused Flux Blocks" node sets it through ComfyUI object patches."""
+    fused_flux = import_comfy_module("dit_quant.nodes.fused_flux")
+    forwards = fused_flux.fused_block_forwards(model)
+    blocks = [model.get_submodule(path.removesuffix(".forward")) for path in forwards]
+    for block, forward in zip(blocks, forwards.values(), strict=True):
+        block.forward = forward
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
 def release() -> None:
     gc.collect()
     torch.cuda.empty_cache()
@@ -163,7 +182,7 @@ def measure_compiled(
     measure(name, compiled, inputs, steps, reference, step, profile)
 
 
-def run(results: dict, steps: int, compile_models: bool, profile: bool) -> None:
+def run(results: dict, steps: int, compile_models: bool, profile: bool, fused: bool) -> None:
     comfy_ops = import_comfy_module("comfy.ops")
     g = torch.Generator(device="cuda").manual_seed(7)
     inputs = flux_inputs(g)
@@ -172,6 +191,9 @@ def run(results: dict, steps: int, compile_models: bool, profile: bool) -> None:
 
     model = build_flux(comfy_ops.disable_weight_init, g, WEIGHT_STD)
     reference = measure("bf16", model, inputs, steps, None, step, profile)
+    if fused:
+        with fused_blocks(model):
+            measure("bf16 + fused blocks", model, inputs, steps, reference, step, profile)
     if compile_models:
         measure_compiled("bf16 + torch.compile", model, inputs, steps, reference, step, profile, results)
         torch._dynamo.reset()
@@ -179,6 +201,9 @@ def run(results: dict, steps: int, compile_models: bool, profile: bool) -> None:
     del model  # the int8 copy shares every tensor it did not quantize
     release()
     measure("int8 (ours)", int8, inputs, steps, reference, step, profile)
+    if fused:
+        with fused_blocks(int8):
+            measure("int8 (ours) + fused blocks", int8, inputs, steps, reference, step, profile)
     if compile_models:
         measure_compiled(
             "int8 (ours) + torch.compile", int8, inputs, steps, reference, step, profile, results
@@ -264,6 +289,7 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT"), help="extra output folder (default $OUT)")
     parser.add_argument("--steps", type=int, default=5, help="timed denoising steps per variant (median)")
     parser.add_argument("--compile", action="store_true", help="also time bf16 and int8 under torch.compile")
+    parser.add_argument("--fused", action="store_true", help="also time bf16 and int8 with fused Flux blocks")
     parser.add_argument("--profile", action="store_true", help="record the top GPU kernels of each variant")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -273,7 +299,7 @@ def main() -> int:
     results: dict = {"environment": environment()}
     status = 0
     try:
-        run(results, args.steps, args.compile, args.profile)
+        run(results, args.steps, args.compile, args.profile, args.fused)
     except Exception:
         results["error"] = traceback.format_exc()
         print(results["error"], file=sys.stderr, flush=True)

@@ -20,6 +20,12 @@ from typing import NamedTuple
 
 import torch
 
+from .dit_fusions_reference import (
+    gelu_concat_reference,
+    int8_gemm_reference,
+    layernorm_modulate_reference,
+    qk_norm_rope_reference,
+)
 from .w8a8_reference import quantize_rows_reference, w8a8_linear_reference
 
 logger = logging.getLogger("dit_quant.kernels")
@@ -30,10 +36,15 @@ QuantizeFn = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor,
 
 
 class Backend(NamedTuple):
-    """One implementation of the W8A8 ops. Both take 2-D activations [M, K]."""
+    """One implementation of the ops: the W8A8 linear and its parts (2-D activations [M, K]), and the
+    fused DiT block ops that feed them (signatures in dit_fusions_reference.py)."""
 
     linear: LinearFn
     quantize_rows: QuantizeFn
+    int8_gemm: Callable
+    layernorm_modulate: Callable
+    qk_norm_rope: Callable
+    gelu_concat: Callable
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -51,9 +62,9 @@ _triton_failed_devices: set[str] = set()
 _triton_import_error: str | None = None
 
 
-def register_backend(name: str, linear: LinearFn, quantize_rows: QuantizeFn) -> None:
+def register_backend(name: str, backend: Backend) -> None:
     """Register (or replace) a backend under ``name``."""
-    BACKENDS[name] = Backend(linear, quantize_rows)
+    BACKENDS[name] = backend
 
 
 def available_backends() -> list[str]:
@@ -61,12 +72,16 @@ def available_backends() -> list[str]:
     return sorted(BACKENDS)
 
 
-register_backend("torch", w8a8_linear_reference, quantize_rows_reference)
+register_backend("torch", Backend(
+    w8a8_linear_reference, quantize_rows_reference, int8_gemm_reference, layernorm_modulate_reference,
+    qk_norm_rope_reference, gelu_concat_reference,
+))
 
 try:
-    from .w8a8_autotune import choose_config
+    from .dit_fusions_triton import gelu_concat_triton, layernorm_modulate_triton, qk_norm_rope_triton
+    from .w8a8_autotune import choose_config, choose_gemm_config
     from .w8a8_triton import INTERPRETED as _TRITON_INTERPRETED
-    from .w8a8_triton import quantize_rows_triton, w8a8_linear_triton
+    from .w8a8_triton import int8_gemm_triton, quantize_rows_triton, w8a8_linear_triton
 
     def _triton_linear(x2d, weight, weight_scale, bias, smooth):
         if x2d.shape[0] == 0:
@@ -74,7 +89,14 @@ try:
         config = choose_config(x2d, weight, weight_scale, bias, smooth)
         return w8a8_linear_triton(x2d, weight, weight_scale, bias, smooth, config)
 
-    register_backend("triton", _triton_linear, quantize_rows_triton)
+    def _triton_int8_gemm(q, scale, weight, weight_scale, bias, out_dtype):
+        config = choose_gemm_config(q, scale, weight, weight_scale, bias, out_dtype)
+        return int8_gemm_triton(q, scale, weight, weight_scale, bias, out_dtype, config)
+
+    register_backend("triton", Backend(
+        _triton_linear, quantize_rows_triton, _triton_int8_gemm, layernorm_modulate_triton,
+        qk_norm_rope_triton, gelu_concat_triton,
+    ))
 except ImportError as exc:  # Triton is optional: the reference runs everywhere
     _triton_import_error = str(exc)
     _TRITON_INTERPRETED = False
@@ -163,13 +185,15 @@ def _resolve_uncached(device: torch.device, requested: str) -> str:
     return backend
 
 
-def _run(op_name: str, device: torch.device, requested: str, *args):
+def run_op(op_name: str, device: torch.device, requested: str, *args, **kwargs):
+    """Run ``op_name`` (a field of ``Backend``) on the backend that ``requested`` resolves to for
+    ``device``; under "auto" a failing Triton kernel falls back to the reference for good."""
     backend = resolve_backend(device, requested)
     impl = getattr(BACKENDS[backend], op_name)
     if backend != "triton" or requested != "auto":
-        return impl(*args)
+        return impl(*args, **kwargs)
     try:
-        return impl(*args)
+        return impl(*args, **kwargs)
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as exc:  # compile/launch failure of the Triton kernel: fall back for good
@@ -179,7 +203,7 @@ def _run(op_name: str, device: torch.device, requested: str, *args):
         _log_once(device, "triton failed", f"DiT Quant: the Triton W8A8 kernel failed on {device} "
                   f"({type(exc).__name__}: {exc}); using the torch reference path from now on",
                   logging.WARNING)
-        return getattr(BACKENDS["torch"], op_name)(*args)
+        return getattr(BACKENDS["torch"], op_name)(*args, **kwargs)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -190,7 +214,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def _w8a8_linear_impl(x, weight, weight_scale, bias, smooth, backend):
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    out = _run("linear", x.device, backend, _rows(x), weight, weight_scale, bias, smooth)
+    out = run_op("linear", x.device, backend, _rows(x), weight, weight_scale, bias, smooth)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -199,7 +223,7 @@ def _w8a8_linear_fake(x, weight, weight_scale, bias, smooth, backend):
 
 
 def _quantize_rows_impl(x, smooth, backend):
-    return _run("quantize_rows", x.device, backend, _rows(x), smooth)
+    return run_op("quantize_rows", x.device, backend, _rows(x), smooth)
 
 
 def _quantize_rows_fake(x, smooth, backend):

@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from .w8a8_triton import (
     GemmConfig,
     arch_key,
     candidate_configs,
+    int8_gemm_triton,
     m_regime,
     tma_compatible,
     w8a8_linear_triton,
@@ -81,10 +83,11 @@ def _save_disk_cache(entries: dict[str, GemmConfig]) -> None:
 
 def _disk_key(device: torch.device, signature: tuple) -> str:
     props = torch.cuda.get_device_properties(device)
-    _, bucket, n, k, dtype, has_bias, has_smooth, tma_ok = signature
+    _, bucket, n, k, dtype, has_bias, has_smooth, tma_ok, prequantized = signature
+    # "gemm" entries time the GEMM alone (activations quantized by a fused producer), others the whole linear
     return (f"{_KEY_VERSION}|{props.name}|sm{props.major}{props.minor}|triton{triton.__version__}|m{bucket}"
             f"|n{n}|k{k}|{str(dtype).removeprefix('torch.')}|bias{int(has_bias)}|smooth{int(has_smooth)}"
-            f"|tma{int(tma_ok)}")
+            f"|tma{int(tma_ok)}{'|gemm' if prequantized else ''}")
 
 
 def gpu_time_ms(fn) -> float:
@@ -95,18 +98,60 @@ def gpu_time_ms(fn) -> float:
         return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
 
 
-def _tune(candidates: list[GemmConfig], args: tuple) -> GemmConfig:
+def _tune(candidates: list[GemmConfig], run: Callable[[GemmConfig], torch.Tensor]) -> GemmConfig:
     best, best_ms = candidates[0], float("inf")
     for config in candidates:
         try:
-            w8a8_linear_triton(*args, config)  # compile outside any timing / capture
-            ms = gpu_time_ms(lambda c=config: w8a8_linear_triton(*args, c))
+            run(config)  # compile outside any timing / capture
+            ms = gpu_time_ms(lambda c=config: run(c))
         except Exception as exc:  # a config the compiler or the GPU rejects is skipped, not fatal
             logger.debug("DiT Quant: W8A8 config %s failed while tuning: %s", config, exc)
             continue
         if ms < best_ms:
             best, best_ms = config, ms
     return best
+
+
+def _choose(
+    device: torch.device,
+    m: int,
+    weight: torch.Tensor,
+    dtype: torch.dtype,
+    has_bias: bool,
+    has_smooth: bool,
+    prequantized: bool,
+    run: Callable[[GemmConfig], torch.Tensor],
+) -> GemmConfig:
+    global _disk_entries
+    if INTERPRETED or device.type != "cuda":
+        return INTERPRETER_CONFIGS[m_regime(m)]
+    n, k = weight.shape
+    tma_ok = tma_compatible(weight, dtype)
+    signature = (device.index, m_bucket(m), n, k, dtype, has_bias, has_smooth, tma_ok, prequantized)
+    config = _chosen.get(signature)
+    if config is not None:
+        return config
+    candidates = candidate_configs(arch_key(torch.cuda.get_device_capability(device)), m_regime(m))
+    candidates = [c for c in candidates
+                  if (tma_ok or c.kind != "tma") and not (prequantized and c.kind == "fused")]
+    if torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    if os.environ.get("DIT_QUANT_AUTOTUNE", "1") == "0":
+        _chosen[signature] = candidates[0]
+        return candidates[0]
+    disk_key = _disk_key(device, signature)
+    with _lock:
+        if _disk_entries is None:
+            _disk_entries = _load_disk_cache()
+        config = _disk_entries.get(disk_key)
+    if config is None:
+        config = _tune(candidates, run)
+        logger.info("DiT Quant: tuned W8A8 GEMM %s -> %s", disk_key, config)
+        with _lock:
+            _disk_entries[disk_key] = config
+            _save_disk_cache({**_load_disk_cache(), **_disk_entries})
+    _chosen[signature] = config
+    return config
 
 
 def choose_config(
@@ -116,35 +161,21 @@ def choose_config(
     bias: torch.Tensor | None,
     smooth: torch.Tensor | None,
 ) -> GemmConfig:
-    """Config for one call: the interpreter's fixed one, a cached tuned one, or tune now (GPU)."""
-    global _disk_entries
-    m = x2d.shape[0]
-    if INTERPRETED or x2d.device.type != "cuda":
-        return INTERPRETER_CONFIGS[m_regime(m)]
-    n, k = weight.shape
-    tma_ok = tma_compatible(weight, x2d.dtype)
-    signature = (x2d.device.index, m_bucket(m), n, k, x2d.dtype, bias is not None, smooth is not None, tma_ok)
-    config = _chosen.get(signature)
-    if config is not None:
-        return config
-    candidates = candidate_configs(arch_key(torch.cuda.get_device_capability(x2d.device)), m_regime(m))
-    if not tma_ok:
-        candidates = [c for c in candidates if c.kind != "tma"]
-    if torch.cuda.is_current_stream_capturing():
-        return candidates[0]
-    if os.environ.get("DIT_QUANT_AUTOTUNE", "1") == "0":
-        _chosen[signature] = candidates[0]
-        return candidates[0]
-    disk_key = _disk_key(x2d.device, signature)
-    with _lock:
-        if _disk_entries is None:
-            _disk_entries = _load_disk_cache()
-        config = _disk_entries.get(disk_key)
-    if config is None:
-        config = _tune(candidates, (x2d, weight, weight_scale, bias, smooth))
-        logger.info("DiT Quant: tuned W8A8 GEMM %s -> %s", disk_key, config)
-        with _lock:
-            _disk_entries[disk_key] = config
-            _save_disk_cache({**_load_disk_cache(), **_disk_entries})
-    _chosen[signature] = config
-    return config
+    """Config of the whole W8A8 linear for one call: the interpreter's fixed one, a cached tuned one, or
+    tune now (GPU)."""
+    return _choose(x2d.device, x2d.shape[0], weight, x2d.dtype, bias is not None, smooth is not None, False,
+                   lambda c: w8a8_linear_triton(x2d, weight, weight_scale, bias, smooth, c))
+
+
+def choose_gemm_config(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> GemmConfig:
+    """Config of the GEMM alone (``int8_gemm_triton``, activations already quantized), chosen like
+    ``choose_config``."""
+    return _choose(q.device, q.shape[0], weight, out_dtype, bias is not None, False, True,
+                   lambda c: int8_gemm_triton(q, scale, weight, weight_scale, bias, out_dtype, c))

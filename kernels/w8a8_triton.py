@@ -367,7 +367,7 @@ def quantize_rows_triton(
     return q, scale
 
 
-def _launch_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth, out) -> None:
+def _launch_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth, out, quantize_a) -> None:
     m, k = a.shape
     n = weight.shape[0]
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
@@ -375,7 +375,7 @@ def _launch_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth,
         a, weight, a_scale if a_scale is not None else weight_scale, weight_scale,
         bias if bias is not None else weight_scale, smooth if smooth is not None else weight_scale, out,
         m, n, k, a.stride(0), weight.stride(0), out.stride(0),
-        QUANTIZE_A=config.kind == "fused", HAS_BIAS=bias is not None, HAS_SMOOTH=smooth is not None,
+        QUANTIZE_A=quantize_a, HAS_BIAS=bias is not None, HAS_SMOOTH=smooth is not None,
         EVEN_K=k % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -415,16 +415,33 @@ def w8a8_linear_triton(
     tensors.
     """
     _check_launchable(x2d)
-    m = x2d.shape[0]
-    out = torch.empty((m, weight.shape[0]), dtype=x2d.dtype, device=x2d.device)
-    if m == 0:
+    if config.kind != "fused":
+        q, scale = quantize_rows_triton(x2d, smooth)
+        return int8_gemm_triton(q, scale, weight, weight_scale, bias, x2d.dtype, config)
+    out = torch.empty((x2d.shape[0], weight.shape[0]), dtype=x2d.dtype, device=x2d.device)
+    if x2d.shape[0]:
+        _launch_pointer_gemm(config, x2d, None, weight, weight_scale, bias, smooth, out, quantize_a=True)
+    return out
+
+
+def int8_gemm_triton(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: GemmConfig,
+) -> torch.Tensor:
+    """The GEMM of the W8A8 linear for activations already quantized (by ``quantize_rows_triton`` or a
+    fused producer): int8 q [M, K] (K contiguous) with fp32 row scales [M], int8 weight [N, K], fp32
+    weight_scale [N], bias [N] or None -> [M, N] out_dtype. A "fused" config runs its tile as "int8"."""
+    _check_launchable(q)
+    out = torch.empty((q.shape[0], weight.shape[0]), dtype=out_dtype, device=q.device)
+    if q.shape[0] == 0:
         return out
-    if config.kind == "fused":
-        _launch_pointer_gemm(config, x2d, None, weight, weight_scale, bias, smooth, out)
-        return out
-    q, scale = quantize_rows_triton(x2d, smooth)
     if config.kind == "tma":
         _launch_tma_gemm(config, q, scale, weight, weight_scale, bias, out)
     else:
-        _launch_pointer_gemm(config, q, scale, weight, weight_scale, bias, None, out)
+        _launch_pointer_gemm(config, q, scale, weight, weight_scale, bias, None, out, quantize_a=False)
     return out

@@ -38,6 +38,8 @@ class TinyModelSpec:
 
     sd3: MMDiT; ComfyUI derives hidden = 64·depth and heads = depth from the weights.
     wan: Wan 2.1 text-to-video; hidden = width (heads = width / 128), FFN width ``ffn``.
+    flux: Flux (schnell layout, no guidance embedder); hidden = width (heads = width / 128, as ComfyUI
+    detects them), ``depth`` double and ``depth`` single blocks, MLP ratio 4.
     """
 
     family: str = "sd3"
@@ -51,11 +53,11 @@ class TinyModelSpec:
 
     @property
     def context_dim(self) -> int:
-        return {"sd3": 64, "wan": 4096}[self.family]
+        return {"sd3": 64, "wan": 4096, "flux": 64}[self.family]
 
     @property
     def pooled_dim(self) -> int:
-        return {"sd3": 32, "wan": 0}[self.family]
+        return {"sd3": 32, "wan": 0, "flux": 32}[self.family]
 
     def latent_node(self, size: int) -> dict:
         if self.family == "wan":
@@ -266,6 +268,26 @@ def build_tiny_model(
             num_layers=spec.depth,
             text_dim=spec.context_dim,
             image_model="wan2.1",
+            **common,
+        )
+    elif spec.family == "flux":
+        from comfy.ldm.flux.model import Flux
+
+        model = Flux(
+            in_channels=spec.in_channels,
+            out_channels=spec.in_channels,
+            vec_in_dim=spec.pooled_dim,
+            context_in_dim=spec.context_dim,
+            hidden_size=spec.width,
+            mlp_ratio=4.0,
+            num_heads=spec.width // 128,
+            depth=spec.depth,
+            depth_single_blocks=spec.depth,
+            axes_dim=[16, 56, 56],
+            theta=10000,
+            patch_size=spec.patch_size,
+            qkv_bias=True,
+            guidance_embed=False,
             **common,
         )
     else:

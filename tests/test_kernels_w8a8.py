@@ -268,19 +268,19 @@ def test_triton_failure_falls_back_once(fresh_dispatch_state, caplog):
         raise RuntimeError("PTX JIT compilation failed")
 
     fresh_dispatch_state.setitem(dispatch.BACKENDS, "triton",
-                                 dispatch.Backend(broken_linear, dispatch.BACKENDS["triton"].quantize_rows))
+                                 dispatch.BACKENDS["triton"]._replace(linear=broken_linear))
     x, weight, weight_scale, bias, smooth = _inputs((6,), 64, 16, torch.float32, True, False, seed=2)
     fake_gpu = torch.device("cuda:3")
     expected = dispatch.BACKENDS["torch"].linear(x, weight, weight_scale, bias, None)
     for _ in range(2):
-        out = dispatch._run("linear", fake_gpu, "auto", x, weight, weight_scale, bias, None)
+        out = dispatch.run_op("linear", fake_gpu, "auto", x, weight, weight_scale, bias, None)
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert len(calls) == 1  # the failing kernel is not retried
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "PTX JIT compilation failed" in warnings[0].getMessage()
     assert resolve_backend(fake_gpu, "auto") == "torch"
     with pytest.raises(RuntimeError, match="PTX JIT"):  # an explicit request surfaces the error
-        dispatch._run("linear", fake_gpu, "triton", x, weight, weight_scale, bias, None)
+        dispatch.run_op("linear", fake_gpu, "triton", x, weight, weight_scale, bias, None)
 
 
 def test_second_import_under_another_name_reuses_ops():

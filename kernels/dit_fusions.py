@@ -1,0 +1,105 @@
+"""Public entry points of the fused DiT block ops and of the W8A8 GEMM on pre-quantized activations.
+
+Each runs on the backend ``backend`` resolves to (see dispatch.py: Triton on CUDA sm_80+, else the
+torch reference, logged once); the math and the shapes are documented in dit_fusions_reference.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import run_op
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def int8_gemm(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """W8A8 linear on activations already quantized: int8 q [M, K] with fp32 row scales [M], int8 weight
+    [N, K], fp32 weight_scale [N], bias [N] or None -> [M, N] out_dtype."""
+    if q.dtype != torch.int8 or q.dim() != 2 or scale.shape != q.shape[:1]:
+        raise ValueError(f"DiT Quant: int8_gemm needs int8 rows [M, K] and fp32 scales [M], got {q.dtype} "
+                         f"{tuple(q.shape)} and {tuple(scale.shape)}")
+    if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[1] != q.shape[1]:
+        raise ValueError(f"DiT Quant: int8_gemm weight must be int8 [N, {q.shape[1]}], got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    return run_op("int8_gemm", q.device, backend, _last_dim_contiguous(q), scale.float(),
+                  _last_dim_contiguous(weight), weight_scale.float(), bias, out_dtype)
+
+
+def layernorm_modulate(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float = 1e-6,
+    smooth: torch.Tensor | None = None,
+    quantize: bool = False,
+    backend: str = "auto",
+):
+    """LayerNorm (no affine) then ``* (1 + scale) + shift``: x [B, L, K]; scale, shift [B, K] (or
+    [B, 1, K]). Returns [B, L, K] in x.dtype, or with ``quantize`` (int8 [B*L, K], fp32 [B*L]) of the
+    result divided by ``smooth`` fp32 [K]."""
+    b, _, k = x.shape
+    scale, shift = (_last_dim_contiguous(t.reshape(t.shape[0], t.shape[-1])) for t in (scale, shift))
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t.shape[-1] != k or t.shape[0] not in (1, b):
+            raise ValueError(f"DiT Quant: layernorm_modulate {name} must be [{b}, {k}], got {tuple(t.shape)}")
+    scale, shift = (t.expand(b, k) for t in (scale, shift))
+    return run_op("layernorm_modulate", x.device, backend, _last_dim_contiguous(x), scale, shift, eps,
+                  None if smooth is None else smooth.float(), quantize)
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    pe: torch.Tensor | None,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+    v_out: torch.Tensor,
+    offset: int,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> None:
+    """Fills q_out/k_out/v_out[:, :, offset:offset+L] ([B, H, T, D], one layout) from a fused projection
+    qkv [B, L, 3*H*D]: RMS-normalized (weights [D]) and rotated (pe [B or 1, 1, T, D/2, 2, 2] fp32, or
+    None) q and k, and v."""
+    b, length, width = qkv.shape
+    heads, head_dim = q_out.shape[1], q_out.shape[3]
+    if width != 3 * heads * head_dim or q_out.shape[0] != b or offset + length > q_out.shape[2]:
+        raise ValueError(f"DiT Quant: qk_norm_rope cannot place qkv {tuple(qkv.shape)} at {offset} in "
+                         f"{tuple(q_out.shape)}")
+    if not (q_out.stride() == k_out.stride() == v_out.stride()) or q_out.stride(-1) != 1:
+        raise ValueError("DiT Quant: qk_norm_rope outputs must share one layout with contiguous heads")
+    if pe is not None:
+        pe = pe if pe.dtype == torch.float32 and pe[0, 0, 0].is_contiguous() else pe.float().contiguous()
+    run_op("qk_norm_rope", qkv.device, backend, _last_dim_contiguous(qkv), q_weight, k_weight, pe,
+           q_out, k_out, v_out, offset, eps)
+
+
+def gelu_concat(
+    attn: torch.Tensor | None,
+    mlp: torch.Tensor | None,
+    smooth: torch.Tensor | None = None,
+    quantize: bool = False,
+    out_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+):
+    """Row-wise [attn | gelu_tanh(mlp)]: attn [B, L, H, D] (any strides) or None, mlp [B, L, Kb] or None.
+    Returns [B, L, H*D + Kb] (out_dtype, default the inputs'), or with ``quantize`` (int8 rows, fp32
+    scales) of the row divided by ``smooth``."""
+    if attn is None and mlp is None:
+        raise ValueError("DiT Quant: gelu_concat needs an attention output, an MLP projection or both")
+    device = (attn if attn is not None else mlp).device
+    return run_op("gelu_concat", device, backend, None if attn is None else _last_dim_contiguous(attn),
+                  None if mlp is None else _last_dim_contiguous(mlp),
+                  None if smooth is None else smooth.float(), quantize, out_dtype)
