@@ -173,4 +173,5 @@ def test_int8_gemm_matches_fp64(backend, has_bias, m):
 def test_int8_gemm_rejects_float_rows():
     weight = torch.zeros(4, 32, dtype=torch.int8)
     with pytest.raises(ValueError, match="int8 rows"):
-        int8_gemm(torch.zeros(2, 32), torch.ones(2), weight, torch.ones(4), None, torch.float32, backend="torch")
+        int8_gemm(torch.zeros(2, 32), torch.ones(2), weight, torch.ones(4), None, torch.float32,
+                  backend="torch")
