@@ -20,7 +20,6 @@ Needs ComfyUI (COMFYUI_PATH or .cache/ComfyUI). Writes bench_flux_step.{json,md}
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import os
 import sys
@@ -29,7 +28,7 @@ import traceback
 
 import numpy as np
 import torch
-from flux_common import build_flux, flux_inputs, import_comfy_module, tensor_bytes, time_step
+from flux_common import build_flux, flux_inputs, fused_blocks, import_comfy_module, tensor_bytes, time_step
 from w8a8_common import environment, import_kernels, markdown_table, save_results
 
 WEIGHT_STD = 0.02
@@ -146,22 +145,6 @@ def fp8_model(generator: torch.Generator) -> torch.nn.Module:
         if isinstance(module, comfy_ops.fp8_ops.Linear):
             module.weight = torch.nn.Parameter(module.weight.to(torch.float8_e4m3fn), requires_grad=False)
     return model
-
-
-@contextlib.contextmanager
-def fused_blocks(model: torch.nn.Module):
-    """Within: every Flux block of ``model`` runs the pack's fused forward (nodes/fused_flux.py), as the
-    "Fused Flux Blocks" node sets it through ComfyUI object patches."""
-    fused_flux = import_comfy_module("dit_quant.nodes.fused_flux")
-    forwards = fused_flux.fused_block_forwards(model)
-    blocks = [model.get_submodule(path.removesuffix(".forward")) for path in forwards]
-    for block, forward in zip(blocks, forwards.values(), strict=True):
-        block.forward = forward
-    try:
-        yield
-    finally:
-        for block in blocks:
-            del block.forward
 
 
 def release() -> None:

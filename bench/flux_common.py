@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -92,3 +93,19 @@ def tensor_bytes(model: torch.nn.Module) -> int:
     """Bytes of every parameter and buffer of ``model`` (what stays resident on the GPU)."""
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@contextlib.contextmanager
+def fused_blocks(model: torch.nn.Module):
+    """Within: every Flux block of ``model`` runs the pack's fused forward (nodes/fused_flux.py), as the
+    "Fused Flux Blocks" node sets it through ComfyUI object patches."""
+    fused_flux = import_comfy_module("dit_quant.nodes.fused_flux")
+    forwards = fused_flux.fused_block_forwards(model)
+    blocks = [model.get_submodule(path.removesuffix(".forward")) for path in forwards]
+    for block, forward in zip(blocks, forwards.values(), strict=True):
+        block.forward = forward
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward

@@ -64,41 +64,37 @@ def _qk_norm_rope_kernel(
     stride_out_b, stride_out_h, stride_out_t, eps,
     HAS_PE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    """One program per token: its q, k and v rows of all heads. Loads and stores are whole contiguous
+    heads; the (even, odd) pairs RoPE mixes are split and joined in registers."""
     row = tl.program_id(0)
     b = (row // L).to(tl.int64)
     t = (offset + row % L).to(tl.int64)  # position in the attention sequence
     half: tl.constexpr = HEAD_DIM // 2
     h = tl.arange(0, BLOCK_H)[:, None]
-    i = tl.arange(0, half)[None, :]
-    mask = (h < H) & (i < half)
-    src = qkv_ptr + b * stride_qkv_b + (row % L).to(tl.int64) * stride_qkv_l + h * HEAD_DIM
-    dst = b * stride_out_b + h * stride_out_h + t * stride_out_t
+    d = tl.arange(0, HEAD_DIM)[None, :]
+    mask = (h < H) & (d < HEAD_DIM)
+    src = qkv_ptr + b * stride_qkv_b + (row % L).to(tl.int64) * stride_qkv_l + h * HEAD_DIM + d
+    dst = b * stride_out_b + h * stride_out_h + t * stride_out_t + d
     dtype = q_out_ptr.dtype.element_ty
+    if HAS_PE:  # pe[b, 0, t, i, r, c] at 4i + 2r + c; output 2i + r = f[i, r, 0] x[2i] + f[i, r, 1] x[2i + 1]
+        freqs = tl.load(pe_ptr + b * stride_pe_b + t * stride_pe_t + tl.arange(0, 2 * HEAD_DIM))
+        f_c0, f_c1 = tl.split(tl.reshape(freqs, (half, 2, 2)))  # [half, r] for c = 0, 1
+        f00, f10 = tl.split(f_c0)
+        f01, f11 = tl.split(f_c1)
     for part in tl.static_range(2):
         weight_ptr = q_weight_ptr if part == 0 else k_weight_ptr
         out_ptr = q_out_ptr if part == 0 else k_out_ptr
-        part_src = src + part * H * HEAD_DIM
-        even = tl.load(part_src + 2 * i, mask=mask, other=0.0).to(tl.float32)
-        odd = tl.load(part_src + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
-        mean_square = (tl.sum(even * even, axis=1) + tl.sum(odd * odd, axis=1)) / HEAD_DIM
-        rstd = (1.0 / tl.sqrt(mean_square + eps))[:, None]
-        w_even = tl.load(weight_ptr + 2 * i).to(dtype).to(tl.float32)
-        w_odd = tl.load(weight_ptr + 2 * i + 1).to(dtype).to(tl.float32)
-        even = (even * rstd * w_even).to(dtype).to(tl.float32)
-        odd = (odd * rstd * w_odd).to(dtype).to(tl.float32)
+        x = tl.load(src + part * H * HEAD_DIM, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)
+        weight = tl.load(weight_ptr + d).to(dtype).to(tl.float32)
+        x = (x * rstd[:, None] * weight).to(dtype).to(tl.float32)
         if HAS_PE:
-            freqs = pe_ptr + b * stride_pe_b + t * stride_pe_t + 4 * i
-            f00 = tl.load(freqs)
-            f01 = tl.load(freqs + 1)
-            f10 = tl.load(freqs + 2)
-            f11 = tl.load(freqs + 3)
-            even, odd = f00 * even + f01 * odd, f10 * even + f11 * odd
-        tl.store(out_ptr + dst + 2 * i, even.to(dtype), mask=mask)
-        tl.store(out_ptr + dst + 2 * i + 1, odd.to(dtype), mask=mask)
-    d = tl.arange(0, HEAD_DIM)[None, :]
-    v_mask = (h < H) & (d < HEAD_DIM)
-    v = tl.load(src + 2 * H * HEAD_DIM + d, mask=v_mask, other=0.0)
-    tl.store(v_out_ptr + dst + d, v.to(dtype), mask=v_mask)
+            even, odd = tl.split(tl.reshape(x, (BLOCK_H, half, 2)))
+            x = tl.reshape(tl.join(f00[None, :] * even + f01[None, :] * odd,
+                                   f10[None, :] * even + f11[None, :] * odd), (BLOCK_H, HEAD_DIM))
+        tl.store(out_ptr + dst, x.to(dtype), mask=mask)
+    v = tl.load(src + 2 * H * HEAD_DIM, mask=mask, other=0.0)
+    tl.store(v_out_ptr + dst, v.to(dtype), mask=mask)
 
 
 @triton.jit
