@@ -310,7 +310,9 @@ def bench_step(results: dict, steps: int) -> None:
                 f"{weight_bytes / bf16_bytes:.3f}x",
                 flush=True,
             )
-        with fused_blocks(model):  # "auto" is still set on every layer
+        for layer in gguf_ops.gguf_layers(model).values():
+            layer.gguf_mode = "auto"
+        with fused_blocks(model):
             ms, outputs["auto + fused blocks"] = time_step(model, inputs, steps)
         step[f"{qtype} auto + fused blocks"] = {
             "ms": ms,

@@ -84,15 +84,15 @@ def _gelu_mlp(mlp: torch.nn.Module) -> bool:
             and mlp[1].approximate == "tanh")
 
 
-def _unsupported(x: torch.Tensor, modulated: bool, gelu: bool, modulation_dims) -> str | None:
+def _unsupported(x: torch.Tensor, vec, modulated: bool, gelu: bool, modulation_dims) -> str | None:
     if torch.compiler.is_compiling():
         return "torch.compile is tracing (it fuses these ops itself)"
     if not modulated:
         return "the block has no modulation of its own"
     if not gelu:
         return "the MLP is not a tanh-GELU MLP"
-    if modulation_dims is not None:
-        return "per-token modulation dims (Kontext-style inputs)"
+    if modulation_dims is not None or (isinstance(vec, torch.Tensor) and vec.dim() == 3 and vec.shape[1] > 1):
+        return "per-token modulation (Kontext-style inputs)"
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"activations in {x.dtype}"
     return None
@@ -103,7 +103,7 @@ def fused_double_block_forward(
     modulation_dims_txt=None, transformer_options={},  # noqa: B006 (ComfyUI's signature)
 ):
     """``DoubleStreamBlock.forward`` with fused ops (same signature and in-place updates of img/txt)."""
-    why = _unsupported(img, block.modulation, _gelu_mlp(block.img_mlp) and _gelu_mlp(block.txt_mlp),
+    why = _unsupported(img, vec, block.modulation, _gelu_mlp(block.img_mlp) and _gelu_mlp(block.txt_mlp),
                        modulation_dims_img if modulation_dims_img is not None else modulation_dims_txt)
     if why is not None:
         _log_once(f"DiT Quant: a Flux double block runs its stock forward: {why}")
@@ -145,7 +145,7 @@ def fused_single_block_forward(
     transformer_options={},  # noqa: B006 (ComfyUI's signature)
 ):
     """``SingleStreamBlock.forward`` with fused ops (same signature and in-place update of x)."""
-    why = _unsupported(x, block.modulation is not None, isinstance(block.mlp_act, torch.nn.GELU)
+    why = _unsupported(x, vec, block.modulation is not None, isinstance(block.mlp_act, torch.nn.GELU)
                        and block.mlp_act.approximate == "tanh", modulation_dims)
     if why is not None:
         _log_once(f"DiT Quant: a Flux single block runs its stock forward: {why}")

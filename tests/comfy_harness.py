@@ -38,8 +38,9 @@ class TinyModelSpec:
 
     sd3: MMDiT; ComfyUI derives hidden = 64·depth and heads = depth from the weights.
     wan: Wan 2.1 text-to-video; hidden = width (heads = width / 128), FFN width ``ffn``.
-    flux: Flux (schnell layout, no guidance embedder); hidden = width (heads = width / 128, as ComfyUI
-    detects them), ``depth`` double and ``depth`` single blocks, MLP ratio 4.
+    flux: Flux (schnell layout, no guidance embedder); hidden = width, heads = width / 128, ``depth`` double
+    and ``depth`` single blocks, MLP ratio 4. Built in memory only: ComfyUI 0.3.75's detection assumes 24
+    heads, so a file of this model does not load through UNETLoader (tests/test_fused_flux.py).
     """
 
     family: str = "sd3"
