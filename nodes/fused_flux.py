@@ -18,13 +18,14 @@ from __future__ import annotations
 import functools
 import logging
 import types
+import weakref
 from collections.abc import Callable
 
 import comfy.ldm.flux.layers as flux_layers
 import comfy.ldm.flux.math as flux_math
 import torch
 
-from ..kernels import gelu_concat, int8_gemm, layernorm_modulate, qk_norm_rope
+from ..kernels import gelu_concat, int8_gemm, layernorm_modulate, qk_norm_rope, quantize_rows
 from ..quant.int8_linear import Int8Linear, active_backend
 
 logger = logging.getLogger("dit_quant.nodes")
@@ -60,6 +61,50 @@ def _linear(
                         backend=active_backend())
         return out.view(*rows, -1)
     return layer(produce(smooth=None, quantize=False))
+
+
+class _SharedModulationInput:
+    """silu(vec) and its int8 rows, shared by every block's modulation layer: the Flux forward hands each
+    block the same ``vec`` tensor, so one activation and one quantization serve all of them (saves two
+    launches per block). Valid while that tensor object is alive and unmodified."""
+
+    def __init__(self) -> None:
+        self._vec: weakref.ref | None = None
+        self._version = -1
+        self._silu: torch.Tensor | None = None
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _refresh(self, vec: torch.Tensor) -> None:
+        if self._vec is None or self._vec() is not vec or self._version != vec._version:
+            self._vec, self._version = weakref.ref(vec), vec._version
+            self._silu, self._rows = torch.nn.functional.silu(vec), None
+
+    def silu(self, vec: torch.Tensor) -> torch.Tensor:
+        self._refresh(vec)
+        return self._silu
+
+    def rows(self, vec: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        self._refresh(vec)
+        if self._rows is None:
+            self._rows = quantize_rows(self._silu.reshape(-1, self._silu.shape[-1]), backend=backend)
+        return self._rows
+
+
+_shared_modulation_input = _SharedModulationInput()
+
+
+def _modulation(mod: flux_layers.Modulation, vec: torch.Tensor, backend: str):
+    """``Modulation.forward`` with the shared silu(vec) (and its int8 rows for an INT8 layer)."""
+    vec = vec[:, None, :] if vec.ndim == 2 else vec
+    lin = mod.lin
+    if _feeds_int8(lin) and lin.smooth is None:
+        q, scale = _shared_modulation_input.rows(vec, backend)
+        out = int8_gemm(q, scale, lin.weight, lin.weight_scale, lin.bias, vec.dtype, backend=backend)
+        out = out.view(*vec.shape[:-1], -1)
+    else:
+        out = lin(_shared_modulation_input.silu(vec))
+    out = out.chunk(mod.multiplier, dim=-1)
+    return flux_layers.ModulationOut(*out[:3]), flux_layers.ModulationOut(*out[3:]) if mod.is_double else None
 
 
 def _attention(q, k, v, heads, attn_mask, transformer_options) -> torch.Tensor:
@@ -109,9 +154,9 @@ def fused_double_block_forward(
         _log_once(f"DiT Quant: a Flux double block runs its stock forward: {why}")
         return type(block).forward(block, img, txt, vec, pe, attn_mask, modulation_dims_img,
                                    modulation_dims_txt, transformer_options)
-    img_mod1, img_mod2 = block.img_mod(vec)
-    txt_mod1, txt_mod2 = block.txt_mod(vec)
     backend = active_backend()
+    img_mod1, img_mod2 = _modulation(block.img_mod, vec, backend)
+    txt_mod1, txt_mod2 = _modulation(block.txt_mod, vec, backend)
     batch, img_len, width = img.shape
     txt_len = txt.shape[1]
     heads = block.num_heads
@@ -150,8 +195,8 @@ def fused_single_block_forward(
     if why is not None:
         _log_once(f"DiT Quant: a Flux single block runs its stock forward: {why}")
         return type(block).forward(block, x, vec, pe, attn_mask, modulation_dims, transformer_options)
-    mod, _ = block.modulation(vec)
     backend = active_backend()
+    mod, _ = _modulation(block.modulation, vec, backend)
     rows = x.shape[:2]
     heads = block.num_heads
     head_dim = block.hidden_size // heads

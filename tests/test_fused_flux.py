@@ -27,8 +27,10 @@ from comfy_harness import TinyModelSpec, build_tiny_model, save_tiny_model
 SPEC = TinyModelSpec(family="flux", depth=2, width=256)
 QK_NORM_SCALE = 1.5
 # Per double block: qkv, proj, mlp.0, mlp.2 of each stream; per single block: linear1, linear2.
-FED_DOUBLE = [f"{s}_{layer}" for s in ("img", "txt") for layer in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")]
-FED_SINGLE = ["linear1", "linear2"]
+FED_DOUBLE = [
+    f"{s}_{layer}" for s in ("img", "txt") for layer in ("mod.lin", "attn.qkv", "attn.proj", "mlp.0", "mlp.2")
+]
+FED_SINGLE = ["modulation.lin", "linear1", "linear2"]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -132,7 +134,7 @@ def test_fused_int8_matches_stock_and_uses_int8_gemm(comfy, flux, backend, monke
     fed = [f"double_blocks.{i}.{layer}" for i in range(SPEC.depth) for layer in FED_DOUBLE]
     fed += [f"single_blocks.{i}.{layer}" for i in range(SPEC.depth) for layer in FED_SINGLE]
     fed_int8 = [name for name in fed if isinstance(model.get_submodule(name), int8_linear)]
-    assert len(fed_int8) == 2 * (2 * 4) + 2 * 2 == 20
+    assert len(fed_int8) == 2 * (2 * 5) + 2 * 3 == 26
 
     calls = []
     real_gemm = fused_flux.int8_gemm
@@ -188,6 +190,26 @@ def _cloned(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if key in kwargs:
             kwargs[key] = kwargs[key].clone()
     return tuple(a.clone() for a in args), kwargs
+
+
+def test_shared_modulation_input_follows_vec(comfy, flux):
+    """The silu(vec) rows shared by the blocks' modulation layers are recomputed for a new vec object and
+    after an in-place change of vec: each result equals the stock Modulation exactly (same math)."""
+    fused_flux = comfy.module("nodes.fused_flux")
+    block = flux["int8"].double_blocks[0]
+    g = torch.Generator().manual_seed(9)
+    vecs = [torch.randn(1, SPEC.width, generator=g).bfloat16() for _ in range(2)]
+    with torch.no_grad():
+        for step in range(3):
+            vec = vecs[min(step, 1)]
+            if step == 2:
+                vec.mul_(3.0)  # same object, new values
+            for mod in (block.img_mod, block.txt_mod):
+                ours = fused_flux._modulation(mod, vec, "torch")
+                stock = mod(vec)
+                for got, want in zip((*ours[0].__dict__.values(), *ours[1].__dict__.values()),
+                                     (*stock[0].__dict__.values(), *stock[1].__dict__.values()), strict=True):
+                    assert torch.equal(got, want)
 
 
 def test_modulation_dims_run_the_stock_forward(comfy, flux):
