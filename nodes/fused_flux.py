@@ -77,7 +77,8 @@ class _SharedModulationInput:
     def _refresh(self, vec: torch.Tensor) -> None:
         if self._vec is None or self._vec() is not vec or self._version != vec._version:
             self._vec, self._version = weakref.ref(vec), vec._version
-            self._silu, self._rows = torch.nn.functional.silu(vec), None
+            self._silu = torch.nn.functional.silu(vec[:, None, :] if vec.ndim == 2 else vec)
+            self._rows = None
 
     def silu(self, vec: torch.Tensor) -> torch.Tensor:
         self._refresh(vec)
@@ -95,14 +96,14 @@ _shared_modulation_input = _SharedModulationInput()
 
 def _modulation(mod: flux_layers.Modulation, vec: torch.Tensor, backend: str):
     """``Modulation.forward`` with the shared silu(vec) (and its int8 rows for an INT8 layer)."""
-    vec = vec[:, None, :] if vec.ndim == 2 else vec
     lin = mod.lin
+    act = _shared_modulation_input.silu(vec)  # [B, 1 or N, D]
     if _feeds_int8(lin) and lin.smooth is None:
         q, scale = _shared_modulation_input.rows(vec, backend)
-        out = int8_gemm(q, scale, lin.weight, lin.weight_scale, lin.bias, vec.dtype, backend=backend)
-        out = out.view(*vec.shape[:-1], -1)
+        out = int8_gemm(q, scale, lin.weight, lin.weight_scale, lin.bias, act.dtype, backend=backend)
+        out = out.view(*act.shape[:-1], -1)
     else:
-        out = lin(_shared_modulation_input.silu(vec))
+        out = lin(act)
     out = out.chunk(mod.multiplier, dim=-1)
     return flux_layers.ModulationOut(*out[:3]), flux_layers.ModulationOut(*out[3:]) if mod.is_double else None
 

@@ -138,6 +138,14 @@ def test_fused_int8_matches_stock_and_uses_int8_gemm(comfy, flux, backend, monke
 
     calls = []
     real_gemm = fused_flux.int8_gemm
+    quantizations = []
+    real_quantize = fused_flux.quantize_rows
+
+    def counting_quantize(*args, **kwargs):
+        quantizations.append(1)
+        return real_quantize(*args, **kwargs)
+
+    monkeypatch.setattr(fused_flux, "quantize_rows", counting_quantize)
 
     def counting_gemm(*args, **kwargs):
         calls.append(kwargs.get("backend"))
@@ -146,6 +154,7 @@ def test_fused_int8_matches_stock_and_uses_int8_gemm(comfy, flux, backend, monke
     monkeypatch.setattr(fused_flux, "int8_gemm", counting_gemm)
     out = fused_output(comfy, model, flux["inputs"], backend)
     assert len(calls) == len(fed_int8), calls
+    assert len(quantizations) == 1  # silu(vec) is quantized once for every block's modulation layer
     stock_err = rel_err(flux["stock_int8"], flux["fp32"])
     fused_err = rel_err(out, flux["fp32"])
     vs_stock = rel_err(out, flux["stock_int8"])
