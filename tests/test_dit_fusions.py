@@ -175,3 +175,63 @@ def test_int8_gemm_rejects_float_rows():
     with pytest.raises(ValueError, match="int8 rows"):
         int8_gemm(torch.zeros(2, 32), torch.ones(2), weight, torch.ones(4), None, torch.float32,
                   backend="torch")
+
+
+def _gemm_inputs(m: int, k: int, n: int, batch: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(DEVICE)
+    weight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(DEVICE)
+    scale = (torch.rand(m, generator=g) * 0.05 + 1e-3).to(DEVICE)
+    weight_scale = (torch.rand(n, generator=g) * 0.02 + 1e-3).to(DEVICE)
+    bias = torch.randn(n, generator=g).to(DEVICE)
+    residual = torch.randn(m, n, generator=g).to(DEVICE)
+    gate = torch.randn(batch, 3 * n, generator=g).to(DEVICE)[:, n:2 * n]  # a chunk, as Flux's modulation
+    return q, scale, weight, weight_scale, bias, residual, gate
+
+
+def _gated_residual64(q, scale, weight, weight_scale, bias, residual, gate):
+    product = (q.double() @ weight.double().T) * scale.double()[:, None] * weight_scale.double()[None, :]
+    gate_rows = gate.double().repeat_interleave(q.shape[0] // gate.shape[0], dim=0)
+    return residual.double() + gate_rows * (product + bias.double())
+
+
+def _gemm_kind_configs():
+    """Every GEMM kind the pre-quantized path launches: pointer and TMA (with and without the split
+    epilogue) in the interpreter; the architecture's candidates on a GPU."""
+    if "triton" not in BACKENDS:
+        return []
+    from dit_quant.kernels import w8a8_triton
+
+    if DEVICE.type == "cpu":
+        return [w8a8_triton.GemmConfig(kind, 64, 64, 64, 8, 4, 1, split)
+                for kind, split in [("int8", False), ("tma", False), ("tma", True)]]
+    cc = w8a8_triton.arch_key(torch.cuda.get_device_capability())
+    return list(dict.fromkeys(c for regime in ("small", "mid", "large")
+                              for c in w8a8_triton.candidate_configs(cc, regime) if c.kind != "fused"))
+
+
+@pytest.mark.parametrize("config", _gemm_kind_configs(), ids=str)
+@pytest.mark.parametrize("m, batch", [(70, 2), (128, 1)])
+def test_int8_gemm_gated_residual_every_kind(config, m, batch):
+    from dit_quant.kernels.w8a8_triton import int8_gemm_triton
+
+    q, scale, weight, weight_scale, bias, residual, gate = _gemm_inputs(m, 128, 96, batch, seed=m + batch)
+    expected = _gated_residual64(q, scale, weight, weight_scale, bias, residual, gate)
+    out = int8_gemm_triton(q, scale, weight, weight_scale, bias, torch.float32, config, residual, gate)
+    assert out.data_ptr() == residual.data_ptr()  # in place
+    tol = 1e-5 * expected.abs().max().item()
+    torch.testing.assert_close(residual.double(), expected, rtol=1e-5, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_gemm_gated_residual_public(backend):
+    q, scale, weight, weight_scale, bias, residual, gate = _gemm_inputs(12, 64, 32, 3, seed=40)
+    expected = _gated_residual64(q, scale, weight, weight_scale, bias, residual, gate)
+    out = int8_gemm(q, scale, weight, weight_scale, bias, torch.float32, backend=backend, residual=residual,
+                    gate=gate)
+    assert out is residual
+    tol = 1e-5 * expected.abs().max().item()
+    torch.testing.assert_close(residual.double(), expected, rtol=1e-5, atol=tol)
+    with pytest.raises(ValueError, match="residual must be contiguous"):
+        int8_gemm(q, scale, weight, weight_scale, bias, torch.float32, backend=backend,
+                  residual=residual.t().contiguous().t(), gate=gate)
