@@ -89,9 +89,9 @@ try:
         config = choose_config(x2d, weight, weight_scale, bias, smooth)
         return w8a8_linear_triton(x2d, weight, weight_scale, bias, smooth, config)
 
-    def _triton_int8_gemm(q, scale, weight, weight_scale, bias, out_dtype, residual=None, gate=None):
+    def _triton_int8_gemm(q, scale, weight, weight_scale, bias, out_dtype):
         config = choose_gemm_config(q, scale, weight, weight_scale, bias, out_dtype)
-        return int8_gemm_triton(q, scale, weight, weight_scale, bias, out_dtype, config, residual, gate)
+        return int8_gemm_triton(q, scale, weight, weight_scale, bias, out_dtype, config)
 
     register_backend("triton", Backend(
         _triton_linear, quantize_rows_triton, _triton_int8_gemm, layernorm_modulate_triton,

@@ -23,31 +23,17 @@ def int8_gemm(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     backend: str = "auto",
-    residual: torch.Tensor | None = None,
-    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W8A8 linear on activations already quantized: int8 q [M, K] with fp32 row scales [M], int8 weight
-    [N, K], fp32 weight_scale [N], bias [N] or None -> [M, N] out_dtype.
-
-    With ``residual`` (contiguous [M, N], out_dtype) and ``gate`` ([B, N], B dividing M; the rows of one
-    batch item consecutive) the product is added in place, ``residual += gate * product``, in the GEMM's
-    epilogue; residual is returned."""
+    [N, K], fp32 weight_scale [N], bias [N] or None -> [M, N] out_dtype."""
     if q.dtype != torch.int8 or q.dim() != 2 or scale.shape != q.shape[:1]:
         raise ValueError(f"DiT Quant: int8_gemm needs int8 rows [M, K] and fp32 scales [M], got {q.dtype} "
                          f"{tuple(q.shape)} and {tuple(scale.shape)}")
     if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[1] != q.shape[1]:
         raise ValueError(f"DiT Quant: int8_gemm weight must be int8 [N, {q.shape[1]}], got {weight.dtype} "
                          f"{tuple(weight.shape)}")
-    if residual is not None:
-        m, n = q.shape[0], weight.shape[0]
-        if (residual.shape != (m, n) or not residual.is_contiguous() or residual.dtype != out_dtype
-                or gate is None or gate.dim() != 2 or gate.shape[1] != n or m % gate.shape[0]):
-            raise ValueError(f"DiT Quant: int8_gemm residual must be contiguous [{m}, {n}] {out_dtype} "
-                             f"with a gate [B, {n}], got {tuple(residual.shape)} and "
-                             f"{None if gate is None else tuple(gate.shape)}")
-        gate = _last_dim_contiguous(gate)
     return run_op("int8_gemm", q.device, backend, _last_dim_contiguous(q), scale.float(),
-                  _last_dim_contiguous(weight), weight_scale.float(), bias, out_dtype, residual, gate)
+                  _last_dim_contiguous(weight), weight_scale.float(), bias, out_dtype)
 
 
 def layernorm_modulate(

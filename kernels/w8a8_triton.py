@@ -101,16 +101,6 @@ def _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, cols, HAS_BIAS: tl.constexpr)
 
 
 @triton.jit
-def _add_gated_residual(out, res_ptr, gate_ptr, rows, cols, M, N, rows_per_batch, stride_gate_b):
-    """out [rows, cols] -> residual + gate[batch of the row, col] * out (fp32); out-of-range lanes read 0."""
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
-    res = tl.load(res_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
-    gate = tl.load(gate_ptr + (rows // rows_per_batch)[:, None] * stride_gate_b + cols[None, :], mask=mask,
-                   other=0.0)
-    return res.to(tl.float32) + gate.to(tl.float32) * out
-
-
-@triton.jit
 def _load_a_tile(a_ptrs, smooth_ptrs, k_mask, EVEN_K: tl.constexpr, HAS_SMOOTH: tl.constexpr):
     if EVEN_K:
         a = tl.load(a_ptrs).to(tl.float32)
@@ -123,10 +113,9 @@ def _load_a_tile(a_ptrs, smooth_ptrs, k_mask, EVEN_K: tl.constexpr, HAS_SMOOTH: 
 
 @triton.jit
 def _w8a8_gemm_kernel(
-    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, smooth_ptr, out_ptr, gate_ptr,
-    M, N, K, stride_am, stride_bn, stride_om, rows_per_batch, stride_gate_b,
+    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, smooth_ptr, out_ptr,
+    M, N, K, stride_am, stride_bn, stride_om,
     QUANTIZE_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[M, N] = (q(A) @ B.T) * a_scale[:, None] * b_scale[None, :] (+ bias), B int8 [N, K].
@@ -181,8 +170,6 @@ def _w8a8_gemm_kernel(
         smooth_ptrs += BLOCK_K
 
     out = _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, rows_b, HAS_BIAS)
-    if HAS_RESIDUAL:  # out_ptr is the residual: updated in place
-        out = _add_gated_residual(out, out_ptr, gate_ptr, offs_m, offs_n, M, N, rows_per_batch, stride_gate_b)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -191,10 +178,10 @@ def _w8a8_gemm_kernel(
 
 @triton.jit
 def _w8a8_gemm_tma_kernel(
-    a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, bias_ptr, res_ptr, gate_ptr,
-    M, N, K, num_programs, rows_per_batch, stride_gate_b,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
+    a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, bias_ptr,
+    M, N, K, num_programs,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
 ):
     """Persistent variant of the int8-A GEMM for Hopper: tensor-memory-accelerator (TMA) descriptor
     loads/stores (out-of-range tiles are zero-filled on load and clipped on store, so no masks), one
@@ -214,11 +201,7 @@ def _w8a8_gemm_tma_kernel(
         rows = off_m + tl.arange(0, BLOCK_M)
         cols = (off_n + tl.arange(0, BLOCK_N)) % N  # clipped columns read a valid scale; not stored
         a_scale = tl.load(a_scale_ptr + rows % M)
-        out = _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, cols, HAS_BIAS)
-        if HAS_RESIDUAL:  # out_desc describes the residual: updated in place
-            out = _add_gated_residual(out, res_ptr, gate_ptr, rows, off_n + tl.arange(0, BLOCK_N), M, N,
-                                      rows_per_batch, stride_gate_b)
-        out = out.to(out_desc.dtype)
+        out = _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, cols, HAS_BIAS).to(out_desc.dtype)
         if SPLIT_EPILOGUE:
             left, right = tl.split(tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
             out_desc.store([off_m, off_n], left)
@@ -384,29 +367,22 @@ def quantize_rows_triton(
     return q, scale
 
 
-def _launch_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth, out, quantize_a,
-                         gate=None) -> None:
+def _launch_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth, out, quantize_a) -> None:
     m, k = a.shape
     n = weight.shape[0]
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
     _w8a8_gemm_kernel[grid](
         a, weight, a_scale if a_scale is not None else weight_scale, weight_scale,
         bias if bias is not None else weight_scale, smooth if smooth is not None else weight_scale, out,
-        gate if gate is not None else weight_scale,
-        m, n, k, a.stride(0), weight.stride(0), out.stride(0), *_gate_rows(gate, m),
+        m, n, k, a.stride(0), weight.stride(0), out.stride(0),
         QUANTIZE_A=quantize_a, HAS_BIAS=bias is not None, HAS_SMOOTH=smooth is not None,
-        EVEN_K=k % config.block_k == 0, HAS_RESIDUAL=gate is not None,
+        EVEN_K=k % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
-def _gate_rows(gate: torch.Tensor | None, m: int) -> tuple[int, int]:
-    """(rows per batch item, gate batch stride) of a gate [B, N] for M rows."""
-    return (m // gate.shape[0], gate.stride(0)) if gate is not None else (m, 0)
-
-
-def _launch_tma_gemm(config, q, a_scale, weight, weight_scale, bias, out, gate=None) -> None:
+def _launch_tma_gemm(config, q, a_scale, weight, weight_scale, bias, out) -> None:
     m, k = q.shape
     n = weight.shape[0]
     out_block_n = config.block_n // 2 if config.split_epilogue else config.block_n
@@ -416,11 +392,9 @@ def _launch_tma_gemm(config, q, a_scale, weight, weight_scale, bias, out, gate=N
         TensorDescriptor.from_tensor(q, [config.block_m, config.block_k]),
         TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
         TensorDescriptor.from_tensor(out, [config.block_m, out_block_n]),
-        a_scale, weight_scale, bias if bias is not None else weight_scale, out,
-        gate if gate is not None else weight_scale,
-        m, n, k, num_programs, *_gate_rows(gate, m),
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=gate is not None,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        a_scale, weight_scale, bias if bias is not None else weight_scale,
+        m, n, k, num_programs,
+        HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, SPLIT_EPILOGUE=config.split_epilogue,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -458,25 +432,16 @@ def int8_gemm_triton(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     config: GemmConfig,
-    residual: torch.Tensor | None = None,
-    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The GEMM of the W8A8 linear for activations already quantized (by ``quantize_rows_triton`` or a
     fused producer): int8 q [M, K] (K contiguous) with fp32 row scales [M], int8 weight [N, K], fp32
-    weight_scale [N], bias [N] or None -> [M, N] out_dtype. A "fused" config runs its tile as "int8".
-
-    With ``residual`` (contiguous [M, N]) and ``gate`` ([B, N], N contiguous, B dividing M) the product
-    is added in place, ``residual += gate[row's batch item] * product``, and residual is returned."""
+    weight_scale [N], bias [N] or None -> [M, N] out_dtype. A "fused" config runs its tile as "int8"."""
     _check_launchable(q)
-    if residual is None:
-        out = torch.empty((q.shape[0], weight.shape[0]), dtype=out_dtype, device=q.device)
-    else:
-        out = residual
+    out = torch.empty((q.shape[0], weight.shape[0]), dtype=out_dtype, device=q.device)
     if q.shape[0] == 0:
         return out
     if config.kind == "tma":
-        _launch_tma_gemm(config, q, scale, weight, weight_scale, bias, out, gate)
+        _launch_tma_gemm(config, q, scale, weight, weight_scale, bias, out)
     else:
-        _launch_pointer_gemm(config, q, scale, weight, weight_scale, bias, None, out, quantize_a=False,
-                             gate=gate)
+        _launch_pointer_gemm(config, q, scale, weight, weight_scale, bias, None, out, quantize_a=False)
     return out
