@@ -19,9 +19,7 @@ Needs ComfyUI (COMFYUI_PATH or .cache/ComfyUI). Writes bench_flux_step.{json,md}
 
 from __future__ import annotations
 
-import argparse
 import gc
-import os
 import sys
 import time
 import traceback
@@ -29,7 +27,7 @@ import traceback
 import numpy as np
 import torch
 from flux_common import build_flux, flux_inputs, fused_blocks, import_comfy_module, tensor_bytes, time_step
-from w8a8_common import environment, import_kernels, markdown_table, save_results
+from w8a8_common import arg_parser, environment, import_kernels, markdown_table, save_results
 
 WEIGHT_STD = 0.02
 SAMPLE_STEPS = 4
@@ -268,8 +266,7 @@ def render_markdown(results: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT"), help="extra output folder (default $OUT)")
+    parser = arg_parser(__doc__)
     parser.add_argument("--steps", type=int, default=5, help="timed denoising steps per variant (median)")
     parser.add_argument("--compile", action="store_true", help="also time bf16 and int8 under torch.compile")
     parser.add_argument("--fused", action="store_true", help="also time bf16 and int8 with fused Flux blocks")

@@ -9,12 +9,10 @@ Writes bench_quantize_rows.{json,md} to bench/results/ and --out ($OUT).
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import torch
-from w8a8_common import environment, import_kernels, markdown_table, save_results, time_ms
+from w8a8_common import arg_parser, environment, import_kernels, markdown_table, save_results, time_ms
 
 # (M tokens, K, calls per flux-dev step at 1024x1024): double blocks (image 4096 / text 512 tokens; qkv,
 # proj, mlp0 at K=3072, mlp2 at K=12288), single blocks (4608 tokens; linear1 at 3072, linear2 at 15360),
@@ -31,8 +29,7 @@ FLUX_CASES = [
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT"), help="extra output folder (default $OUT)")
+    parser = arg_parser(__doc__)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_quantize_rows needs a CUDA GPU", file=sys.stderr)

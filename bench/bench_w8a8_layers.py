@@ -9,14 +9,13 @@ Writes bench_w8a8_layers.{json,md} to bench/results/ and --out ($OUT).
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 from w8a8_common import (
+    arg_parser,
     compare,
     environment,
     import_kernels,
@@ -78,8 +77,7 @@ def _baselines(t: dict, kernels) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT"), help="extra output folder (default $OUT)")
+    parser = arg_parser(__doc__)
     parser.add_argument("--sweep", action="store_true", help="also time every candidate config of ours")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting new shapes after this")
     parser.add_argument("--m", default=",".join(map(str, M_VALUES)), help="comma-separated M values")

@@ -6,12 +6,10 @@ bf16 ``F.linear`` in the same run. Writes gpu_check_w8a8.{json,md} to bench/resu
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import torch
 import torch.nn.functional as F
 from w8a8_common import (
+    arg_parser,
     compare,
     environment,
     import_kernels,
@@ -26,8 +24,7 @@ KN_PAIRS = ((3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT"), help="extra output folder (default $OUT)")
+    parser = arg_parser(__doc__)
     args = parser.parse_args()
     kernels = import_kernels()
     from dit_quant.kernels.w8a8_autotune import choose_config

@@ -8,17 +8,15 @@ the public function. Writes host_overhead_w8a8.{json,md} to bench/results/ and -
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
-import os
 import pstats
 import time
 
 import torch
 import torch.nn.functional as F
 import triton
-from w8a8_common import environment, import_kernels, layer_inputs, markdown_table, save_results
+from w8a8_common import arg_parser, environment, import_kernels, layer_inputs, markdown_table, save_results
 
 
 @triton.jit
@@ -70,8 +68,7 @@ def _steps(kernels, t: dict, layer: tuple, config) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT"), help="extra output folder (default $OUT)")
+    parser = arg_parser(__doc__)
     args = parser.parse_args()
     kernels = import_kernels()
     from dit_quant.kernels.w8a8_autotune import choose_config

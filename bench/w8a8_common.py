@@ -1,7 +1,9 @@
-"""Shared pieces of the W8A8 GPU scripts: environment record, inputs, checks, timing, result files."""
+"""Shared pieces of the GPU scripts: command line, environment record, W8A8 inputs and checks, timing,
+result files."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -27,6 +29,14 @@ def import_kernels():
     import dit_quant.kernels as kernels
 
     return kernels
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser described by the first line of the script's docstring, with the --out option every script
+    has."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="extra output folder (default $OUT)")
+    return parser
 
 
 def environment() -> dict:

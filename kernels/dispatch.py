@@ -15,18 +15,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import NamedTuple
 
 import torch
 
-from .dit_fusions_reference import (
-    gelu_concat_reference,
-    int8_gemm_reference,
-    layernorm_modulate_reference,
-    qk_norm_rope_reference,
-)
-from .w8a8_reference import quantize_rows_reference, w8a8_linear_reference
+from .dit_fusions_reference import gelu_concat_reference, layernorm_modulate_reference, qk_norm_rope_reference
+from .w8a8_reference import int8_gemm_reference, quantize_rows_reference, w8a8_linear_reference
 
 logger = logging.getLogger("dit_quant.kernels")
 
@@ -56,7 +51,7 @@ FP8_NOTE = (". This GPU also has FP8 tensor cores: ComfyUI's weight dtype 'fp8_e
             "(lower quality on outlier-heavy models). See docs/kernels.md, 'INT8 or FP8'")
 
 _state_lock = threading.Lock()
-_logged: set[tuple[str, str]] = set()
+_logged: set = set()  # keys of the messages log_once has written
 _resolved: dict[tuple[str, str], str] = {}  # (device, request) -> backend, after the first resolution
 _triton_failed_devices: set[str] = set()
 _triton_import_error: str | None = None
@@ -102,8 +97,8 @@ except ImportError as exc:  # Triton is optional: the reference runs everywhere
     _TRITON_INTERPRETED = False
 
 
-def _log_once(device: torch.device, reason: str, message: str, level: int = logging.INFO) -> None:
-    key = (str(device), reason)
+def log_once(key: Hashable, message: str, level: int = logging.INFO) -> None:
+    """Log ``message`` on the kernels' logger the first time ``key`` is seen in this process."""
     with _state_lock:
         if key in _logged:
             return
@@ -181,7 +176,7 @@ def _resolve_uncached(device: torch.device, requested: str) -> str:
     suffix = "; using the torch reference path"
     if backend == "triton":
         suffix = FP8_NOTE if torch.cuda.get_device_capability(device) >= (8, 9) else ""
-    _log_once(device, reason, f"DiT Quant: W8A8 backend '{backend}' on {device}: {reason}{suffix}")
+    log_once((str(device), reason), f"DiT Quant: W8A8 backend '{backend}' on {device}: {reason}{suffix}")
     return backend
 
 
@@ -200,20 +195,24 @@ def run_op(op_name: str, device: torch.device, requested: str, *args, **kwargs):
         with _state_lock:
             _triton_failed_devices.add(str(device))
             _resolved.pop((str(device), "auto"), None)
-        _log_once(device, "triton failed", f"DiT Quant: the Triton W8A8 kernel failed on {device} "
+        log_once((str(device), "triton failed"), f"DiT Quant: the Triton W8A8 kernel failed on {device} "
                   f"({type(exc).__name__}: {exc}); using the torch reference path from now on",
                   logging.WARNING)
         return getattr(BACKENDS["torch"], op_name)(*args, **kwargs)
 
 
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dimension is contiguous (what the kernels need), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """[..., K] -> [M, K] with K contiguous (a view when possible)."""
-    x2d = x.reshape(-1, x.shape[-1])
-    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+    return last_dim_contiguous(x.reshape(-1, x.shape[-1]))
 
 
 def _w8a8_linear_impl(x, weight, weight_scale, bias, smooth, backend):
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    weight = last_dim_contiguous(weight)
     out = run_op("linear", x.device, backend, _rows(x), weight, weight_scale, bias, smooth)
     return out.view(*x.shape[:-1], weight.shape[0])
 

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import run_op
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+from .dispatch import last_dim_contiguous, run_op
 
 
 def int8_gemm(
@@ -32,8 +28,8 @@ def int8_gemm(
     if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[1] != q.shape[1]:
         raise ValueError(f"DiT Quant: int8_gemm weight must be int8 [N, {q.shape[1]}], got {weight.dtype} "
                          f"{tuple(weight.shape)}")
-    return run_op("int8_gemm", q.device, backend, _last_dim_contiguous(q), scale.float(),
-                  _last_dim_contiguous(weight), weight_scale.float(), bias, out_dtype)
+    return run_op("int8_gemm", q.device, backend, last_dim_contiguous(q), scale.float(),
+                  last_dim_contiguous(weight), weight_scale.float(), bias, out_dtype)
 
 
 def layernorm_modulate(
@@ -49,12 +45,12 @@ def layernorm_modulate(
     [B, 1, K]). Returns [B, L, K] in x.dtype, or with ``quantize`` (int8 [B*L, K], fp32 [B*L]) of the
     result divided by ``smooth`` fp32 [K]."""
     b, _, k = x.shape
-    scale, shift = (_last_dim_contiguous(t.reshape(t.shape[0], t.shape[-1])) for t in (scale, shift))
+    scale, shift = (last_dim_contiguous(t.reshape(t.shape[0], t.shape[-1])) for t in (scale, shift))
     for name, t in (("scale", scale), ("shift", shift)):
         if t.shape[-1] != k or t.shape[0] not in (1, b):
             raise ValueError(f"DiT Quant: layernorm_modulate {name} must be [{b}, {k}], got {tuple(t.shape)}")
     scale, shift = (t.expand(b, k) for t in (scale, shift))
-    return run_op("layernorm_modulate", x.device, backend, _last_dim_contiguous(x), scale, shift, eps,
+    return run_op("layernorm_modulate", x.device, backend, last_dim_contiguous(x), scale, shift, eps,
                   None if smooth is None else smooth.float(), quantize)
 
 
@@ -82,7 +78,7 @@ def qk_norm_rope(
         raise ValueError("DiT Quant: qk_norm_rope outputs must share one layout with contiguous heads")
     if pe is not None:
         pe = pe if pe.dtype == torch.float32 and pe[0, 0, 0].is_contiguous() else pe.float().contiguous()
-    run_op("qk_norm_rope", qkv.device, backend, _last_dim_contiguous(qkv), q_weight, k_weight, pe,
+    run_op("qk_norm_rope", qkv.device, backend, last_dim_contiguous(qkv), q_weight, k_weight, pe,
            q_out, k_out, v_out, offset, eps)
 
 
@@ -100,6 +96,6 @@ def gelu_concat(
     if attn is None and mlp is None:
         raise ValueError("DiT Quant: gelu_concat needs an attention output, an MLP projection or both")
     device = (attn if attn is not None else mlp).device
-    return run_op("gelu_concat", device, backend, None if attn is None else _last_dim_contiguous(attn),
-                  None if mlp is None else _last_dim_contiguous(mlp),
+    return run_op("gelu_concat", device, backend, None if attn is None else last_dim_contiguous(attn),
+                  None if mlp is None else last_dim_contiguous(mlp),
                   None if smooth is None else smooth.float(), quantize, out_dtype)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .w8a8_reference import int8_matmul_exact, quantize_rows_reference
+from .w8a8_reference import quantize_rows_reference
 
 GELU_TANH_COEFF = 0.044715
 SQRT_2_OVER_PI = 0.7978845608028654
@@ -112,19 +112,3 @@ def gelu_concat_reference(
     y = torch.cat(parts, dim=-1)
     dtype = out_dtype or (attn if attn is not None else mlp).dtype
     return _emit(y, dtype, smooth, quantize)
-
-
-def int8_gemm_reference(
-    q: torch.Tensor,
-    scale: torch.Tensor,
-    weight: torch.Tensor,
-    weight_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """The W8A8 linear after quantization: int8 q [M, K] with fp32 row scales [M] times int8 weight
-    [N, K] with fp32 column scales [N] (+ bias [N]) -> [M, N] out_dtype (see w8a8_reference)."""
-    out = int8_matmul_exact(q, weight).float() * scale[:, None] * weight_scale.float()[None, :]
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(out_dtype)

@@ -13,18 +13,11 @@ import triton
 import triton.language as tl
 
 from .dit_fusions_reference import GELU_TANH_COEFF, SQRT_2_OVER_PI
-from .w8a8_triton import _check_launchable, _round_clamp_int8
+from .w8a8_triton import _check_launchable, _round_clamp_int8, _row_scale
 
 _GELU_C = tl.constexpr(GELU_TANH_COEFF)
 _SQRT_2_OVER_PI = tl.constexpr(SQRT_2_OVER_PI)
 MAX_ROW = 32768  # widest row the one-program-per-row kernels hold in registers
-
-
-@triton.jit
-def _row_scale(amax):
-    """Row amax -> (fp32 scale, its IEEE reciprocal), as quantize_rows."""
-    scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 127.0)
-    return scale, tl.math.div_rn(1.0, scale)
 
 
 @triton.jit

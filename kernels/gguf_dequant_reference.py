@@ -21,6 +21,7 @@ Block layouts (ggml-common.h), with d/dmin fp16 scales:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -145,20 +146,25 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
     return (dl * q).reshape(n, QK_K)
 
 
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
+def _q45_k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K blocks [n, type_size] -> per-sub-block (d * scale, dmin * min) float32 [n, 8, 1] each."""
     n = b.shape[0]
     sc, mn = k_scale_min(b[:, 4:16])
     d = (_f16(b[:, :2]) * sc.to(torch.float32)).view(n, 8, 1)
     dm = (_f16(b[:, 2:4]) * mn.to(torch.float32)).view(n, 8, 1)
+    return d, dm
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dm = _q45_k_scales(b)
     q = _nibbles(b[:, 16:].reshape(n, 4, 32), 32).reshape(n, 8, 32).to(torch.float32)
     return (d * q - dm).reshape(n, QK_K)
 
 
 def _q5_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    sc, mn = k_scale_min(b[:, 4:16])
-    d = (_f16(b[:, :2]) * sc.to(torch.float32)).view(n, 8, 1)
-    dm = (_f16(b[:, 2:4]) * mn.to(torch.float32)).view(n, 8, 1)
+    d, dm = _q45_k_scales(b)
     low = _nibbles(b[:, 48:].reshape(n, 4, 32), 32).reshape(n, 8, 32)
     high = _bits(b[:, 16:48], 8)  # bit i of qh[l] is the 5th bit of element 32 * i + l
     q = (low | (high << 4)).to(torch.float32)
@@ -216,11 +222,28 @@ _DEQUANTIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def dequantize_blocks_reference(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
-    """Raw blocks ``uint8 [n_blocks, type_size]`` of ``qtype`` -> ``float32 [n_blocks, block_size]``."""
+def _layout(qtype: str) -> tuple[int, int]:
+    """(block_size, type_size) of ``qtype``; ValueError for a type without a dequantizer."""
     if qtype not in _DEQUANTIZERS:
         raise ValueError(f"DiT Quant: no dequantizer for GGUF type {qtype!r}; known: {sorted(_DEQUANTIZERS)}")
+    return BLOCK_LAYOUT[qtype]
+
+
+def tensor_blocks(raw: torch.Tensor, qtype: str, shape: torch.Size | tuple[int, ...]) -> int:
+    """Number of ``qtype`` blocks in a tensor of ``shape``; ValueError unless ``raw`` holds exactly their
+    bytes."""
     block_size, type_size = BLOCK_LAYOUT[qtype]
+    n_elements = math.prod(int(size) for size in shape)
+    if n_elements % block_size or raw.numel() * block_size != n_elements * type_size:
+        raise ValueError(
+            f"DiT Quant: {raw.numel()} bytes of {qtype} do not hold a tensor of shape {tuple(shape)}"
+        )
+    return n_elements // block_size
+
+
+def dequantize_blocks_reference(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    """Raw blocks ``uint8 [n_blocks, type_size]`` of ``qtype`` -> ``float32 [n_blocks, block_size]``."""
+    _, type_size = _layout(qtype)
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != type_size:
         raise ValueError(
             f"DiT Quant: {qtype} blocks must be uint8 [n, {type_size}], "
@@ -236,15 +259,7 @@ def dequantize_reference(
 
     The float32 result is bit-identical to ``gguf.quants.dequantize``; other dtypes are its rounding.
     """
-    if qtype not in _DEQUANTIZERS:
-        raise ValueError(f"DiT Quant: no dequantizer for GGUF type {qtype!r}; known: {sorted(_DEQUANTIZERS)}")
-    block_size, type_size = BLOCK_LAYOUT[qtype]
-    n_elements = 1
-    for size in shape:
-        n_elements *= int(size)
-    if n_elements % block_size or raw.numel() * block_size != n_elements * type_size:
-        raise ValueError(
-            f"DiT Quant: {raw.numel()} bytes of {qtype} do not hold a tensor of shape {tuple(shape)}"
-        )
+    _, type_size = _layout(qtype)
+    tensor_blocks(raw, qtype, shape)
     values = dequantize_blocks_reference(raw.reshape(-1, type_size), qtype)
     return values.reshape(shape).to(dtype)

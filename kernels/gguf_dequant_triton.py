@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gguf_dequant_reference import BLOCK_LAYOUT, IQ4_NL_VALUES
+from .gguf_dequant_reference import BLOCK_LAYOUT, IQ4_NL_VALUES, tensor_blocks
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_TYPES = (
@@ -328,16 +328,9 @@ def dequantize_triton(
     if raw.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError("DiT Quant: Triton dequantization of CPU tensors needs TRITON_INTERPRET=1")
     block_size, type_size = BLOCK_LAYOUT[qtype]
-    n_elements = 1
-    for size in shape:
-        n_elements *= int(size)
-    n_blocks = n_elements // block_size
-    if n_elements % block_size or raw.numel() != n_blocks * type_size:
-        raise ValueError(
-            f"DiT Quant: {raw.numel()} bytes of {qtype} do not hold a tensor of shape {tuple(shape)}"
-        )
+    n_blocks = tensor_blocks(raw, qtype, shape)
     src = raw.contiguous().view(-1)
-    out = torch.empty(n_elements, dtype=dtype, device=raw.device)
+    out = torch.empty(n_blocks * block_size, dtype=dtype, device=raw.device)
     blocks = _BLOCKS_PER_PROGRAM[qtype]
     grid = (triton.cdiv(n_blocks, blocks),)
     if raw.device not in _CODEBOOKS:

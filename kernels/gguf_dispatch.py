@@ -22,10 +22,9 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .dispatch import triton_unavailable
+from .dispatch import log_once, triton_unavailable
 from .gguf_dequant_reference import dequantize_reference
 
-logger = logging.getLogger("dit_quant.kernels")
 MODES = ("auto", "fused", "int8", "dequant", "torch")
 
 try:
@@ -41,15 +40,6 @@ except ImportError as exc:  # Triton is optional
 
 _lock = threading.Lock()
 _failed_devices: set[str] = set()
-_logged: set[str] = set()
-
-
-def _log_once(key: str, level: int, message: str) -> None:
-    with _lock:
-        if key in _logged:
-            return
-        _logged.add(key)
-    logger.log(level, message)
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -57,19 +47,19 @@ def triton_usable(device: torch.device) -> bool:
     not, logs once per device why the plain-torch path runs."""
     reason = triton_unavailable(device, _TRITON_ERROR, INTERPRETED, _failed_devices, "GGUF")
     if reason is not None:
-        _log_once(f"torch:{device}", logging.INFO,
-                  f"DiT Quant: GGUF layers on {device} use the plain-torch dequantization path: {reason}")
+        log_once(f"gguf torch:{device}",
+                 f"DiT Quant: GGUF layers on {device} use the plain-torch dequantization path: {reason}")
     return reason is None
 
 
 def _note_failure(device: torch.device, exc: Exception) -> None:
     with _lock:
         _failed_devices.add(str(device))
-    _log_once(
-        f"fail:{device}",
-        logging.WARNING,
+    log_once(
+        f"gguf fail:{device}",
         f"DiT Quant: a GGUF Triton kernel failed on {device} "
         f"({type(exc).__name__}: {exc}); using the torch path on this device from now on",
+        logging.WARNING,
     )
 
 
@@ -131,9 +121,9 @@ def gguf_linear(
         x2d = x.reshape(-1, k)
         try:
             if mode == "int8" and qtype == "Q8_0":
-                from . import quantize_rows  # the W8A8 kernels' per-token quantizer
+                from . import quantize_rows  # the W8A8 kernels' per-token quantizer (makes K contiguous)
 
-                xq, x_scale = quantize_rows(x2d if x2d.stride(1) == 1 else x2d.contiguous())
+                xq, x_scale = quantize_rows(x2d)
                 out = gguf_linear_int8_q8_0(xq, x_scale, raw, n, k, bias, x.dtype)
             else:
                 out = gguf_linear_fused(x2d, raw, qtype, n, k, bias)

@@ -29,9 +29,8 @@ import triton
 import triton.language as tl
 
 from .gguf_dequant_reference import BLOCK_LAYOUT
-from .gguf_dequant_triton import k_scale_min, load_f16, round_to_bf16
+from .gguf_dequant_triton import INTERPRETED, k_scale_min, load_f16, round_to_bf16
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FUSED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 _QTYPE_ID = {name: i for i, name in enumerate(FUSED_TYPES)}
 K_STEP = 128  # values of K per loop iteration
@@ -353,10 +352,19 @@ def _check(
 
 
 def _launch(
-    kernel, m: int, n: int, device: torch.device, config: TileConfig | None, args: tuple, **constexprs
+    kernel,
+    inputs: tuple[torch.Tensor, ...],
+    raw: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    k: int,
+    config: TileConfig | None,
+    **constexprs,
 ) -> None:
-    """Launch with ``config``, else the autotuned tile (DIT_QUANT_GGUF_AUTOTUNE=1), else
-    :func:`default_config`; the interpreter always gets a fixed 32x32 tile."""
+    """Launch ``kernel`` for ``out [M, N] = inputs [M, K] x raw [N, K] (+ bias)`` with ``config``, else the
+    autotuned tile (DIT_QUANT_GGUF_AUTOTUNE=1), else :func:`default_config`; the interpreter always gets a
+    fixed 32x32 tile."""
+    m, n = out.shape
     m_bucket = min(triton.next_power_of_2(max(m, 1)), 4096)  # autotuning key: once per size class, not per M
 
     def grid(meta):
@@ -365,7 +373,7 @@ def _launch(
     if INTERPRETED:
         config = TileConfig(32, 32, 4, 1)
     elif config is None and not AUTOTUNE:
-        config = default_config(m, torch.cuda.get_device_capability(device))
+        config = default_config(m, torch.cuda.get_device_capability(out.device))
     if config is not None:
         if isinstance(kernel, triton.runtime.Autotuner):
             kernel = kernel.fn  # the plain kernel under the autotuner
@@ -375,7 +383,20 @@ def _launch(
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
-    kernel[grid](*args, m_bucket, **constexprs)
+    args = (
+        *inputs,
+        raw,
+        bias if bias is not None else out,
+        out,
+        m,
+        n,
+        k,
+        inputs[0].stride(0),
+        out.stride(0),
+        raw.numel() // n,
+        m_bucket,
+    )
+    kernel[grid](*args, HAS_BIAS=bias is not None, GROUP_M=8, RNE_BF16=INTERPRETED, **constexprs)
 
 
 def gguf_linear_fused(
@@ -396,34 +417,20 @@ def gguf_linear_fused(
         raise ValueError(f"DiT Quant: no fused GGUF kernel for {qtype}; have {FUSED_TYPES}")
     _check(x2d, raw, qtype, n, k, bias)
     x2d = x2d if x2d.stride(1) == 1 else x2d.contiguous()
-    m = x2d.shape[0]
-    out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
+    out = torch.empty((x2d.shape[0], n), dtype=x2d.dtype, device=x2d.device)
     _launch(
         _gguf_matmul_kernel,
-        m,
-        n,
-        x2d.device,
+        (x2d,),
+        raw,
+        bias,
+        out,
+        k,
         config,
-        (
-            x2d,
-            raw,
-            bias if bias is not None else out,
-            out,
-            m,
-            n,
-            k,
-            x2d.stride(0),
-            out.stride(0),
-            raw.numel() // n,
-        ),
         QTYPE=_QTYPE_ID[qtype],
         TYPE_SIZE=BLOCK_LAYOUT[qtype][1],
         RUN=_RUN[qtype],
-        HAS_BIAS=bias is not None,
-        GROUP_M=8,
         # fp32 inputs get exact fp32 dots; the interpreter's bf16/fp16 dots are wrong in Triton 3.9
         DOT_F32=x2d.dtype == torch.float32 or INTERPRETED,
-        RNE_BF16=INTERPRETED,
     )
     return out
 
@@ -443,29 +450,6 @@ def gguf_linear_int8_q8_0(
     _check(xq, raw, "Q8_0", n, k, bias)
     if xq.dtype != torch.int8 or x_scale.shape != xq.shape[:1]:
         raise ValueError("DiT Quant: int8 Q8_0 matmul needs int8 activations [M, K] and fp32 scales [M]")
-    m = xq.shape[0]
-    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
-    _launch(
-        _q8_0_int8_kernel,
-        m,
-        n,
-        xq.device,
-        config,
-        (
-            xq,
-            x_scale,
-            raw,
-            bias if bias is not None else out,
-            out,
-            m,
-            n,
-            k,
-            xq.stride(0),
-            out.stride(0),
-            raw.numel() // n,
-        ),
-        HAS_BIAS=bias is not None,
-        GROUP_M=8,
-        RNE_BF16=INTERPRETED,
-    )
+    out = torch.empty((xq.shape[0], n), dtype=out_dtype, device=xq.device)
+    _launch(_q8_0_int8_kernel, (xq, x_scale), raw, bias, out, k, config)
     return out

@@ -84,6 +84,22 @@ def int8_matmul_exact(q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _chunked_fp32_exact(q, weight)
 
 
+def int8_gemm_reference(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The W8A8 linear after quantization: int8 q [M, K] with fp32 row scales [M] times int8 weight
+    [N, K] with fp32 column scales [N] (+ bias [N]) -> [M, N] out_dtype."""
+    out = int8_matmul_exact(q, weight).float() * scale[:, None] * weight_scale.float()[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
 def w8a8_linear_reference(
     x2d: torch.Tensor,
     weight: torch.Tensor,
@@ -97,8 +113,4 @@ def w8a8_linear_reference(
     smooth: fp32 [K] or None. Returns [M, N] in x2d.dtype.
     """
     q, scale = quantize_rows_reference(x2d, smooth)
-    acc = int8_matmul_exact(q, weight)
-    out = acc.float() * scale[:, None] * weight_scale.float()[None, :]
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x2d.dtype)
+    return int8_gemm_reference(q, scale, weight, weight_scale, bias, x2d.dtype)

@@ -42,6 +42,13 @@ def _round_clamp_int8(v):
 
 
 @triton.jit
+def _row_scale(amax):
+    """A row's amax -> (fp32 scale = amax / 127 floored at 1e-12 / 127, its IEEE reciprocal)."""
+    scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 127.0)
+    return scale, tl.math.div_rn(1.0, scale)
+
+
+@triton.jit
 def _load_smoothed(ptrs, smooth_ptrs, mask, HAS_SMOOTH: tl.constexpr):
     xs = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_SMOOTH:
@@ -64,15 +71,14 @@ def _quantize_rows_kernel(
     if ONE_TILE:
         mask = offs < K
         xs = _load_smoothed(x_row + offs, smooth_ptr + offs, mask, HAS_SMOOTH)
-        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(xs), axis=0), 1e-12), 127.0)
-        tl.store(q_row + offs, _round_clamp_int8(xs * tl.math.div_rn(1.0, scale)), mask=mask)
+        scale, inverse = _row_scale(tl.max(tl.abs(xs), axis=0))
+        tl.store(q_row + offs, _round_clamp_int8(xs * inverse), mask=mask)
     else:
         amax = tl.zeros((BLOCK_K,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, k0 + offs < K, HAS_SMOOTH)
             amax = tl.maximum(amax, tl.abs(xs))
-        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), 127.0)
-        inverse = tl.math.div_rn(1.0, scale)
+        scale, inverse = _row_scale(tl.max(amax, axis=0))
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + offs < K
             xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, mask, HAS_SMOOTH)

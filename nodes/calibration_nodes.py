@@ -13,7 +13,7 @@ import folder_paths
 import torch
 
 from ..quant.calibration import ActivationRecorder, ActivationStats, CalibrationFileError, bucket_of_fraction
-from ..quant.int8_checkpoint import make_recipe
+from ..quant.int8_checkpoint import RECIPE_KEY, make_recipe
 from ..quant.int8_linear import Int8Linear
 from ..quant.layer_rules import DEFAULT_RULES
 from ..quant.model_quantizer import plan_quantization, quantized_copy
@@ -22,7 +22,7 @@ from ..quant.sensitivity import group_by_block, measure_sensitivity
 from ..quant.smoothquant import DEFAULT_ALPHA, plan_smoothquant, smoothing_factors, weight_input_absmax
 from .comfy_int8_ops import ComfyInt8Linear, make_int8_layer
 from .comfy_model import output_path, patched_weight, release_model_weights, with_new_diffusion_model
-from .int8_nodes import RECIPE_ATTR, int8_layer_names
+from .int8_nodes import int8_layer_names
 from .sampling import (
     DEFAULT_PROMPTS,
     SAMPLERS,
@@ -33,7 +33,7 @@ from .sampling import (
     encode,
     nonempty_lines,
     parse_prompts,
-    sample,
+    sample_each_prompt,
     schedule_sigmas,
 )
 
@@ -209,19 +209,19 @@ class SmoothQuantCalibrate:
         patched = add_apply_model_wrapper(model, "dit_quant_calibration", set_bucket)
         bar = comfy.utils.ProgressBar(len(texts) * steps)
         with recorder:
-            for i, text in enumerate(texts):
-                sample(
-                    patched,
-                    encode(clip, text),
-                    negative,
-                    latent_image,
-                    seed + i,
-                    steps,
-                    cfg,
-                    sampler_name,
-                    scheduler,
-                    on_step=lambda step, i=i: bar.update_absolute(i * steps + step + 1),
-                )
+            sample_each_prompt(
+                patched,
+                clip,
+                texts,
+                negative,
+                latent_image,
+                seed,
+                steps,
+                cfg,
+                sampler_name,
+                scheduler,
+                on_step=bar.update_absolute,
+            )
         stats.to("cpu")
         stats.prompts, stats.steps_per_prompt = len(texts), steps
         stats.settings = {
@@ -445,7 +445,7 @@ class ApplySmoothQuant:
             "protection": {"preset": protection, "extra_layers": extra},
             "calibration": calibration.summary_dict(),
         }
-        setattr(new_dm, RECIPE_ATTR, make_recipe(names, list(kept), **settings))
+        setattr(new_dm, RECIPE_KEY, make_recipe(names, list(kept), **settings))
         new_model = with_new_diffusion_model(model, new_dm, names)
         for key in plan.replaced:  # merged into the folded tensors above
             new_model.patches.pop(f"diffusion_model.{key}", None)
@@ -572,18 +572,9 @@ class QuantizationSensitivity:
         negative = encode(clip, negative_prompt)
         calls = DenoiserCalls()
         recording = add_apply_model_wrapper(model, "dit_quant_sensitivity", calls.wrapper)
-        for i, text in enumerate(texts):
-            sample(
-                recording,
-                encode(clip, text),
-                negative,
-                latent_image,
-                seed + i,
-                steps,
-                cfg,
-                sampler_name,
-                scheduler,
-            )
+        sample_each_prompt(
+            recording, clip, texts, negative, latent_image, seed, steps, cfg, sampler_name, scheduler
+        )
         diffusion_model = model.model.diffusion_model
         names, _ = plan_quantization(diffusion_model, DEFAULT_RULES)
         modules = dict(diffusion_model.named_modules())

@@ -3,14 +3,44 @@
 import copy
 import os
 import uuid
+from collections.abc import Callable
 
 import comfy.lora
 import comfy.model_management
 import comfy.model_patcher
+import comfy.sd
 import folder_paths
 import torch
 
 from .lora_patcher import QuantModelPatcher, quant_model_patcher
+
+
+def load_with_operations(
+    name: str,
+    state_dict: dict[str, torch.Tensor],
+    operations: type,
+    unloaded_layers: Callable[[torch.nn.Module], list[str]],
+    error: type[Exception] = ValueError,
+    detail: str = "",
+) -> comfy.model_patcher.ModelPatcher:
+    """The MODEL of file ``name``'s ``state_dict`` built with our ``operations`` class, its architecture
+    detected as the stock loader does.
+
+    Refuses (``error``, naming the file) tensors ComfyUI detects no architecture from (``detail`` is added
+    to that message) and a file that lacks layers of the detected architecture (``unloaded_layers``).
+    """
+    patcher = comfy.sd.load_diffusion_model_state_dict(
+        state_dict, model_options={"custom_operations": operations}
+    )
+    if patcher is None:
+        raise error(f"{name}: ComfyUI could not detect the model architecture from its tensors{detail}")
+    missing = unloaded_layers(patcher.model.diffusion_model)
+    if missing:
+        raise error(
+            f"{name}: the detected architecture expects layers the file lacks: "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
+    return patcher
 
 
 def release_model_weights(patcher: comfy.model_patcher.ModelPatcher) -> None:

@@ -51,14 +51,13 @@ def _feeds_int8(layer: torch.nn.Module) -> bool:
 
 
 def _linear(
-    layer: torch.nn.Module, produce: Callable, rows: tuple[int, int], dtype: torch.dtype
+    layer: torch.nn.Module, produce: Callable, rows: tuple[int, ...], dtype: torch.dtype, backend: str
 ) -> torch.Tensor:
-    """layer(activation) where ``produce(smooth=, quantize=)`` makes the activation [B, L, K]: as int8
+    """layer(activation) where ``produce(smooth=, quantize=)`` makes the activation [*rows, K]: as int8
     rows + scales straight into the W8A8 GEMM for an INT8 layer, else in ``dtype`` through the layer."""
     if _feeds_int8(layer):
         q, scale = produce(smooth=layer.smooth, quantize=True)
-        out = int8_gemm(q, scale, layer.weight, layer.weight_scale, layer.bias, dtype,
-                        backend=active_backend())
+        out = int8_gemm(q, scale, layer.weight, layer.weight_scale, layer.bias, dtype, backend=backend)
         return out.view(*rows, -1)
     return layer(produce(smooth=None, quantize=False))
 
@@ -80,14 +79,18 @@ class _SharedModulationInput:
             self._silu = torch.nn.functional.silu(vec[:, None, :] if vec.ndim == 2 else vec)
             self._rows = None
 
-    def silu(self, vec: torch.Tensor) -> torch.Tensor:
+    def activation(self, vec: torch.Tensor, backend: str, smooth: torch.Tensor | None = None,
+                   quantize: bool = False):
+        """silu(vec) [B, 1 or N, D], or with ``quantize`` its int8 rows and scales (shared when the layer
+        has no smoothing vector); a producer for ``_linear``."""
         self._refresh(vec)
-        return self._silu
-
-    def rows(self, vec: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-        self._refresh(vec)
+        if not quantize:
+            return self._silu
+        rows = self._silu.reshape(-1, self._silu.shape[-1])
+        if smooth is not None:
+            return quantize_rows(rows, smooth, backend=backend)
         if self._rows is None:
-            self._rows = quantize_rows(self._silu.reshape(-1, self._silu.shape[-1]), backend=backend)
+            self._rows = quantize_rows(rows, backend=backend)
         return self._rows
 
 
@@ -96,15 +99,9 @@ _shared_modulation_input = _SharedModulationInput()
 
 def _modulation(mod: flux_layers.Modulation, vec: torch.Tensor, backend: str):
     """``Modulation.forward`` with the shared silu(vec) (and its int8 rows for an INT8 layer)."""
-    lin = mod.lin
-    act = _shared_modulation_input.silu(vec)  # [B, 1 or N, D]
-    if _feeds_int8(lin) and lin.smooth is None:
-        q, scale = _shared_modulation_input.rows(vec, backend)
-        out = int8_gemm(q, scale, lin.weight, lin.weight_scale, lin.bias, act.dtype, backend=backend)
-        out = out.view(*act.shape[:-1], -1)
-    else:
-        out = lin(act)
-    out = out.chunk(mod.multiplier, dim=-1)
+    act = _shared_modulation_input.activation(vec, backend)
+    produce = functools.partial(_shared_modulation_input.activation, vec, backend)
+    out = _linear(mod.lin, produce, act.shape[:-1], act.dtype, backend).chunk(mod.multiplier, dim=-1)
     return flux_layers.ModulationOut(*out[:3]), flux_layers.ModulationOut(*out[3:]) if mod.is_double else None
 
 
@@ -168,7 +165,7 @@ def fused_double_block_forward(
                (txt, txt_mod1, txt_mod2, block.txt_attn, block.txt_mlp, txt_at))
     for x, mod1, _, attn, _, at in streams:
         produce = functools.partial(layernorm_modulate, x, mod1.scale, mod1.shift, backend=backend)
-        qkv = _linear(attn.qkv, produce, x.shape[:2], x.dtype)
+        qkv = _linear(attn.qkv, produce, x.shape[:2], x.dtype, backend)
         qk_norm_rope(qkv, *_norm_weights(attn.norm, x.device), pe, q, k, v, at, backend=backend)
     out = _attention(q, k, v, heads, attn_mask, transformer_options)
     del q, k, v
@@ -176,11 +173,11 @@ def fused_double_block_forward(
         rows = x.shape[:2]
         stream_out = out[:, at:at + rows[1]]
         produce = functools.partial(gelu_concat, stream_out, None, out_dtype=x.dtype, backend=backend)
-        x.addcmul_(_linear(attn.proj, produce, rows, x.dtype), mod1.gate)
+        x.addcmul_(_linear(attn.proj, produce, rows, x.dtype, backend), mod1.gate)
         produce = functools.partial(layernorm_modulate, x, mod2.scale, mod2.shift, backend=backend)
-        hidden = _linear(mlp[0], produce, rows, x.dtype)
+        hidden = _linear(mlp[0], produce, rows, x.dtype, backend)
         produce = functools.partial(gelu_concat, None, hidden, backend=backend)
-        x.addcmul_(_linear(mlp[2], produce, rows, x.dtype), mod2.gate)
+        x.addcmul_(_linear(mlp[2], produce, rows, x.dtype, backend), mod2.gate)
     if txt.dtype == torch.float16:
         txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
     return img, txt
@@ -202,14 +199,14 @@ def fused_single_block_forward(
     heads = block.num_heads
     head_dim = block.hidden_size // heads
     produce = functools.partial(layernorm_modulate, x, mod.scale, mod.shift, backend=backend)
-    hidden = _linear(block.linear1, produce, rows, x.dtype)
+    hidden = _linear(block.linear1, produce, rows, x.dtype, backend)
     qkv, mlp = hidden[..., :3 * block.hidden_size], hidden[..., 3 * block.hidden_size:]
     q, k, v = _qkv_buffers(x, heads, rows[1], head_dim)
     qk_norm_rope(qkv, *_norm_weights(block.norm, x.device), pe, q, k, v, 0, backend=backend)
     out = _attention(q, k, v, heads, attn_mask, transformer_options)
     del q, k, v, qkv
     produce = functools.partial(gelu_concat, out, mlp, out_dtype=x.dtype, backend=backend)
-    x.addcmul_(_linear(block.linear2, produce, rows, x.dtype), mod.gate)
+    x.addcmul_(_linear(block.linear2, produce, rows, x.dtype, backend), mod.gate)
     if x.dtype == torch.float16:
         x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
     return x

@@ -1,10 +1,10 @@
 """GGUF nodes: load a GGUF diffusion model (weights stay quantized), save a MODEL as GGUF."""
 
+import collections
 import logging
 
 import comfy.lora
 import comfy.model_management
-import comfy.sd
 import comfy.utils
 import folder_paths
 import torch
@@ -14,8 +14,8 @@ from ..quant.gguf_reader import GGUFTensor, read_gguf
 from ..quant.gguf_type_rules import PRESETS
 from ..quant.gguf_types import gguf_type
 from ..quant.gguf_writer import SourceTensor, write_gguf
-from .comfy_model import output_path, release_model_weights
-from .gguf_ops import GGUFLayer, GGUFOps, gguf_layers, state_dict_for_comfy
+from .comfy_model import load_with_operations, output_path, release_model_weights
+from .gguf_ops import GGUFLayer, GGUFOps, gguf_layers, state_dict_for_comfy, unloaded_layers
 from .lora_patcher import quant_model_patcher
 
 CATEGORY = "DiT Quant/GGUF"
@@ -73,38 +73,29 @@ class LoadGGUFDiffusionModel:
     def load(self, unet_name: str, kernel: str = "auto"):
         path = folder_paths.get_full_path_or_raise(GGUF_FOLDER, unet_name)
         model_file = read_gguf(path)
-        patcher = comfy.sd.load_diffusion_model_state_dict(
-            state_dict_for_comfy(model_file), model_options={"custom_operations": GGUFOps}
+        patcher = load_with_operations(
+            unet_name,
+            state_dict_for_comfy(model_file),
+            GGUFOps,
+            unloaded_layers,
+            detail=f" (general.architecture = {model_file.architecture!r})",
         )
-        if patcher is None:
-            raise ValueError(
-                f"{unet_name}: ComfyUI could not detect the model architecture from its tensors "
-                f"(general.architecture = {model_file.architecture!r})"
-            )
-        diffusion_model = patcher.model.diffusion_model
-        missing = [
-            name
-            for name, m in diffusion_model.named_modules()
-            if isinstance(m, GGUFOps.Linear) and m.weight is None
-        ]
-        if missing:
-            raise ValueError(
-                f"{unet_name}: the detected architecture expects layers the file lacks: "
-                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
-            )
-        layers = gguf_layers(diffusion_model)
+        layers = gguf_layers(patcher.model.diffusion_model)
         for layer in layers.values():
             layer.gguf_mode = kernel
         quant_model_patcher(patcher)
-        counts = ", ".join(f"{k} x{v}" for k, v in sorted(model_file.type_counts().items()))
         logging.info(
             "DiT Quant: loaded %s (%s): %d quantized layers; tensor types: %s",
             unet_name,
             model_file.architecture,
             len(layers),
-            counts,
+            _type_counts_text(model_file.type_counts()),
         )
         return (patcher,)
+
+
+def _type_counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
 
 
 def model_sources(patcher) -> dict[str, SourceTensor]:
@@ -117,7 +108,8 @@ def model_sources(patcher) -> dict[str, SourceTensor]:
     for key, value in diffusion_model.state_dict().items():
         module_name, _, param = key.rpartition(".")
         module = modules.get(module_name)
-        patches = patcher.patches.get(f"diffusion_model.{key}")
+        patch_key = f"diffusion_model.{key}"
+        patches = patcher.patches.get(patch_key)
         quantized = isinstance(module, GGUFLayer) and module.gguf_qtype is not None and param == "weight"
         if quantized:
             stored = GGUFTensor(key, gguf_type(module.gguf_qtype), module.gguf_shape, value.detach().cpu())
@@ -125,7 +117,7 @@ def model_sources(patcher) -> dict[str, SourceTensor]:
         else:
             stored, shape, dtype = value.detach().cpu(), value.shape, value.dtype
 
-        def load(stored=stored, patches=patches, patch_key=f"diffusion_model.{key}"):
+        def load(stored=stored, patches=patches, patch_key=patch_key):
             if not patches:
                 return stored
             weight = (
@@ -198,12 +190,8 @@ class SaveModelGGUF:
             progress=lambda done, total: bar.update_absolute(done, total),
             device=device if device.type == "cuda" else None,
         )
-        counts: dict[str, int] = {}
-        for plan in plans:
-            counts[plan.qtype] = counts.get(plan.qtype, 0) + 1
-        logging.info(
-            "DiT Quant: saved %s (%s)", path, ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
-        )
+        counts = collections.Counter(plan.qtype for plan in plans)
+        logging.info("DiT Quant: saved %s (%s)", path, _type_counts_text(counts))
         return {"ui": {"text": [path]}}
 
 

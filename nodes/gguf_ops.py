@@ -111,6 +111,16 @@ class GGUFLayer(comfy.ops.CastWeightBiasOp):
         return weight.to(dtype)
 
 
+class GGUFConv(GGUFLayer):
+    """Mixin for ComfyUI ``manual_cast`` conv layers: convolves with this call's dequantized weight."""
+
+    def forward_comfy_cast_weights(self, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.gguf_qtype is None:
+            return super().forward_comfy_cast_weights(input, *args, **kwargs)
+        raw, bias = self._gguf_inputs(input.device, input.dtype)
+        return self._conv_forward(input, self.gguf_weight(raw, input.dtype), bias)
+
+
 class GGUFOps(comfy.ops.manual_cast):
     """Operations for building a diffusion model from a GGUF state dict (see the module docstring)."""
 
@@ -137,26 +147,14 @@ class GGUFOps(comfy.ops.manual_cast):
                 y = gguf_linear(input, raw, self.gguf_qtype, tuple(self.gguf_shape), bias, self.gguf_mode)
             return y if self.lora_branch is None else self.lora_branch.add_to(y, input)
 
-    class Conv1d(GGUFLayer, comfy.ops.manual_cast.Conv1d):
-        def forward_comfy_cast_weights(self, input: torch.Tensor) -> torch.Tensor:
-            if self.gguf_qtype is None:
-                return super().forward_comfy_cast_weights(input)
-            raw, bias = self._gguf_inputs(input.device, input.dtype)
-            return self._conv_forward(input, self.gguf_weight(raw, input.dtype), bias)
+    class Conv1d(GGUFConv, comfy.ops.manual_cast.Conv1d):
+        pass
 
-    class Conv2d(GGUFLayer, comfy.ops.manual_cast.Conv2d):
-        def forward_comfy_cast_weights(self, input: torch.Tensor) -> torch.Tensor:
-            if self.gguf_qtype is None:
-                return super().forward_comfy_cast_weights(input)
-            raw, bias = self._gguf_inputs(input.device, input.dtype)
-            return self._conv_forward(input, self.gguf_weight(raw, input.dtype), bias)
+    class Conv2d(GGUFConv, comfy.ops.manual_cast.Conv2d):
+        pass
 
-    class Conv3d(GGUFLayer, comfy.ops.manual_cast.Conv3d):
-        def forward_comfy_cast_weights(self, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            if self.gguf_qtype is None:
-                return super().forward_comfy_cast_weights(input, *args, **kwargs)
-            raw, bias = self._gguf_inputs(input.device, input.dtype)
-            return self._conv_forward(input, self.gguf_weight(raw, input.dtype), bias)
+    class Conv3d(GGUFConv, comfy.ops.manual_cast.Conv3d):
+        pass
 
     class Embedding(GGUFLayer, comfy.ops.manual_cast.Embedding):
         def forward_comfy_cast_weights(self, input: torch.Tensor, out_dtype: torch.dtype | None = None):
@@ -180,6 +178,11 @@ def gguf_layers(root: torch.nn.Module) -> dict[str, GGUFLayer]:
     return {
         name: m for name, m in root.named_modules() if isinstance(m, GGUFLayer) and m.gguf_qtype is not None
     }
+
+
+def unloaded_layers(root: torch.nn.Module) -> list[str]:
+    """Names of Linear layers of a GGUFOps model that received no weight from the file."""
+    return [name for name, m in root.named_modules() if isinstance(m, GGUFOps.Linear) and m.weight is None]
 
 
 def state_dict_for_comfy(model_file: GGUFModelFile) -> dict[str, torch.Tensor]:

@@ -2,8 +2,6 @@
 
 import logging
 
-import comfy.patcher_extension
-import comfy.sd
 import comfy.utils
 import folder_paths
 
@@ -19,13 +17,18 @@ from ..quant.int8_checkpoint import (
 from ..quant.int8_linear import Int8Linear, kernel_backend
 from ..quant.model_quantizer import plan_quantization, quantized_copy
 from .comfy_int8_ops import Int8Operations, make_int8_layer, unloaded_layers
-from .comfy_model import output_path, patched_weight, release_model_weights, with_new_diffusion_model
+from .comfy_model import (
+    load_with_operations,
+    output_path,
+    patched_weight,
+    release_model_weights,
+    with_new_diffusion_model,
+)
 from .lora_patcher import quant_model_patcher
+from .sampling import add_apply_model_wrapper, nonempty_lines
 
 CATEGORY = "DiT Quant/INT8"
 BACKENDS = ["auto", "triton", "torch"]
-# The recipe travels with the quantized diffusion model so the save node can store it.
-RECIPE_ATTR = RECIPE_KEY
 
 
 def int8_layer_names(diffusion_model) -> list[str]:
@@ -64,27 +67,16 @@ class LoadInt8DiffusionModel:
     def load(self, unet_name: str):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         state_dict, recipe = load_int8_checkpoint(path)
-        model = comfy.sd.load_diffusion_model_state_dict(
-            state_dict, model_options={"custom_operations": Int8Operations}
-        )
-        if model is None:
-            raise CheckpointError(
-                f"{unet_name}: ComfyUI could not detect the model architecture from its tensors"
-            )
+        model = load_with_operations(unet_name, state_dict, Int8Operations, unloaded_layers, CheckpointError)
         diffusion_model = model.model.diffusion_model
-        missing = unloaded_layers(diffusion_model)
-        if missing:
-            raise CheckpointError(
-                f"{unet_name}: the detected architecture expects layers the file lacks: "
-                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
-            )
         loaded = set(int8_layer_names(diffusion_model))
         if loaded != set(recipe["quantized_layers"]):
             raise CheckpointError(
                 f"{unet_name}: {len(set(recipe['quantized_layers']) - loaded)} quantized layers of "
                 "the recipe do not exist in the detected architecture"
             )
-        setattr(diffusion_model, RECIPE_ATTR, recipe)
+        # The recipe travels with the diffusion model (attribute RECIPE_KEY) so the save node can store it.
+        setattr(diffusion_model, RECIPE_KEY, recipe)
         logging.info("DiT Quant: loaded %s with %d INT8 layers", unet_name, len(loaded))
         return (quant_model_patcher(model),)
 
@@ -128,7 +120,7 @@ class QuantizeModelInt8:
         diffusion_model = model.model.diffusion_model
         if int8_layer_names(diffusion_model):
             raise ValueError("This model already has INT8 layers; quantize the original model instead.")
-        protected = [line.strip() for line in keep_layers.splitlines() if line.strip()]
+        protected = nonempty_lines(keep_layers)
         names, kept = plan_quantization(diffusion_model, protect_rules(protected) + DEFAULT_RULES)
         unknown = sorted(set(protected) - set(kept))
         if unknown:
@@ -142,7 +134,7 @@ class QuantizeModelInt8:
             weight_of=lambda name, module: patched_weight(model, name, module),
             progress=lambda done, total: bar.update_absolute(done, total),
         )
-        setattr(new_dm, RECIPE_ATTR, make_recipe(names, list(kept), method="per-channel W8A8 (on the fly)"))
+        setattr(new_dm, RECIPE_KEY, make_recipe(names, list(kept), method="per-channel W8A8 (on the fly)"))
         logging.info(
             "DiT Quant: quantized %d Linear layers to INT8, kept %d in high precision", len(names), len(kept)
         )
@@ -197,7 +189,7 @@ class SaveInt8Model:
 
     def save(self, model, filename: str, overwrite: bool, format: str = LAYOUT_DIT_QUANT):
         diffusion_model = model.model.diffusion_model
-        recipe = getattr(diffusion_model, RECIPE_ATTR, None)
+        recipe = getattr(diffusion_model, RECIPE_KEY, None)
         if recipe is None or not int8_layer_names(diffusion_model):
             raise ValueError("This model has no INT8 layers: quantize it first ('Quantize Model to INT8').")
         if any(k.startswith("diffusion_model.") for k in model.patches):
@@ -248,16 +240,12 @@ class Int8KernelPatch:
             raise ValueError(
                 "This model has no INT8 layers: load an INT8 checkpoint or quantize the model first."
             )
-        patched = model.clone()
 
         def run_with_backend(executor, *args, **kwargs):
             with kernel_backend(backend):
                 return executor(*args, **kwargs)
 
-        patched.add_wrapper_with_key(
-            comfy.patcher_extension.WrappersMP.APPLY_MODEL, "dit_quant_int8_backend", run_with_backend
-        )
-        return (patched,)
+        return (add_apply_model_wrapper(model, "dit_quant_int8_backend", run_with_backend),)
 
 
 NODE_CLASSES = [LoadInt8DiffusionModel, QuantizeModelInt8, SaveInt8Model, Int8KernelPatch]

@@ -106,6 +106,36 @@ def sample(
     )
 
 
+def sample_each_prompt(
+    model,
+    clip,
+    texts: list[str],
+    negative,
+    latent_image: torch.Tensor,
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    on_step: Callable[[int], None] | None = None,
+) -> None:
+    """One :func:`sample` run per prompt (prompt i with seed + i), for what the model's wrappers observe;
+    the outputs are dropped. on_step(done) is called with the steps done over all runs so far."""
+    for i, text in enumerate(texts):
+        sample(
+            model,
+            encode(clip, text),
+            negative,
+            latent_image,
+            seed + i,
+            steps,
+            cfg,
+            sampler_name,
+            scheduler,
+            on_step=None if on_step is None else lambda step, i=i: on_step(i * steps + step + 1),
+        )
+
+
 def schedule_sigmas(model, steps: int, sampler_name: str, scheduler: str) -> torch.Tensor:
     """The sigmas a KSampler run with these settings steps through (first = noisiest)."""
     return comfy.samplers.KSampler(

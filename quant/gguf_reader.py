@@ -25,6 +25,7 @@ import gguf
 import numpy as np
 import torch
 
+from ..kernels.gguf_dequant_reference import dequantize_reference
 from .gguf_types import FLOAT_TORCH_DTYPES, GGUFType, gguf_type
 
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
@@ -64,6 +65,12 @@ class GGUFTensor:
     qtype: GGUFType
     shape: torch.Size
     data: torch.Tensor
+
+    def float32(self) -> torch.Tensor:
+        """The values as a float32 tensor of ``shape`` (quantized bytes through the torch reference)."""
+        if self.qtype.quantized:
+            return dequantize_reference(self.data, self.qtype.name, self.shape)
+        return self.data.to(torch.float32)
 
 
 @dataclass

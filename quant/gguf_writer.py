@@ -18,7 +18,6 @@ import numpy as np
 import safetensors
 import torch
 
-from ..kernels.gguf_dequant_reference import dequantize_reference
 from .atomic_io import atomic_path
 from .gguf_kquants import quantize_kquant
 from .gguf_reader import DIFFUSION_MODEL_PREFIX, ORIG_SHAPE_KEY, GGUFTensor, read_gguf
@@ -40,11 +39,7 @@ class SourceTensor:
 
 
 def _as_float32(value: torch.Tensor | GGUFTensor) -> torch.Tensor:
-    if isinstance(value, GGUFTensor):
-        if not value.qtype.quantized:
-            return value.data.to(torch.float32)
-        return dequantize_reference(value.data, value.qtype.name, value.shape)
-    return value.to(torch.float32)
+    return value.float32() if isinstance(value, GGUFTensor) else value.to(torch.float32)
 
 
 def encode_tensor(

@@ -5,6 +5,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
+from .calibration import linear_like_modules
 from .int8_linear import Int8Linear
 from .layer_rules import DEFAULT_RULES, LayerRule, should_quantize
 
@@ -13,15 +14,10 @@ LayerFactory = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
 def float_linear_layers(root: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-    """(name, module) of every not-yet-quantized Linear-like layer: a 2-D ``weight`` and ``in_features``."""
-    for name, module in root.named_modules():
+    """(name, module) of every not-yet-quantized Linear-like layer below ``root``: a 2-D ``weight``."""
+    for name, module in linear_like_modules(root):
         weight = getattr(module, "weight", None)
-        if (
-            (isinstance(module, torch.nn.Linear) or hasattr(module, "in_features"))
-            and not isinstance(module, Int8Linear)
-            and isinstance(weight, torch.Tensor)
-            and weight.ndim == 2
-        ):
+        if not isinstance(module, Int8Linear) and isinstance(weight, torch.Tensor) and weight.ndim == 2:
             yield name, module
 
 

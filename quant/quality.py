@@ -103,14 +103,22 @@ class BootstrapCI:
         return self.low > 0 or self.high < 0
 
 
+Values = Sequence[float] | np.ndarray | torch.Tensor
+
+
+def _float64(values: Values) -> np.ndarray:
+    """``values`` (a tensor on any device, an array or a sequence) as a flat float64 array."""
+    return np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64).ravel()
+
+
 def bootstrap_mean_ci(
-    values: Sequence[float] | np.ndarray | torch.Tensor,
+    values: Values,
     n_boot: int = 10000,
     seed: int = 0,
     confidence: float = 0.95,
 ) -> BootstrapCI:
     """Percentile bootstrap CI of the mean: ``n_boot`` resamples with replacement, seeded (numpy PCG64)."""
-    data = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64).ravel()
+    data = _float64(values)
     if data.size == 0 or not np.all(np.isfinite(data)):
         raise ValueError("bootstrap needs at least one value and only finite values")
     if n_boot < 1 or not 0 < confidence < 1:
@@ -127,15 +135,14 @@ def bootstrap_mean_ci(
 
 
 def paired_bootstrap_ci(
-    a: Sequence[float] | np.ndarray | torch.Tensor,
-    b: Sequence[float] | np.ndarray | torch.Tensor,
+    a: Values,
+    b: Values,
     n_boot: int = 10000,
     seed: int = 0,
     confidence: float = 0.95,
 ) -> BootstrapCI:
     """CI of mean(a − b) for paired samples (a[i], b[i] from the same prompt and seed)."""
-    a_np = np.asarray(a.cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float64).ravel()
-    b_np = np.asarray(b.cpu() if isinstance(b, torch.Tensor) else b, dtype=np.float64).ravel()
+    a_np, b_np = _float64(a), _float64(b)
     if a_np.shape != b_np.shape:
         raise ValueError(f"paired samples differ in count: {a_np.size} and {b_np.size}")
     return bootstrap_mean_ci(a_np - b_np, n_boot, seed, confidence)
@@ -297,7 +304,7 @@ def evaluate_quality(
         for metric, values in per_metric.items():
             if metric not in METRICS:
                 raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
-            array = np.asarray(values, dtype=np.float64).ravel()
+            array = _float64(values)
             if array.size != count:
                 raise ValueError(f"{metric} of {variant}: {array.size} values for {count} samples")
             metrics.setdefault(variant, {})[metric] = array

@@ -17,7 +17,14 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "scripts"), str(REPO / "tests")]
 
 import torch  # noqa: E402
-from comfy_harness import CaptureLatent, TinyModelSpec, load_comfy, sampling_graph, save_tiny_model  # noqa: E402
+from comfy_harness import (  # noqa: E402
+    TinyModelSpec,
+    load_comfy,
+    load_int8_graph,
+    quantize_and_save_int8,
+    sample_latent,
+    save_tiny_model,
+)
 
 
 def main() -> None:
@@ -44,45 +51,22 @@ def main() -> None:
         "inputs": {"unet_name": "demo_sd3.safetensors", "weight_dtype": "default"},
     }
 
-    def run(name: str, nodes: dict, model_ref: list) -> tuple[torch.Tensor, float]:
-        CaptureLatent.captured.clear()
+    def run(nodes: dict, model_ref: list) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
-        comfy.run(
-            sampling_graph(
-                model_ref, seed=args.seed, steps=args.steps, size=args.size, spec=spec, extra=nodes
-            )
+        latent = sample_latent(
+            comfy, nodes, model_ref, seed=args.seed, steps=args.steps, size=args.size, spec=spec
         )
-        return CaptureLatent.captured[-1], time.perf_counter() - start
+        return latent, time.perf_counter() - start
 
-    comfy.run(
-        {
-            "load": unet,
-            "quant": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
-            "save": {
-                "class_type": "SaveInt8Model",
-                "inputs": {"model": ["quant", 0], "filename": "demo_sd3_int8", "overwrite": True},
-            },
-        }
-    )
-    int8_path = comfy.diffusion_models_dir / "demo_sd3_int8.safetensors"
+    int8_path = quantize_and_save_int8(comfy, "demo_sd3.safetensors", "demo_sd3_int8")
     float_path = comfy.diffusion_models_dir / "demo_sd3.safetensors"
 
     rows = []
-    reference, t_ref = run("bf16", {"load": unet}, ["load", 0])
+    reference, t_ref = run({"load": unet}, ["load", 0])
     rows.append(("bf16 (stock UNETLoader)", float_path.stat().st_size, 0.0, t_ref))
     backends = ["torch"] + (["triton"] if torch.cuda.is_available() or args.triton_interpreter else [])
     for backend in backends:
-        latent, t = run(
-            backend,
-            {
-                "load": {"class_type": "LoadInt8DiffusionModel", "inputs": {"unet_name": int8_path.name}},
-                "patch": {
-                    "class_type": "Int8KernelPatch",
-                    "inputs": {"model": ["load", 0], "backend": backend},
-                },
-            },
-            ["patch", 0],
-        )
+        latent, t = run(load_int8_graph(int8_path.name, backend), ["patch", 0])
         err = ((latent.double() - reference.double()).norm() / reference.double().norm()).item()
         rows.append((f"INT8 W8A8, {backend} kernel", int8_path.stat().st_size, err, t))
 

@@ -19,7 +19,13 @@ import tempfile
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "scripts"), str(REPO / "tests")]
 
-from calibration_harness import register, save_outlier_mmdit, text_encoder_node  # noqa: E402
+from calibration_harness import (  # noqa: E402
+    apply_smoothquant_node,
+    register,
+    sampling_inputs,
+    save_outlier_mmdit,
+    text_encoder_node,
+)
 from comfy_harness import TinyModelSpec, load_comfy  # noqa: E402
 
 CALIBRATION_PROMPTS = [
@@ -76,29 +82,15 @@ def main() -> None:
             "class_type": "SmoothQuantCalibrate",
             "inputs": {
                 "model": ["load", 0],
-                "clip": ["clip", 0],
-                "prompts": "\n".join(CALIBRATION_PROMPTS),
-                "negative_prompt": "",
-                "num_prompts": 0,
-                "width": 64,
-                "height": 64,
-                "steps": args.steps,
-                "cfg": 3.0,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "seed": 100,
+                **sampling_inputs(CALIBRATION_PROMPTS, steps=args.steps, seed=100),
                 "timestep_buckets": 0,
                 "reservoir_rows": 32,
             },
         },
     }
-    defaults = {"alpha_search": False, "fold_smoothing": "off", "extra_protected_layers": ""}
     for name, settings in VARIANTS.items():
         if settings is not None:
-            graph[name] = {
-                "class_type": "ApplySmoothQuant",
-                "inputs": {"model": ["load", 0], "calibration": ["calib", 0], **defaults, **settings},
-            }
+            graph[name] = apply_smoothquant_node(**settings)
     # protection alone: FFN down-projections kept, every other layer plain W8A8
     graph["protection ffn_down only (no SmoothQuant)"] = {
         "class_type": "QuantizeModelInt8",
@@ -114,6 +106,7 @@ def main() -> None:
     }
     rows = []
     for name in VARIANTS:
+        label = name if name != "plain W8A8" else "plain"  # variant_a must be named apart from variant_b
         run = dict(graph)
         run["eval"] = {
             "class_type": "QualityEvaluation",
@@ -121,25 +114,15 @@ def main() -> None:
                 "reference_model": ["load", 0],
                 "variant_a": [name, 0],
                 "variant_b": ["plain W8A8", 0],
-                "clip": ["clip", 0],
-                "prompts": "\n".join(EVAL_PROMPTS),
-                "negative_prompt": "",
-                "num_prompts": 0,
+                **sampling_inputs(EVAL_PROMPTS, steps=args.steps, seed=7),
                 "seeds_per_prompt": args.seeds,
-                "seed": 7,
-                "width": 64,
-                "height": 64,
-                "steps": args.steps,
-                "cfg": 3.0,
-                "sampler_name": "euler",
-                "scheduler": "simple",
                 "n_boot": 10000,
-                "variant_a_name": name if name != "plain W8A8" else "plain",
+                "variant_a_name": label,
                 "variant_b_name": "plain W8A8",
             },
         }
         report = json.loads(comfy.run(run)["eval"]["dit_quant_quality"][0])
-        variant = report["variants"][name if name != "plain W8A8" else "plain"]["latent_rel_error"]["mean"]
+        variant = report["variants"][label]["latent_rel_error"]["mean"]
         comparison = next(c for c in report["comparisons"] if c["metric"] == "latent_rel_error")
         rows.append((name, variant, comparison))
     samples = 2 * args.seeds

@@ -149,6 +149,55 @@ def save_outlier_mmdit(path, spec: TinyModelSpec, seed: int = 0) -> None:
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, str(path))
 
 
+def sampling_inputs(
+    prompts: list[str],
+    *,
+    num_prompts: int = 0,
+    negative_prompt: str = "",
+    size: int = 64,
+    steps: int = 4,
+    cfg: float = 3.0,
+    seed: int = 100,
+) -> dict:
+    """The prompt and sampler inputs that SmoothQuantCalibrate, QualityEvaluation and
+    QuantizationSensitivity share (CLIP from node "clip", euler, simple scheduler)."""
+    return {
+        "clip": ["clip", 0],
+        "prompts": "\n".join(prompts),
+        "negative_prompt": negative_prompt,
+        "num_prompts": num_prompts,
+        "width": size,
+        "height": size,
+        "steps": steps,
+        "cfg": cfg,
+        "sampler_name": "euler",
+        "scheduler": "simple",
+        "seed": seed,
+    }
+
+
+def apply_smoothquant_node(
+    protection: str = "ffn_down",
+    alpha: float = 0.5,
+    alpha_search: bool = False,
+    fold_smoothing: str = "off",
+    extra_protected_layers: str = "",
+) -> dict:
+    """ApplySmoothQuant on the model of node "load" with the statistics of node "calib"."""
+    return {
+        "class_type": "ApplySmoothQuant",
+        "inputs": {
+            "model": ["load", 0],
+            "calibration": ["calib", 0],
+            "protection": protection,
+            "alpha": alpha,
+            "alpha_search": alpha_search,
+            "fold_smoothing": fold_smoothing,
+            "extra_protected_layers": extra_protected_layers,
+        },
+    }
+
+
 def smoothquant_nodes(
     unet_name: str, spec: TinyModelSpec, prompts: list[str], protection: str = "ffn_down", fold: str = "off"
 ) -> dict:
@@ -162,31 +211,10 @@ def smoothquant_nodes(
             "class_type": "SmoothQuantCalibrate",
             "inputs": {
                 "model": ["load", 0],
-                "clip": ["clip", 0],
-                "prompts": "\n".join(prompts),
-                "negative_prompt": "",
-                "num_prompts": len(prompts),
-                "width": 64,
-                "height": 64,
-                "steps": 4,
-                "cfg": 3.0,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "seed": 100,
+                **sampling_inputs(prompts, num_prompts=len(prompts)),
                 "timestep_buckets": 0,
                 "reservoir_rows": 16,
             },
         },
-        "smooth": {
-            "class_type": "ApplySmoothQuant",
-            "inputs": {
-                "model": ["load", 0],
-                "calibration": ["calib", 0],
-                "protection": protection,
-                "alpha": 0.5,
-                "alpha_search": False,
-                "fold_smoothing": fold,
-                "extra_protected_layers": "",
-            },
-        },
+        "smooth": apply_smoothquant_node(protection, fold_smoothing=fold),
     }

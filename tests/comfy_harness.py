@@ -32,6 +32,11 @@ def comfy_root() -> pathlib.Path:
     return root
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of ``a`` against ``b``, in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 @dataclass
 class TinyModelSpec:
     """A tiny DiT of one family, built from ComfyUI's own model class.
@@ -393,6 +398,25 @@ def load_int8_graph(unet_name: str, backend: str = "torch") -> dict:
         "load": {"class_type": "LoadInt8DiffusionModel", "inputs": {"unet_name": unet_name}},
         "patch": {"class_type": "Int8KernelPatch", "inputs": {"model": ["load", 0], "backend": backend}},
     }
+
+
+def quantize_and_save_int8(comfy: "Comfy", unet_name: str, filename: str) -> pathlib.Path:
+    """Runs UNETLoader(unet_name) → QuantizeModelInt8 → SaveInt8Model(filename, overwrite) through the
+    executor; returns the written file's path."""
+    comfy.run(
+        {
+            "load": {
+                "class_type": "UNETLoader",
+                "inputs": {"unet_name": unet_name, "weight_dtype": "default"},
+            },
+            "quant": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
+            "save": {
+                "class_type": "SaveInt8Model",
+                "inputs": {"model": ["quant", 0], "filename": filename, "overwrite": True},
+            },
+        }
+    )
+    return comfy.diffusion_models_dir / f"{filename}.safetensors"
 
 
 def sample_latent(comfy: "Comfy", model_nodes: dict, model_ref: list, **graph_options) -> torch.Tensor:

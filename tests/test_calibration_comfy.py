@@ -3,7 +3,13 @@ steps, and the saved statistics equal a direct hook-based recomputation exactly.
 
 import pytest
 import torch
-from calibration_harness import FakeTextEncoder, register, text_encoder_node
+from calibration_harness import (
+    FakeTextEncoder,
+    apply_smoothquant_node,
+    register,
+    sampling_inputs,
+    text_encoder_node,
+)
 from comfy_harness import TinyModelSpec, save_tiny_model
 
 SPEC = TinyModelSpec(depth=2)
@@ -33,17 +39,9 @@ def calibrate_graph(unet_name: str, filename: str) -> dict:
             "class_type": "SmoothQuantCalibrate",
             "inputs": {
                 "model": ["load", 0],
-                "clip": ["clip", 0],
-                "prompts": "\n".join(PROMPTS),
-                "negative_prompt": "blurry",
-                "num_prompts": 4,
-                "width": 64,
-                "height": 64,
-                "steps": STEPS,
-                "cfg": CFG,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "seed": SEED,
+                **sampling_inputs(
+                    PROMPTS, num_prompts=4, negative_prompt="blurry", steps=STEPS, cfg=CFG, seed=SEED
+                ),
                 "timestep_buckets": BUCKETS,
                 "reservoir_rows": 8,
             },
@@ -206,33 +204,12 @@ def test_calibrate_and_apply_on_a_video_model(setup):
                 "class_type": "SmoothQuantCalibrate",
                 "inputs": {
                     "model": ["load", 0],
-                    "clip": ["clip", 0],
-                    "prompts": PROMPTS[0],
-                    "negative_prompt": "",
-                    "num_prompts": 1,
-                    "width": 32,
-                    "height": 32,
-                    "steps": 2,
-                    "cfg": 3.0,
-                    "sampler_name": "euler",
-                    "scheduler": "simple",
-                    "seed": 0,
+                    **sampling_inputs(PROMPTS[:1], num_prompts=1, size=32, steps=2, seed=0),
                     "timestep_buckets": 2,
                     "reservoir_rows": 4,
                 },
             },
-            "smooth": {
-                "class_type": "ApplySmoothQuant",
-                "inputs": {
-                    "model": ["load", 0],
-                    "calibration": ["calib", 0],
-                    "protection": "ffn_down",
-                    "alpha": 0.5,
-                    "alpha_search": True,
-                    "fold_smoothing": "where exact",
-                    "extra_protected_layers": "",
-                },
-            },
+            "smooth": apply_smoothquant_node("ffn_down", alpha_search=True, fold_smoothing="where exact"),
             "write": {
                 "class_type": "SaveInt8Model",
                 "inputs": {"model": ["smooth", 0], "filename": "tiny_wan_sq", "overwrite": True},

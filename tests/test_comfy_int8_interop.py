@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from calibration_harness import register, smoothquant_nodes
-from comfy_harness import TinyModelSpec, load_int8_graph, sample_latent, save_tiny_model
+from comfy_harness import TinyModelSpec, load_int8_graph, rel_err, sample_latent, save_tiny_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -189,7 +189,7 @@ def test_per_tensor_scale_file_loads_with_the_scale_it_holds(comfy, files, ours)
         spec=SPEC,
     )
     per_tensor = sample_file(comfy, name)
-    err = ((per_tensor.double() - bf16.double()).norm() / bf16.double().norm()).item()
+    err = rel_err(per_tensor, bf16)
     print(f"latent relative error vs bf16, per-tensor INT8 file: {err:.4f}")
     assert 1e-4 < err < 0.05, err
 

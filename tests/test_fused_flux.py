@@ -22,7 +22,7 @@ import copy
 
 import pytest
 import torch
-from comfy_harness import TinyModelSpec, build_tiny_model, save_tiny_model
+from comfy_harness import TinyModelSpec, build_tiny_model, rel_err, save_tiny_model
 
 SPEC = TinyModelSpec(family="flux", depth=2, width=256)
 QK_NORM_SCALE = 1.5
@@ -31,10 +31,6 @@ FED_DOUBLE = [
     f"{s}_{layer}" for s in ("img", "txt") for layer in ("mod.lin", "attn.qkv", "attn.proj", "mlp.0", "mlp.2")
 ]
 FED_SINGLE = ["modulation.lin", "linear1", "linear2"]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def tiny_flux(seed: int = 0) -> torch.nn.Module:

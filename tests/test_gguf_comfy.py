@@ -14,18 +14,20 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from comfy_harness import CaptureLatent, TinyModelSpec, sampling_graph, save_random_lora, save_tiny_model
-from dit_quant.kernels.gguf_dequant_reference import dequantize_reference
+from comfy_harness import (
+    CaptureLatent,
+    TinyModelSpec,
+    rel_err,
+    sampling_graph,
+    save_random_lora,
+    save_tiny_model,
+)
 from dit_quant.quant.gguf_reader import read_gguf
 from dit_quant.quant.gguf_types import WRITABLE_TYPES
 from dit_quant.quant.gguf_writer import safetensors_sources, write_gguf
 
 SPEC = TinyModelSpec(family="sd3", depth=4)  # hidden 256: K-quant rows fit most layers
 TOLERANCE = 1e-4
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,7 @@ def reference_model(gguf_path: pathlib.Path):
     model_file = read_gguf(gguf_path)
     state_dict = {}
     for key, t in model_file.tensors.items():
-        values = dequantize_reference(t.data, t.qtype.name, t.shape) if t.qtype.quantized else t.data.float()
-        state_dict[key] = values.contiguous()
+        state_dict[key] = t.float32().contiguous()
     return comfy.sd.load_diffusion_model_state_dict(state_dict, model_options={"dtype": torch.float32})
 
 
@@ -85,6 +86,18 @@ def gguf_loader(name: str, kernel: str = "auto") -> dict:
     }
 
 
+def save_gguf_node(model_ref: list, filename: str, preset: str) -> dict:
+    return {
+        "class_type": "SaveModelGGUF",
+        "inputs": {"model": model_ref, "filename": filename, "preset": preset, "overwrite": True},
+    }
+
+
+def sample_with_reference(comfy, path: pathlib.Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The file sampled through our loader, and its reference (:func:`reference_model`) sampled alike."""
+    return sample(comfy, gguf_loader(path.name)), sample_model(comfy, reference_model(path))
+
+
 def test_nodes_registered_with_tooltips(comfy):
     for name in ("LoadGGUFDiffusionModel", "SaveModelGGUF"):
         assert name in comfy.modules["loaded_node_classes"]
@@ -103,8 +116,7 @@ def test_each_type_samples_like_float32_dequantized_weights(comfy, tiny_source, 
     counts = read_gguf(path).type_counts()
     if qtype not in ("F32", "F16", "BF16"):
         assert counts[qtype] >= 16, counts  # attention, MLP and modulation layers of 4 blocks
-    ours = sample(comfy, gguf_loader(name))
-    reference = sample_model(comfy, reference_model(path))
+    ours, reference = sample_with_reference(comfy, path)
     assert torch.isfinite(ours).all()
     assert rel_err(ours, reference) <= TOLERANCE, qtype
 
@@ -116,15 +128,7 @@ def test_save_node_writes_mixed_types_and_reloads(comfy, tiny_source):
                 "class_type": "UNETLoader",
                 "inputs": {"unet_name": tiny_source.name, "weight_dtype": "default"},
             },
-            "save": {
-                "class_type": "SaveModelGGUF",
-                "inputs": {
-                    "model": ["load", 0],
-                    "filename": "gguf_saved_q4km",
-                    "preset": "Q4_K_M",
-                    "overwrite": True,
-                },
-            },
+            "save": save_gguf_node(["load", 0], "gguf_saved_q4km", "Q4_K_M"),
         }
     )
     path = comfy.diffusion_models_dir / "gguf_saved_q4km.gguf"
@@ -139,8 +143,7 @@ def test_save_node_writes_mixed_types_and_reloads(comfy, tiny_source):
     # The community reader (gguf-py) decodes it too.
     reader = gguf.GGUFReader(path)
     assert {t.name for t in reader.tensors} == set(model_file.tensors)
-    ours = sample(comfy, gguf_loader(path.name))
-    reference = sample_model(comfy, reference_model(path))
+    ours, reference = sample_with_reference(comfy, path)
     assert rel_err(ours, reference) <= TOLERANCE
 
 
@@ -150,15 +153,7 @@ def test_resaving_a_gguf_model_copies_quantized_bytes(comfy, tiny_source):
     comfy.run(
         {
             "load": gguf_loader(source.name)["model"],
-            "save": {
-                "class_type": "SaveModelGGUF",
-                "inputs": {
-                    "model": ["load", 0],
-                    "filename": "gguf_resaved",
-                    "preset": "Q4_K",
-                    "overwrite": True,
-                },
-            },
+            "save": save_gguf_node(["load", 0], "gguf_resaved", "Q4_K"),
         }
     )
     before = read_gguf(source).tensors
@@ -214,8 +209,7 @@ def test_community_layout_file_loads(comfy, tiny_source):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    ours = sample(comfy, gguf_loader(path.name))
-    reference = sample_model(comfy, reference_model(path))
+    ours, reference = sample_with_reference(comfy, path)
     assert rel_err(ours, reference) <= TOLERANCE
 
 
@@ -232,10 +226,7 @@ def test_saving_a_gguf_model_with_lora_merges_only_patched_layers(comfy, tiny_so
     name = "gguf_tiny_Q8_0.gguf"
     write_gguf(comfy.diffusion_models_dir / name, safetensors_sources(tiny_source), "Q8_0")
     nodes = with_lora(gguf_loader(name), make_lora(comfy))
-    nodes["save"] = {
-        "class_type": "SaveModelGGUF",
-        "inputs": {"model": ["model", 0], "filename": "gguf_merged", "preset": "Q8_0", "overwrite": True},
-    }
+    nodes["save"] = save_gguf_node(["model", 0], "gguf_merged", "Q8_0")
     comfy.run(nodes)
     before = read_gguf(comfy.diffusion_models_dir / name).tensors
     after = read_gguf(comfy.diffusion_models_dir / "gguf_merged.gguf").tensors

@@ -14,7 +14,7 @@ import logging
 import gguf
 import pytest
 import torch
-from dit_quant.kernels import gguf_dispatch, quantize_rows
+from dit_quant.kernels import dispatch, quantize_rows
 from dit_quant.kernels.gguf_dequant_reference import dequantize_reference
 from dit_quant.kernels.gguf_dispatch import MODES, fused_wins, gguf_linear
 from dit_quant.kernels.gguf_matmul_triton import (
@@ -140,7 +140,7 @@ def test_auto_runs_fused_only_where_it_measured_faster(m, n, k, qtype, fused):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback; a GPU takes the Triton path")
 def test_torch_path_is_announced_once_per_device(monkeypatch, caplog):
-    monkeypatch.setattr(gguf_dispatch, "_logged", set())
+    monkeypatch.setattr(dispatch, "_logged", set())
     caplog.set_level(logging.INFO, logger="dit_quant.kernels")
     weight = torch.randn(64, 256)
     raw = quantized(weight, "Q8_0")

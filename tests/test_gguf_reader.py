@@ -11,7 +11,7 @@ import pytest
 import torch
 from dit_quant.kernels.gguf_dequant_reference import dequantize_reference
 from dit_quant.quant.gguf_reader import GGUFFormatError, read_gguf
-from dit_quant.quant.gguf_types import WRITABLE_TYPES, gguf_type
+from dit_quant.quant.gguf_types import WRITABLE_TYPES
 from dit_quant.quant.gguf_writer import SourceTensor, write_gguf
 
 Q = gguf.GGMLQuantizationType
@@ -90,10 +90,7 @@ def test_files_we_write_decode_bit_exactly_with_gguf(tmp_path, qtype):
         mine = ours.tensors[t.name]
         assert mine.qtype.name == (qtype if t.name.endswith(".weight") else "F32")
         expected = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(mine.shape))
-        if mine.qtype.quantized:
-            got = dequantize_reference(mine.data, mine.qtype.name, mine.shape)
-        else:
-            got = mine.data.to(torch.float32)
+        got = mine.float32()
         assert np.array_equal(got.numpy().view(np.uint32), expected.astype(np.float32).view(np.uint32)), (
             t.name
         )
@@ -254,11 +251,6 @@ def test_fuzz_every_mutation_loads_cleanly_or_fails_cleanly(tmp_path):
                 outcomes["error"] += 1
                 continue
             for tensor in model.tensors.values():  # a clean load is usable: every tensor decodes
-                qtype = gguf_type(tensor.qtype.name)
-                if qtype.quantized:
-                    values = dequantize_reference(tensor.data, qtype.name, tensor.shape)
-                else:
-                    values = tensor.data.to(torch.float32)
-                assert values.shape == tensor.shape, f"case {case}"
+                assert tensor.float32().shape == tensor.shape, f"case {case}"
             outcomes["loaded"] += 1
     assert outcomes["error"] >= 100 and outcomes["loaded"] >= 50, outcomes

@@ -2,13 +2,9 @@
 
 import pytest
 import torch
-from comfy_harness import TinyModelSpec, sample_latent, save_tiny_model
+from comfy_harness import TinyModelSpec, quantize_and_save_int8, rel_err, sample_latent, save_tiny_model
 
 NODE_NAMES = ["LoadInt8DiffusionModel", "QuantizeModelInt8", "SaveInt8Model", "Int8KernelPatch"]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 FAMILIES = {"sd3": TinyModelSpec(family="sd3", depth=2), "wan": TinyModelSpec(family="wan", depth=2)}
@@ -43,20 +39,7 @@ def test_pack_loads_through_comfyui_loader(comfy):
 
 @pytest.fixture(scope="module")
 def int8_file(comfy, tiny_file, family):
-    comfy.run(
-        {
-            "load": {
-                "class_type": "UNETLoader",
-                "inputs": {"unet_name": tiny_file, "weight_dtype": "default"},
-            },
-            "quant": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
-            "save": {
-                "class_type": "SaveInt8Model",
-                "inputs": {"model": ["quant", 0], "filename": f"tiny_{family}_int8", "overwrite": True},
-            },
-        }
-    )
-    path = comfy.diffusion_models_dir / f"tiny_{family}_int8.safetensors"
+    path = quantize_and_save_int8(comfy, tiny_file, f"tiny_{family}_int8")
     assert path.exists()
     return path
 

@@ -8,6 +8,7 @@ from comfy_harness import (
     CaptureLatent,
     TinyModelSpec,
     load_int8_graph,
+    quantize_and_save_int8,
     sampling_graph,
     save_random_lora,
     save_tiny_model,
@@ -22,20 +23,8 @@ SPEC = TinyModelSpec(family="sd3", depth=2)
 def files(comfy):
     models = comfy.diffusion_models_dir
     save_tiny_model(models / "robust_sd3.safetensors", SPEC, seed=3)
-    comfy.run(
-        {
-            "load": {
-                "class_type": "UNETLoader",
-                "inputs": {"unet_name": "robust_sd3.safetensors", "weight_dtype": "default"},
-            },
-            "quant": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
-            "save": {
-                "class_type": "SaveInt8Model",
-                "inputs": {"model": ["quant", 0], "filename": "robust_sd3_int8", "overwrite": True},
-            },
-        }
-    )
-    return {"float": models / "robust_sd3.safetensors", "int8": models / "robust_sd3_int8.safetensors"}
+    int8 = quantize_and_save_int8(comfy, "robust_sd3.safetensors", "robust_sd3_int8")
+    return {"float": models / "robust_sd3.safetensors", "int8": int8}
 
 
 def run_expecting_error(comfy, name: str) -> str:

@@ -26,6 +26,8 @@ from calibration_harness import register, smoothquant_nodes
 from comfy_harness import (
     CaptureLatent,
     TinyModelSpec,
+    quantize_and_save_int8,
+    rel_err,
     sample_latent,
     sampling_graph,
     save_random_lora,
@@ -51,10 +53,6 @@ LORA_A = {
 LORA_B = {"layers": ["x_block.attn.qkv", "x_block.mlp.fc1"], "rank": 8, "alpha": None}
 STRENGTHS = (0.7, -0.4)
 PROBE = "joint_blocks.1.x_block.attn.qkv"  # patched by both LoRAs
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -432,20 +430,7 @@ def test_lora_on_folded_smoothquant_layers_is_flagged(comfy, source, loras, capl
 # ----------------------------------------------------------------------------- strength, no reloading
 @pytest.fixture(scope="module")
 def int8_file(comfy, source) -> str:
-    comfy.run(
-        {
-            "load": {
-                "class_type": "UNETLoader",
-                "inputs": {"unet_name": source.name, "weight_dtype": "default"},
-            },
-            "quant": {"class_type": "QuantizeModelInt8", "inputs": {"model": ["load", 0], "keep_layers": ""}},
-            "save": {
-                "class_type": "SaveInt8Model",
-                "inputs": {"model": ["quant", 0], "filename": "lora_tiny_int8", "overwrite": True},
-            },
-        }
-    )
-    return "lora_tiny_int8.safetensors"
+    return quantize_and_save_int8(comfy, source.name, "lora_tiny_int8").name
 
 
 @pytest.mark.parametrize("kind", ["int8", "Q8_0"])

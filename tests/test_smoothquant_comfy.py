@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from calibration_harness import register, save_outlier_mmdit, smoothquant_nodes
+from calibration_harness import register, sampling_inputs, save_outlier_mmdit, smoothquant_nodes
 from comfy_harness import TinyModelSpec, sample_latent
 
 SPEC = TinyModelSpec(depth=2)
@@ -42,18 +42,8 @@ def test_smoothquant_and_protection_halve_the_error_with_a_significant_ci(comfy,
             "reference_model": ["load", 0],
             "variant_a": ["smooth", 0],
             "variant_b": ["plain", 0],
-            "clip": ["clip", 0],
-            "prompts": "\n".join(EVAL_PROMPTS),
-            "negative_prompt": "",
-            "num_prompts": 0,
+            **sampling_inputs(EVAL_PROMPTS, seed=7),
             "seeds_per_prompt": SEEDS_PER_PROMPT,
-            "seed": 7,
-            "width": 64,
-            "height": 64,
-            "steps": 4,
-            "cfg": 3.0,
-            "sampler_name": "euler",
-            "scheduler": "simple",
             "n_boot": 4000,
             "variant_a_name": "smoothquant+ffn_down",
             "variant_b_name": "plain W8A8",
@@ -197,17 +187,7 @@ def sensitivity_graph(unet_name: str, granularity: str, fraction: float, with_ca
         "class_type": "QuantizationSensitivity",
         "inputs": {
             "model": ["load", 0],
-            "clip": ["clip", 0],
-            "prompts": "\n".join(EVAL_PROMPTS),
-            "negative_prompt": "",
-            "num_prompts": 1,
-            "width": 64,
-            "height": 64,
-            "steps": 2,
-            "cfg": 3.0,
-            "sampler_name": "euler",
-            "scheduler": "simple",
-            "seed": 1,
+            **sampling_inputs(EVAL_PROMPTS, num_prompts=1, steps=2, seed=1),
             "granularity": granularity,
             "protect_fraction": fraction,
         },
