@@ -8,11 +8,14 @@ Variants, built one after another from ComfyUI's own Flux class with random weig
   "fp8_e4m3fn_fast" selects) with every Linear weight cast to float8_e4m3fn;
 - bf16 / int8 + torch.compile (``--compile``): each model compiled whole; first-call time and steady state;
 - bf16 / int8 + fused blocks (``--fused``): every Flux block runs the pack's fused forward (what the
-  "Fused Flux Blocks" node switches on; nodes/fused_flux.py), eager, no torch.compile.
+  "Fused Flux Blocks" node switches on; nodes/fused_flux.py), eager, no torch.compile;
+- + CUDA graph (``--graphs``): bf16, bf16 + fused blocks and int8 + fused blocks with the transformer pass
+  replayed from a CUDA graph (what the "Flux CUDA Graphs" node switches on; nodes/flux_cuda_graph.py),
+  no torch.compile; each checked bit-identical to the same variant run eagerly.
 For each: median step time, 4-step sample time, resident weight bytes (parameters + buffers), peak VRAM
 during a step, and the relative L2 error of the step output against bf16's.
 
-    python bench/bench_flux_step.py [--out DIR] [--steps 5] [--compile] [--fused] [--profile]
+    python bench/bench_flux_step.py [--out DIR] [--steps 5] [--compile] [--fused] [--graphs] [--profile]
 
 Needs ComfyUI (COMFYUI_PATH or .cache/ComfyUI). Writes bench_flux_step.{json,md} to bench/results/ and --out.
 """
@@ -26,7 +29,15 @@ import traceback
 
 import numpy as np
 import torch
-from flux_common import build_flux, flux_inputs, fused_blocks, import_comfy_module, tensor_bytes, time_step
+from flux_common import (
+    build_flux,
+    cuda_graphed,
+    flux_inputs,
+    fused_blocks,
+    import_comfy_module,
+    tensor_bytes,
+    time_step,
+)
 from w8a8_common import arg_parser, environment, import_kernels, markdown_table, save_results
 
 WEIGHT_STD = 0.02
@@ -163,7 +174,32 @@ def measure_compiled(
     measure(name, compiled, inputs, steps, reference, step, profile)
 
 
-def run(results: dict, steps: int, compile_models: bool, profile: bool, fused: bool) -> None:
+def measure_graphed(
+    name: str, model, inputs: dict, steps: int, reference, step: dict, profile: bool, eager_out: torch.Tensor
+) -> None:
+    """``measure`` with the transformer pass replayed from a CUDA graph; records how many graphs were
+    captured and replayed, the first call's wall time (eager pass + capture), and how far the output is
+    from the eager run of the same variant (the same kernels run, so it is expected to be equal bit for
+    bit)."""
+    with cuda_graphed(model) as graphed:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(**inputs)  # the first call at this shape: an eager pass, then the capture
+        torch.cuda.synchronize()
+        first_call_ms = (time.perf_counter() - start) * 1e3
+        out = measure(name, model, inputs, steps, reference, step, profile)
+        diff = (out.double() - eager_out.double()).norm() / eager_out.double().norm()
+        step[name].update(first_call_ms=first_call_ms, graph_captures=graphed.graphs.captures,
+                          graph_replays=graphed.graphs.replays, rel_err_vs_eager=diff.item(),
+                          equals_eager=bool(torch.equal(out, eager_out)))
+    if not (graphed.graphs.captures == 1 and graphed.graphs.replays > 0):
+        raise RuntimeError(f"{name}: expected 1 capture and replays, got {step[name]}")
+
+
+def run(
+    results: dict, steps: int, compile_models: bool, profile: bool, fused: bool, graphs: bool
+) -> None:
     comfy_ops = import_comfy_module("comfy.ops")
     g = torch.Generator(device="cuda").manual_seed(7)
     inputs = flux_inputs(g)
@@ -172,9 +208,14 @@ def run(results: dict, steps: int, compile_models: bool, profile: bool, fused: b
 
     model = build_flux(comfy_ops.disable_weight_init, g, WEIGHT_STD)
     reference = measure("bf16", model, inputs, steps, None, step, profile)
+    if graphs:
+        measure_graphed("bf16 + CUDA graph", model, inputs, steps, reference, step, profile, reference)
     if fused:
         with fused_blocks(model):
-            measure("bf16 + fused blocks", model, inputs, steps, reference, step, profile)
+            out = measure("bf16 + fused blocks", model, inputs, steps, reference, step, profile)
+            if graphs:
+                measure_graphed("bf16 + fused blocks + CUDA graph", model, inputs, steps, reference, step,
+                                profile, out)
     if compile_models:
         measure_compiled("bf16 + torch.compile", model, inputs, steps, reference, step, profile, results)
         torch._dynamo.reset()
@@ -184,7 +225,10 @@ def run(results: dict, steps: int, compile_models: bool, profile: bool, fused: b
     measure("int8 (ours)", int8, inputs, steps, reference, step, profile)
     if fused:
         with fused_blocks(int8):
-            measure("int8 (ours) + fused blocks", int8, inputs, steps, reference, step, profile)
+            out = measure("int8 (ours) + fused blocks", int8, inputs, steps, reference, step, profile)
+            if graphs:
+                measure_graphed("int8 (ours) + fused blocks + CUDA graph", int8, inputs, steps, reference,
+                                step, profile, out)
     if compile_models:
         measure_compiled(
             "int8 (ours) + torch.compile", int8, inputs, steps, reference, step, profile, results
@@ -258,6 +302,12 @@ def render_markdown(results: dict) -> str:
                     ["kernel", "calls", "ms"], [[r["kernel"], r["calls"], f"{r['ms']:.2f}"] for r in p["top"]]
                 )
             )
+    for name, e in results.get("step", {}).items():
+        if "graph_captures" in e:
+            lines += ["", f"{name}: first call (eager pass + capture) {e['first_call_ms']:.0f} ms; "
+                          f"{e['graph_captures']} capture, {e['graph_replays']} replays; output "
+                          f"vs the same variant eager: rel. err {e['rel_err_vs_eager']:.2e}, bit-identical "
+                          f"{e['equals_eager']}"]
     for name, seconds in results.get("compile_first_call_s", {}).items():
         lines += ["", f"{name}: first call (compilation included) {seconds:.0f} s"]
     if "error" in results:
@@ -270,6 +320,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed denoising steps per variant (median)")
     parser.add_argument("--compile", action="store_true", help="also time bf16 and int8 under torch.compile")
     parser.add_argument("--fused", action="store_true", help="also time bf16 and int8 with fused Flux blocks")
+    parser.add_argument("--graphs", action="store_true",
+                        help="also time bf16 and the fused variants replayed from CUDA graphs")
     parser.add_argument("--profile", action="store_true", help="record the top GPU kernels of each variant")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -279,7 +331,7 @@ def main() -> int:
     results: dict = {"environment": environment()}
     status = 0
     try:
-        run(results, args.steps, args.compile, args.profile, args.fused)
+        run(results, args.steps, args.compile, args.profile, args.fused, args.graphs)
     except Exception:
         results["error"] = traceback.format_exc()
         print(results["error"], file=sys.stderr, flush=True)

@@ -14,7 +14,8 @@
 3. One denoising step of ComfyUI's own Flux class at flux-dev size (random weights, 1024x1024, bf16) with
    the same paths; weight bytes of each variant. Target: ours ("auto") at Q8_0 and Q4_K <= 1.05x bf16's
    step time with <= 0.55x / <= 0.32x of its weight bytes. Also bf16 and "auto" with every Flux block on
-   the pack's fused forward (the "Fused Flux Blocks" node), timed against stock bf16 and bf16 + fused blocks.
+   the pack's fused forward (the "Fused Flux Blocks" node), timed against stock bf16 and bf16 + fused blocks,
+   and the same replayed from CUDA graphs (the "Flux CUDA Graphs" node) against bf16 + fused blocks + graph.
 
     python bench/bench_gguf.py [--out DIR] [--no-sweep] [--steps 5]
 
@@ -24,6 +25,7 @@ einops, psutil, tqdm and Pillow importable). Writes bench_gguf.{json,md} to benc
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import time
@@ -32,7 +34,15 @@ import traceback
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flux_common import build_flux, flux_inputs, fused_blocks, import_comfy_module, tensor_bytes, time_step
+from flux_common import (
+    build_flux,
+    cuda_graphed,
+    flux_inputs,
+    fused_blocks,
+    import_comfy_module,
+    tensor_bytes,
+    time_step,
+)
 from w8a8_common import arg_parser, environment, import_kernels, markdown_table, save_results, time_ms
 
 # (K, N) of Flux's Linear layers (hidden 3072): attention qkv / out, MLP up / down, single-block in / out.
@@ -290,6 +300,10 @@ def bench_step(results: dict, steps: int) -> None:
         fused_ms, _ = time_step(model, inputs, steps)
     step["bf16 + fused blocks"] = entry(fused_ms, bf16_bytes)
     print(f"  bf16 + fused blocks: {fused_ms:.1f} ms", flush=True)
+    with fused_blocks(model), cuda_graphed(model):
+        graphed_ms, _ = time_step(model, inputs, steps)
+    step["bf16 + fused blocks + CUDA graph"] = entry(graphed_ms, bf16_bytes)
+    print(f"  bf16 + fused blocks + CUDA graph: {graphed_ms:.1f} ms", flush=True)
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -311,14 +325,14 @@ def bench_step(results: dict, steps: int) -> None:
             )
         for layer in gguf_ops.gguf_layers(model).values():
             layer.gguf_mode = "auto"
-        with fused_blocks(model):
-            ms, outputs["auto + fused blocks"] = time_step(model, inputs, steps)
-        step[f"{qtype} auto + fused blocks"] = {
-            **entry(ms, weight_bytes),
-            "ratio_to_bf16_fused_blocks": ms / fused_ms,
-        }
-        print(f"  {qtype} auto + fused blocks: {ms:.1f} ms = {ms / bf16_ms:.3f}x bf16, "
-              f"{ms / fused_ms:.3f}x bf16 + fused blocks", flush=True)
+        for variant, graphs in (("auto + fused blocks", False), ("auto + fused blocks + CUDA graph", True)):
+            with fused_blocks(model), cuda_graphed(model) if graphs else contextlib.nullcontext():
+                ms, outputs[variant] = time_step(model, inputs, steps)
+            base_ms = graphed_ms if graphs else fused_ms
+            step[f"{qtype} {variant}"] = {**entry(ms, weight_bytes),
+                                          "ratio_to_bf16_fused_blocks": ms / base_ms}
+            print(f"  {qtype} {variant}: {ms:.1f} ms = {ms / bf16_ms:.3f}x bf16, {ms / base_ms:.3f}x bf16 + "
+                  f"fused blocks{' + CUDA graph' if graphs else ''}", flush=True)
         reference = outputs["torch"].double()
         for mode, out in outputs.items():
             err = ((out.double() - reference).norm() / reference.norm()).item()
@@ -329,7 +343,8 @@ def bench_step(results: dict, steps: int) -> None:
         torch.cuda.empty_cache()
     targets = {"Q8_0": (1.05, 0.55), "Q4_K": (1.05, 0.32)}
     for qtype, (time_bound, bytes_bound) in targets.items():
-        for variant in (f"{qtype} auto", f"{qtype} auto + fused blocks"):
+        for variant in (f"{qtype} auto", f"{qtype} auto + fused blocks",
+                        f"{qtype} auto + fused blocks + CUDA graph"):
             entry = step[variant]
             entry["meets_target"] = (
                 entry["ratio_to_bf16"] <= time_bound and entry["bytes_ratio_to_bf16"] <= bytes_bound
@@ -421,7 +436,7 @@ def render_markdown(results: dict) -> str:
                     "variant",
                     "ms",
                     "time / bf16",
-                    "time / (bf16 + fused blocks)",
+                    "time / (bf16 + fused blocks [+ CUDA graph])",
                     "weight bytes / bf16",
                     "rel. err vs torch dequant",
                     "meets target",

@@ -12,6 +12,9 @@ import numpy as np
 import torch
 from w8a8_common import REPO_ROOT
 
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from _pack import import_node_module  # noqa: E402
+
 FLUX_DEV = dict(
     in_channels=16,
     out_channels=16,
@@ -36,10 +39,8 @@ def import_comfy_module(name: str) -> types.ModuleType:
     comfy_path = os.environ.get("COMFYUI_PATH", str(REPO_ROOT / ".cache" / "ComfyUI"))
     if comfy_path not in sys.path:
         sys.path.insert(0, comfy_path)
-    if "dit_quant.nodes" not in sys.modules:
-        package = types.ModuleType("dit_quant.nodes")
-        package.__path__ = [str(REPO_ROOT / "nodes")]
-        sys.modules["dit_quant.nodes"] = package
+    if name.startswith("dit_quant.nodes."):
+        return import_node_module(name.removeprefix("dit_quant.nodes."))
     return importlib.import_module(name)
 
 
@@ -109,3 +110,17 @@ def fused_blocks(model: torch.nn.Module):
     finally:
         for block in blocks:
             del block.forward
+
+
+@contextlib.contextmanager
+def cuda_graphed(model: torch.nn.Module):
+    """Within: ``model``'s transformer pass replays from CUDA graphs (nodes/flux_cuda_graph.py), as the
+    "Flux CUDA Graphs" node sets it through a ComfyUI object patch. Yields the ``FluxCudaGraph``."""
+    flux_cuda_graph = import_comfy_module("dit_quant.nodes.flux_cuda_graph")
+    graphed = flux_cuda_graph.FluxCudaGraph(model)
+    model.forward_orig = graphed
+    try:
+        yield graphed
+    finally:
+        del model.forward_orig
+        graphed.release()

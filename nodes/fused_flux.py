@@ -26,16 +26,14 @@ import comfy.ldm.flux.math as flux_math
 import torch
 
 from ..kernels import gelu_concat, int8_gemm, layernorm_modulate, qk_norm_rope, quantize_rows
+from ..kernels.dispatch import log_once
 from ..quant.int8_linear import Int8Linear, active_backend
 
 logger = logging.getLogger("dit_quant.nodes")
-_logged: set[str] = set()
 
 
 def _log_once(message: str) -> None:
-    if message not in _logged:
-        _logged.add(message)
-        logger.info(message)
+    log_once(message, message, to=logger)
 
 
 def _feeds_int8(layer: torch.nn.Module) -> bool:

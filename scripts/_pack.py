@@ -14,3 +14,16 @@ def import_pack() -> types.ModuleType:
         package.__path__ = [str(PACK_ROOT)]
         sys.modules["dit_quant"] = package
     return sys.modules["dit_quant"]
+
+
+def import_node_module(name: str) -> types.ModuleType:
+    """``dit_quant.nodes.<name>`` without running nodes/__init__.py (it imports every node family and
+    ComfyUI's ``nodes``, which scripts and GPU tests do not need); ``comfy`` must be importable."""
+    import importlib
+
+    import_pack()
+    if "dit_quant.nodes" not in sys.modules:
+        package = types.ModuleType("dit_quant.nodes")
+        package.__path__ = [str(PACK_ROOT / "nodes")]
+        sys.modules["dit_quant.nodes"] = package
+    return importlib.import_module(f"dit_quant.nodes.{name}")

@@ -302,6 +302,32 @@ def build_tiny_model(
     return model.to(dtype)
 
 
+def tiny_flux_patcher(state_dict: dict, heads: int | None = None) -> Any:
+    """A ComfyUI ModelPatcher of a tiny Flux state dict, built as comfy.sd.load_diffusion_model_state_dict
+    does.
+
+    Not through UNETLoader: ComfyUI 0.3.75's model detection hard-codes num_heads=24 for Flux, so a
+    256-wide file fails to load ("Hidden size 256 must be divisible by num_heads 24"); the detected
+    config gets the tiny model's head count (default hidden / 128) instead, everything else is ComfyUI's.
+    """
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+
+    unet_config = comfy.model_detection.detect_unet_config(state_dict, "")
+    assert unet_config["image_model"] == "flux", unet_config
+    unet_config["num_heads"] = heads or unet_config["hidden_size"] // 128
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, state_dict)
+    model_config.set_inference_dtype(torch.bfloat16, None)
+    model = model_config.get_model(state_dict, "")
+    model.load_model_weights(state_dict, "")
+    return comfy.model_patcher.ModelPatcher(
+        model,
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
+
+
 def save_tiny_model(
     path: pathlib.Path, spec: TinyModelSpec | None = None, seed: int = 0, dtype: torch.dtype = torch.bfloat16
 ) -> pathlib.Path:

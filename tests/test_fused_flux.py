@@ -22,7 +22,7 @@ import copy
 
 import pytest
 import torch
-from comfy_harness import TinyModelSpec, build_tiny_model, rel_err, save_tiny_model
+from comfy_harness import TinyModelSpec, build_tiny_model, rel_err, save_tiny_model, tiny_flux_patcher
 
 SPEC = TinyModelSpec(family="flux", depth=2, width=256)
 QK_NORM_SCALE = 1.5
@@ -253,29 +253,7 @@ def test_modulation_dims_run_the_stock_forward(comfy, flux):
 
 @pytest.fixture(scope="module")
 def flux_patcher(comfy):
-    """A ComfyUI ModelPatcher of the tiny Flux, built as comfy.sd.load_diffusion_model_state_dict does.
-
-    Not through UNETLoader: ComfyUI 0.3.75's model detection hard-codes num_heads=24 for Flux, so a
-    256-wide file fails to load ("Hidden size 256 must be divisible by num_heads 24"); the detected
-    config gets the tiny model's head count instead, everything else is ComfyUI's own.
-    """
-    import comfy.model_detection
-    import comfy.model_management
-    import comfy.model_patcher
-
-    state_dict = tiny_flux().state_dict()
-    unet_config = comfy.model_detection.detect_unet_config(state_dict, "")
-    assert unet_config["image_model"] == "flux" and unet_config["hidden_size"] == SPEC.width
-    unet_config["num_heads"] = SPEC.width // 128
-    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, state_dict)
-    model_config.set_inference_dtype(torch.bfloat16, None)
-    model = model_config.get_model(state_dict, "")
-    model.load_model_weights(state_dict, "")
-    return comfy.model_patcher.ModelPatcher(
-        model,
-        load_device=comfy.model_management.get_torch_device(),
-        offload_device=comfy.model_management.unet_offload_device(),
-    )
+    return tiny_flux_patcher(tiny_flux().state_dict())
 
 
 def _ksampler_latent(comfy, model, seed: int = 3) -> torch.Tensor:
@@ -321,7 +299,8 @@ def test_node_clones_and_patches_every_block(comfy, flux_patcher):
 
 
 def test_unet_loader_cannot_detect_tiny_flux(comfy):
-    """Documents why flux_patcher exists: if this starts passing, switch the node tests to UNETLoader."""
+    """Documents why tiny_flux_patcher exists: if this starts passing, switch the node tests to
+    UNETLoader."""
     from safetensors.torch import save_file
 
     path = comfy.diffusion_models_dir / "fused_tiny_flux.safetensors"

@@ -1,0 +1,128 @@
+"""Replaying a whole forward pass from CUDA graphs, one graph per input signature.
+
+An eager DiT step issues hundreds of kernel launches, and on a slow host the GPU waits for them (the
+fused INT8 Flux step has ~91 ms of GPU work but took 83-160 ms of Python to issue on the H100 machine).
+A CUDA graph records the launches once and replays them with one call. ``CudaGraphCache`` does that
+for a function of tensors: the first call with a new input signature runs the function eagerly (so
+Triton compiles and autotunes outside the capture) and then captures it; later calls copy their inputs
+into the graph's static input buffers and replay. A ``guard`` value (e.g. the weights' data pointers)
+is stored with each graph: when it changes, the graph is captured again, because a graph reads the
+addresses it was captured with.
+
+No ComfyUI here; nodes/flux_cuda_graph.py wires it to ComfyUI's Flux.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .dispatch import log_once
+
+TensorArgs = Sequence["torch.Tensor | None"]
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor | None]  # static buffers the replay reads
+    output: torch.Tensor  # static buffer the replay writes
+    guard: Hashable
+
+
+def _signature(args: TensorArgs) -> tuple:
+    """What a graph is specialized on: each argument's shape, strides, dtype and device (or None)."""
+    return tuple(None if a is None else (tuple(a.shape), a.stride(), a.dtype, a.device) for a in args)
+
+
+def _static_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    buffer = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    return buffer.copy_(t)
+
+
+def not_capturable(args: TensorArgs) -> str | None:
+    """Why ``args`` cannot be run from a CUDA graph here, or None."""
+    tensors = [a for a in args if a is not None]
+    if torch.compiler.is_compiling():
+        return "torch.compile is tracing"
+    if not tensors or any(t.device.type != "cuda" for t in tensors):
+        return "the inputs are not on a CUDA GPU"
+    if len({t.device for t in tensors}) > 1:
+        return "the inputs are on several GPUs"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "autograd is recording (graphs serve inference only)"
+    if torch.cuda.is_current_stream_capturing():
+        return "a CUDA graph is already being captured around this call"
+    return None
+
+
+class CudaGraphCache:
+    """Runs functions of tensors from CUDA graphs, one per input signature (and guard).
+
+    ``max_graphs`` signatures are kept (least recently used evicted); each graph holds its own memory
+    pool with the activations of one pass. A captured function must not synchronize with the host,
+    branch on tensor values or modify its inputs; when a capture fails, that signature runs eagerly from
+    then on (logged once).
+    """
+
+    def __init__(self, name: str, max_graphs: int = 2) -> None:
+        if max_graphs < 1:
+            raise ValueError(f"DiT Quant: max_graphs must be >= 1, got {max_graphs}")
+        self.name = name
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._failed: set[tuple] = set()
+        self.captures = 0  # graphs captured so far (a recapture after a guard change counts)
+        self.replays = 0
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def release(self) -> None:
+        """Drops every graph and its memory pool (e.g. when the model leaves the GPU)."""
+        self._graphs.clear()
+
+    def __call__(
+        self, fn: Callable[..., torch.Tensor], args: TensorArgs, guard: Hashable = None
+    ) -> torch.Tensor:
+        """``fn(*args)`` (args: tensors or None on one CUDA device; returns one tensor), replayed from the
+        graph of ``args``' signature when one was captured with an equal ``guard``; otherwise run eagerly
+        and captured for the next call (``fn`` is only called then). Returns a new tensor."""
+        key = (_signature(args), torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        entry = self._graphs.get(key)
+        if entry is not None and entry.guard == guard:
+            self._graphs.move_to_end(key)
+            for buffer, arg in zip(entry.inputs, args, strict=True):
+                if buffer is not None:
+                    buffer.copy_(arg)
+            entry.graph.replay()
+            self.replays += 1
+            return entry.output.clone()
+        if key in self._failed:
+            return fn(*args)
+        self._graphs.pop(key, None)  # a stale graph (guard changed) frees its pool before the new capture
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+        inputs = [_static_copy(a) for a in args]
+        out = fn(*inputs)  # eager pass: compiles and autotunes kernels, initializes lazy state
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                output = fn(*inputs)
+        except Exception as error:  # noqa: BLE001 (any failure: this signature stays eager)
+            if isinstance(error, torch.OutOfMemoryError):
+                raise
+            self._failed.add(key)
+            log_once(("cuda graph failed", self.name, str(error)[:200]),
+                     f"DiT Quant: {self.name} cannot be captured as a CUDA graph, it runs eagerly: "
+                     f"{type(error).__name__}: {error}", logging.WARNING)
+            return out
+        self._graphs[key] = _Graph(graph, inputs, output, guard)
+        self.captures += 1
+        return out
