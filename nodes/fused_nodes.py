@@ -9,9 +9,21 @@ from .flux_cuda_graph import FluxCudaGraph, graphable_flux
 from .fused_flux import fused_block_forwards
 
 
-class FuseFluxBlocks:
-    DISPLAY_NAME = "Fused Flux Blocks"
+class _FluxModelPatch:
+    """What the Flux MODEL -> MODEL nodes share: category, output, and the model/enabled inputs."""
+
     CATEGORY = "DiT Quant"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "patch"
+    MODEL_INPUTS = {
+        "model": ("MODEL", {"tooltip": "A Flux-architecture model (bf16, INT8 or GGUF)."}),
+        "enabled": ("BOOLEAN", {"default": True, "tooltip": "Off returns the model unchanged."}),
+    }
+
+
+class FuseFluxBlocks(_FluxModelPatch):
+    DISPLAY_NAME = "Fused Flux Blocks"
     DESCRIPTION = (
         "Runs every Flux double/single block with fused kernels: LayerNorm + modulation, q/k RMSNorm + "
         "rotary embedding + head layout, GELU + concatenation, each one kernel, and for INT8 layers the "
@@ -19,18 +31,10 @@ class FuseFluxBlocks:
         "INT8 and GGUF Flux models; other layers, LoRA, attention patches and low-VRAM offloading keep "
         "working. Off: the stock forwards. torch.compile'd models keep their own fusion."
     )
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "A Flux-architecture model (bf16, INT8 or GGUF)."}),
-                "enabled": ("BOOLEAN", {"default": True, "tooltip": "Off returns the model unchanged."}),
-            }
-        }
+        return {"required": dict(cls.MODEL_INPUTS)}
 
     def patch(self, model, enabled: bool):
         if not enabled:
@@ -47,9 +51,8 @@ class FuseFluxBlocks:
         return (patched,)
 
 
-class FluxCudaGraphs:
+class FluxCudaGraphs(_FluxModelPatch):
     DISPLAY_NAME = "Flux CUDA Graphs"
-    CATEGORY = "DiT Quant"
     DESCRIPTION = (
         "Replays the whole Flux transformer from a CUDA graph: the first step at a new resolution runs "
         "normally and records its kernels, every later step replays them with one call, so a slow CPU no "
@@ -58,16 +61,12 @@ class FluxCudaGraphs:
         "activations in VRAM until the model is unloaded. Steps with ControlNet, block patches, low-VRAM "
         "offloading or torch.compile run normally."
     )
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A Flux-architecture model (bf16, INT8 or GGUF)."}),
-                "enabled": ("BOOLEAN", {"default": True, "tooltip": "Off returns the model unchanged."}),
+                **cls.MODEL_INPUTS,
                 "max_graphs": ("INT", {
                     "default": 2, "min": 1, "max": 8,
                     "tooltip": "Input shapes (resolution x batch) kept recorded at once; each holds one "

@@ -310,10 +310,14 @@ def test_unet_loader_cannot_detect_tiny_flux(comfy):
         comfy.run_node("UNETLoader", unet_name=path.name, weight_dtype="default")
 
 
-def test_node_rejects_non_flux_model(comfy):
+@pytest.mark.parametrize(("node", "options", "message"), [
+    ("FuseFluxBlocks", {}, "no Flux double/single blocks"),
+    ("FluxCudaGraphs", {"max_graphs": 2}, "not a ComfyUI Flux model"),
+])
+def test_flux_nodes_reject_non_flux_model(comfy, node, options, message):
     path = comfy.diffusion_models_dir / "fused_tiny_sd3.safetensors"
     if not path.exists():
         save_tiny_model(path, TinyModelSpec(family="sd3", depth=2), seed=0)
     (model,) = comfy.run_node("UNETLoader", unet_name=path.name, weight_dtype="default")
-    with pytest.raises(ValueError, match="no Flux double/single blocks"):
-        comfy.run_node("FuseFluxBlocks", model=model, enabled=True)
+    with pytest.raises(ValueError, match=message):
+        comfy.run_node(node, model=model, enabled=True, **options)
