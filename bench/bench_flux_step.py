@@ -9,8 +9,8 @@ Variants, built one after another from ComfyUI's own Flux class with random weig
 - bf16 / int8 + torch.compile (``--compile``): each model compiled whole; first-call time and steady state;
 - bf16 / int8 + fused blocks (``--fused``): every Flux block runs the pack's fused forward (what the
   "Fused Flux Blocks" node switches on; nodes/fused_flux.py), eager, no torch.compile;
-- + CUDA graph (``--graphs``): bf16, bf16 + fused blocks and int8 + fused blocks with the transformer pass
-  replayed from a CUDA graph (what the "Flux CUDA Graphs" node switches on; nodes/flux_cuda_graph.py),
+- + CUDA graph (``--graphs``): bf16, bf16 + fused blocks and int8 + fused blocks with the model's forward
+  pass replayed from a CUDA graph (what the "DiT CUDA Graphs" node switches on; nodes/model_cuda_graph.py),
   no torch.compile; each checked bit-identical to the same variant run eagerly.
 For each: median step time, 4-step sample time, resident weight bytes (parameters + buffers), peak VRAM
 during a step, and the relative L2 error of the step output against bf16's.
@@ -177,7 +177,7 @@ def measure_compiled(
 def measure_graphed(
     name: str, model, inputs: dict, steps: int, reference, step: dict, profile: bool, eager_out: torch.Tensor
 ) -> None:
-    """``measure`` with the transformer pass replayed from a CUDA graph; records how many graphs were
+    """``measure`` with the forward pass replayed from a CUDA graph; records how many graphs were
     captured and replayed, the first call's wall time (eager pass + capture), and how far the output is
     from the eager run of the same variant (the same kernels run, so it is expected to be equal bit for
     bit)."""

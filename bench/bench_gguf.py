@@ -15,7 +15,7 @@
    the same paths; weight bytes of each variant. Target: ours ("auto") at Q8_0 and Q4_K <= 1.05x bf16's
    step time with <= 0.55x / <= 0.32x of its weight bytes. Also bf16 and "auto" with every Flux block on
    the pack's fused forward (the "Fused Flux Blocks" node), timed against stock bf16 and bf16 + fused blocks,
-   and the same replayed from CUDA graphs (the "Flux CUDA Graphs" node) against bf16 + fused blocks + graph.
+   and the same replayed from CUDA graphs (the "DiT CUDA Graphs" node) against bf16 + fused blocks + graph.
 
     python bench/bench_gguf.py [--out DIR] [--no-sweep] [--steps 5]
 

@@ -114,13 +114,13 @@ def fused_blocks(model: torch.nn.Module):
 
 @contextlib.contextmanager
 def cuda_graphed(model: torch.nn.Module):
-    """Within: ``model``'s transformer pass replays from CUDA graphs (nodes/flux_cuda_graph.py), as the
-    "Flux CUDA Graphs" node sets it through a ComfyUI object patch. Yields the ``FluxCudaGraph``."""
-    flux_cuda_graph = import_comfy_module("dit_quant.nodes.flux_cuda_graph")
-    graphed = flux_cuda_graph.FluxCudaGraph(model)
-    model.forward_orig = graphed
+    """Within: ``model``'s forward pass replays from CUDA graphs (nodes/model_cuda_graph.py), as the
+    "DiT CUDA Graphs" node sets it through a ComfyUI object patch. Yields the ``ModelCudaGraph``."""
+    model_cuda_graph = import_comfy_module("dit_quant.nodes.model_cuda_graph")
+    graphed = model_cuda_graph.ModelCudaGraph(model)
+    model.forward = graphed
     try:
         yield graphed
     finally:
-        del model.forward_orig
+        del model.forward
         graphed.release()

@@ -9,7 +9,7 @@ into the graph's static input buffers and replay. A ``guard`` value (e.g. the we
 is stored with each graph: when it changes, the graph is captured again, because a graph reads the
 addresses it was captured with.
 
-No ComfyUI here; nodes/flux_cuda_graph.py wires it to ComfyUI's Flux.
+No ComfyUI here; nodes/model_cuda_graph.py wires it to ComfyUI's diffusion models.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from .dispatch import log_once
 
 TensorArgs = Sequence["torch.Tensor | None"]
+CHURN_CAPTURES = 8  # after this many captures, fewer replays than captures turns graphs off
 
 
 @dataclass
@@ -40,10 +41,8 @@ def _signature(args: TensorArgs) -> tuple:
 
 
 def _static_copy(t: torch.Tensor | None) -> torch.Tensor | None:
-    if t is None:
-        return None
-    buffer = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-    return buffer.copy_(t)
+    """A buffer with t's values and strides (contiguous where t overlaps itself, e.g. an expanded view)."""
+    return None if t is None else torch.empty_like(t).copy_(t)
 
 
 def not_capturable(args: TensorArgs) -> str | None:
@@ -80,6 +79,13 @@ class CudaGraphCache:
         self._failed: set[tuple] = set()
         self.captures = 0  # graphs captured so far (a recapture after a guard change counts)
         self.replays = 0
+        self.disabled: str | None = None  # why every call runs eagerly now
+
+    def _eager_from_now(self, why: str) -> None:
+        self.disabled = why
+        self.release()
+        log_once(("cuda graphs off", self.name, why),
+                 f"DiT Quant: CUDA graphs are off for {self.name}: {why}", logging.WARNING)
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -89,12 +95,16 @@ class CudaGraphCache:
         self._graphs.clear()
 
     def __call__(
-        self, fn: Callable[..., torch.Tensor], args: TensorArgs, guard: Hashable = None
-    ) -> torch.Tensor:
-        """``fn(*args)`` (args: tensors or None on one CUDA device; returns one tensor), replayed from the
-        graph of ``args``' signature when one was captured with an equal ``guard``; otherwise run eagerly
-        and captured for the next call (``fn`` is only called then). Returns a new tensor."""
-        key = (_signature(args), torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        self, fn: Callable[..., torch.Tensor], args: TensorArgs, guard: Hashable = None, static: Hashable = ()
+    ):
+        """``fn(*args)`` (args: tensors or None on one CUDA device), replayed from the graph of ``args``'
+        signature and ``static`` (what else ``fn`` bakes in, e.g. constant arguments) when one was captured
+        with an equal ``guard``; otherwise run eagerly and captured for the next call (``fn`` is only
+        called then). A replay returns a new tensor; a function that does not return one tensor, or whose
+        graphs are not reused, runs eagerly."""
+        if self.disabled is not None:
+            return fn(*args)
+        key = (_signature(args), static, torch.is_inference_mode_enabled(), torch.is_grad_enabled())
         entry = self._graphs.get(key)
         if entry is not None and entry.guard == guard:
             self._graphs.move_to_end(key)
@@ -106,11 +116,18 @@ class CudaGraphCache:
             return entry.output.clone()
         if key in self._failed:
             return fn(*args)
+        if self.captures >= CHURN_CAPTURES and self.replays < self.captures:
+            self._eager_from_now(f"{self.captures} captures were replayed only {self.replays} times (an "
+                                 "argument that changes every call, e.g. a float, is baked into each graph)")
+            return fn(*args)
         self._graphs.pop(key, None)  # a stale graph (guard changed) frees its pool before the new capture
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
         inputs = [_static_copy(a) for a in args]
         out = fn(*inputs)  # eager pass: compiles and autotunes kernels, initializes lazy state
+        if not isinstance(out, torch.Tensor):
+            self._eager_from_now(f"it returns {type(out).__name__}, not one tensor")
+            return out
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):

@@ -3,7 +3,9 @@
 import importlib
 
 # Each module lists its node classes in NODE_CLASSES; a class's DISPLAY_NAME is shown in the UI.
-_NODE_MODULES = ("int8_nodes", "calibration_nodes", "eval_nodes", "gguf_nodes", "fused_nodes")
+_NODE_MODULES = (
+    "int8_nodes", "calibration_nodes", "eval_nodes", "gguf_nodes", "fused_nodes", "cuda_graph_nodes",
+)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

@@ -1,0 +1,319 @@
+"""CUDA-graph replay of a diffusion model's forward pass (kernels/cuda_graphs.py, nodes/model_cuda_graph.py)
+and the "DiT CUDA Graphs" node.
+
+On CPU: the node's ComfyUI wiring (object patch, unload callback, KSampler latents bit-identical with the
+eager fallback it takes on CPU, for Flux and SD3) and every rule that sends a call down the eager path.
+On the GPU (marked ``gpu``): replays against eager runs of the same model (Flux stock bf16, fused bf16,
+fused INT8; SD3; Wan), new inputs of the same shape, a new shape, eviction, a replaced parameter
+(recapture) and an in-place weight update (read by the replay), a capture that fails, a function that
+returns no tensor, and arguments that change every call. A replay runs the kernels the eager pass ran,
+so outputs are compared bit for bit. The GPU tests build the models without the full ComfyUI (the lent
+GPU machine lacks its sampler's dependencies), from ComfyUI's own model classes.
+"""
+
+import logging
+import sys
+
+import pytest
+import torch
+from comfy_harness import (
+    TinyModelSpec,
+    build_tiny_model,
+    comfy_root,
+    ksampler_latent,
+    save_tiny_model,
+    tiny_flux_patcher,
+)
+
+FLUX = TinyModelSpec(family="flux", depth=2, width=256)
+SD3 = TinyModelSpec(family="sd3", depth=2)
+WAN = TinyModelSpec(family="wan", depth=2)
+GRAPH_LOG = "without a CUDA graph"
+
+
+@pytest.fixture(scope="module")
+def flux_patcher(comfy):
+    return tiny_flux_patcher(build_tiny_model(FLUX, seed=1).state_dict())
+
+
+@pytest.fixture(scope="module")
+def sd3_patcher(comfy):
+    path = comfy.diffusion_models_dir / "graph_tiny_sd3.safetensors"
+    if not path.exists():
+        save_tiny_model(path, SD3, seed=0)
+    (model,) = comfy.run_node("UNETLoader", unet_name=path.name, weight_dtype="default")
+    return model
+
+
+def test_node_registered(comfy):
+    assert comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS["DiTCudaGraphs"] == "DiT CUDA Graphs"
+    required = comfy.nodes.NODE_CLASS_MAPPINGS["DiTCudaGraphs"].INPUT_TYPES()["required"]
+    assert required["model"][0] == "MODEL" and required["enabled"][0] == "BOOLEAN"
+    assert required["max_graphs"][0] == "INT" and required["max_graphs"][1]["min"] == 1
+
+
+def test_node_patches_forward_and_releases_on_unload(comfy, flux_patcher):
+    from comfy.patcher_extension import CallbacksMP
+
+    model_cuda_graph = comfy.module("nodes.model_cuda_graph")
+    (patched,) = comfy.run_node("DiTCudaGraphs", model=flux_patcher, enabled=True, max_graphs=3)
+    assert patched is not flux_patcher and "diffusion_model.forward" not in flux_patcher.object_patches
+    graphed = patched.object_patches["diffusion_model.forward"]
+    assert isinstance(graphed, model_cuda_graph.ModelCudaGraph) and graphed.graphs.max_graphs == 3
+    assert graphed.release in patched.get_all_callbacks(CallbacksMP.ON_DETACH)
+    (same,) = comfy.run_node("DiTCudaGraphs", model=flux_patcher, enabled=False, max_graphs=2)
+    assert same is flux_patcher
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_node_in_ksampler_on_cpu_runs_eagerly(comfy, flux_patcher, sd3_patcher, family, caplog):
+    """On CPU every call takes the eager path: the latent equals the stock one bit for bit, and the
+    reason is logged (once per process, so only checked when this test logs it)."""
+    source, spec = (flux_patcher, FLUX) if family == "flux" else (sd3_patcher, SD3)
+    plain = ksampler_latent(comfy, source, spec, seed=5)
+    (graphed_model,) = comfy.run_node("DiTCudaGraphs", model=source, enabled=True, max_graphs=2)
+    with caplog.at_level(logging.INFO, logger="dit_quant.nodes"):
+        graphed = ksampler_latent(comfy, graphed_model, spec, seed=5)
+    assert torch.equal(graphed, plain)
+    runner = graphed_model.object_patches["diffusion_model.forward"]
+    assert runner.graphs.captures == 0 and len(runner.graphs) == 0
+    logged = [r.message for r in caplog.records if GRAPH_LOG in r.message]
+    assert not logged or "not on a CUDA GPU" in logged[0]
+
+
+def test_node_under_fused_flux_blocks_on_cpu(comfy, flux_patcher):
+    (graphed_model,) = comfy.run_node("DiTCudaGraphs", model=flux_patcher, enabled=True, max_graphs=2)
+    (fused_graphed,) = comfy.run_node("FuseFluxBlocks", model=graphed_model, enabled=True)
+    (fused_only,) = comfy.run_node("FuseFluxBlocks", model=flux_patcher, enabled=True)
+    both = ksampler_latent(comfy, fused_graphed, FLUX, seed=5)
+    assert torch.equal(both, ksampler_latent(comfy, fused_only, FLUX, seed=5))
+    assert not torch.equal(both, ksampler_latent(comfy, flux_patcher, FLUX, seed=5))  # fused blocks ran
+
+
+def test_options_that_change_the_pass_block_graphs(comfy):
+    rules = comfy.module("nodes.model_cuda_graph").options_block_graphs
+    from comfy.patcher_extension import WrappersMP
+
+    plain = {"sigmas": torch.tensor([0.5]), "cond_or_uncond": [0, 1], "patches": {}, "patches_replace": {},
+             "wrappers": {WrappersMP.DIFFUSION_MODEL: {}, WrappersMP.APPLY_MODEL: {None: [print]}}}
+    assert rules(None, plain) is None
+    assert rules({"input": [torch.zeros(1)]}, plain) == "ControlNet inputs"
+    assert rules(None, {**plain, "patches_replace": {"dit": {("double_block", 0): print}}}) == \
+        "block replacement patches"
+    assert rules(None, {**plain, "patches": {"post_input": [print]}}) == "model patches"
+    assert rules(None, {**plain, "optimized_attention_override": print}) == "an attention override"
+    wrapped = {**plain, "wrappers": {WrappersMP.DIFFUSION_MODEL: {None: [print]}}}
+    assert rules(None, wrapped) == "diffusion-model wrappers"
+
+
+def test_arguments_round_trip_and_unsupported_ones(comfy):
+    model_cuda_graph = comfy.module("nodes.model_cuda_graph")
+    x, t, refs = torch.randn(2, 3), torch.rand(1), [torch.randn(4), torch.randn(5)]
+    value = ((x, t), (("control", None), ("guidance", 3.5), ("ref_latents", refs), ("method", "index")))
+    tensors = []
+    template = model_cuda_graph.flatten_arguments(value, tensors)
+    assert [id(a) for a in tensors] == [id(x), id(t), id(refs[0]), id(refs[1])]
+    hash(template)
+    copies = [a.clone() for a in tensors]
+    rebuilt = model_cuda_graph.rebuild_arguments(template, copies)
+    assert rebuilt[0][0] is copies[0] and rebuilt[0][1] is copies[1]
+    expected = {"control": None, "guidance": 3.5, "ref_latents": copies[2:], "method": "index"}
+    assert dict(rebuilt[1]) == expected
+    assert isinstance(dict(rebuilt[1])["ref_latents"], list)
+    with pytest.raises(model_cuda_graph.UnsupportedArgument, match="dict"):
+        model_cuda_graph.flatten_arguments({"a": x}, [])
+
+
+def test_weights_guard_tracks_storage_and_blocks_offload(comfy):
+    model_cuda_graph = comfy.module("nodes.model_cuda_graph")
+    lora_branch = comfy.module("quant.lora_branch")
+    model = build_tiny_model(FLUX, seed=2)
+    weights_guard = model_cuda_graph.WeightsGuard(model)
+    cpu = torch.device("cpu")
+    why, guard = weights_guard(cpu)
+    assert why is None and len(guard) == sum(1 for _ in model.parameters())
+    assert weights_guard(cpu) == (None, guard)
+    layer = model.double_blocks[0].img_attn.qkv
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # in place: same storage, the replay reads the new values
+    assert weights_guard(cpu) == (None, guard)
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone())  # new storage: recapture
+    why, moved = weights_guard(cpu)
+    assert why is None and moved != guard
+    why, _ = weights_guard(torch.device("cuda", 0))
+    assert why is not None and "low-VRAM offloading" in why
+
+    int8 = build_tiny_model(FLUX, seed=2)
+    quantizer = comfy.module("quant.model_quantizer")
+    names, _kept = quantizer.plan_quantization(int8)
+    int8 = quantizer.quantized_copy(int8, names, comfy.module("nodes.comfy_int8_ops").make_int8_layer)
+    int8_guard = model_cuda_graph.WeightsGuard(int8)
+    _, plain = int8_guard(cpu)
+    linear2 = int8.single_blocks[0].linear2
+    term = lora_branch.LowRankTerm(down=torch.randn(4, linear2.in_features),
+                                   up=torch.randn(linear2.out_features, 4), scale=0.5)
+    linear2.lora_branch = lora_branch.LowRankBranch([term], linear2.out_features, linear2.in_features)
+    why, with_lora = int8_guard(cpu)
+    assert why is None and len(with_lora) == len(plain) + 2  # the branch's down and up are guarded
+    layer.weight_function = [lambda w: w]
+    why, _ = weights_guard(cpu)
+    assert why is not None and "per call" in why
+
+
+def test_graph_cache_arguments(comfy):
+    cuda_graphs = comfy.module("kernels.cuda_graphs")
+    with pytest.raises(ValueError, match="max_graphs"):
+        cuda_graphs.CudaGraphCache("x", max_graphs=0)
+    assert cuda_graphs.not_capturable([torch.ones(2), None]) == "the inputs are not on a CUDA GPU"
+    assert cuda_graphs.not_capturable([None]) == "the inputs are not on a CUDA GPU"
+    cache = cuda_graphs.CudaGraphCache("x")
+    assert len(cache) == 0 and cache.captures == 0 and cache.disabled is None
+
+
+# ---- GPU: the graphs themselves ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpu_modules():
+    """The pack's node modules imported without the full ComfyUI (only ``comfy.*`` model code)."""
+    root = str(comfy_root())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from _pack import import_node_module
+
+    return {name: import_node_module(name) for name in ("model_cuda_graph", "fused_flux", "comfy_int8_ops")}
+
+
+def _inputs(spec: TinyModelSpec, seed: int, size: int = 8) -> dict:
+    """Random inputs of ``spec``'s model on the GPU (latent size x size, bf16 activations)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", generator=g).bfloat16()
+
+    frames = (1,) if spec.family == "wan" else ()
+    latent = (1, spec.in_channels, *frames, size, size)
+    inputs = {"x": randn(*latent), "timestep": torch.rand(1, device="cuda", generator=g),
+              "context": randn(1, spec.context_tokens, spec.context_dim)}
+    if spec.pooled_dim:
+        inputs["y"] = randn(1, spec.pooled_dim)
+    return inputs
+
+
+def _variant(gpu_modules, kind: str) -> torch.nn.Module:
+    """A tiny model on the GPU: Flux stock bf16, bf16 with fused blocks, INT8 (Triton) with fused blocks;
+    SD3 or Wan bf16."""
+    spec = {"sd3": SD3, "wan": WAN}.get(kind, FLUX)
+    model = build_tiny_model(spec, seed=3).cuda().eval()
+    if kind == "flux int8 fused":
+        import dit_quant.quant.model_quantizer as quantizer
+
+        names, _kept = quantizer.plan_quantization(model)
+        model = quantizer.quantized_copy(model, names, gpu_modules["comfy_int8_ops"].make_int8_layer).eval()
+    if kind.endswith("fused"):
+        for path, forward in gpu_modules["fused_flux"].fused_block_forwards(model).items():
+            model.get_submodule(path.removesuffix(".forward")).forward = forward
+    return model
+
+
+def _run(model, inputs: dict, graphed=None) -> torch.Tensor:
+    """One call of the model, with ``graphed`` installed as its forward when given."""
+    if graphed is not None:
+        model.forward = graphed
+    rest = {k: v for k, v in inputs.items() if k not in ("x", "timestep")}
+    try:
+        with torch.no_grad():
+            return model(inputs["x"], inputs["timestep"], **rest)  # as ComfyUI's apply_model calls it
+    finally:
+        if graphed is not None:
+            del model.forward
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["flux bf16", "flux bf16 fused", "flux int8 fused", "sd3", "wan"])
+def test_replay_equals_eager_gpu(gpu_modules, kind):
+    model = _variant(gpu_modules, kind)
+    spec = {"sd3": SD3, "wan": WAN}.get(kind, FLUX)
+    inputs = [_inputs(spec, seed) for seed in (10, 11, 12)]
+    eager = [_run(model, i) for i in inputs]
+    graphed = gpu_modules["model_cuda_graph"].ModelCudaGraph(model)
+    outs = [_run(model, i, graphed) for i in (*inputs, inputs[0])]
+    assert graphed.graphs.captures == 1 and graphed.graphs.replays == 3, graphed.graphs.disabled
+    for out, want in zip(outs, [*eager, eager[0]], strict=True):
+        assert torch.isfinite(out).all()
+        assert torch.equal(out, want)
+    assert not torch.equal(outs[1], outs[2])  # each replay computed its own inputs
+    graphed.release()
+    assert len(graphed.graphs) == 0
+
+
+@pytest.mark.gpu
+def test_new_shapes_eviction_and_weight_changes_gpu(gpu_modules):
+    model = _variant(gpu_modules, "flux int8 fused")
+    graphed = gpu_modules["model_cuda_graph"].ModelCudaGraph(model, max_graphs=1)
+    small, large = _inputs(FLUX, 20, size=8), _inputs(FLUX, 21, size=16)
+    for inputs in (small, small, large, large):
+        assert torch.equal(_run(model, inputs, graphed), _run(model, inputs))
+    assert graphed.graphs.captures == 2 and graphed.graphs.replays == 2 and len(graphed.graphs) == 1
+
+    layer = model.single_blocks[0].linear2  # INT8: weight_scale scales its output channels
+    with torch.no_grad():
+        layer.weight_scale.mul_(1.5)  # in place: the replay reads it
+    replayed = _run(model, large, graphed)
+    assert graphed.graphs.captures == 2 and graphed.graphs.replays == 3
+    assert torch.equal(replayed, _run(model, large))
+    bias = model.final_layer.linear.bias.detach() + 0.25
+    model.final_layer.linear.bias = torch.nn.Parameter(bias, requires_grad=False)  # new storage
+    recaptured = _run(model, large, graphed)
+    assert graphed.graphs.captures == 3
+    assert torch.equal(recaptured, _run(model, large))
+    assert not torch.equal(recaptured, replayed)
+
+
+@pytest.mark.gpu
+def test_patched_options_run_eagerly_gpu(gpu_modules):
+    model = _variant(gpu_modules, "flux bf16 fused")
+    graphed = gpu_modules["model_cuda_graph"].ModelCudaGraph(model)
+    seen = []
+
+    def replace(args, extra):
+        seen.append(args["img"].shape)
+        return extra["original_block"](args)
+
+    options = {"patches_replace": {"dit": {("single_block", 0): replace}}}
+    inputs = {**_inputs(FLUX, 30), "transformer_options": options}
+    for _ in range(2):
+        assert torch.equal(_run(model, inputs, graphed), _run(model, inputs))
+    assert graphed.graphs.captures == 0 and len(seen) == 4  # the patch ran on every call
+
+
+@pytest.mark.gpu
+def test_graph_cache_failures_stay_eager_gpu(gpu_modules, caplog):
+    cuda_graphs = sys.modules["dit_quant.kernels.cuda_graphs"]
+    x = torch.randn(64, device="cuda")
+
+    def syncs(a):
+        return a * float(a.sum().item())  # a host sync: capture fails
+
+    cache = cuda_graphs.CudaGraphCache("a syncing function")
+    with caplog.at_level(logging.WARNING, logger="dit_quant.kernels"):
+        for _ in range(3):
+            assert torch.equal(cache(syncs, [x]), syncs(x))
+    assert cache.captures == 0 and cache.disabled is None
+    assert any("cannot be captured" in r.message for r in caplog.records)
+
+    tupled = cuda_graphs.CudaGraphCache("a function returning a tuple")
+    out = tupled(lambda a: (a + 1, a - 1), [x])
+    assert isinstance(out, tuple) and torch.equal(out[0], x + 1)
+    assert tupled.disabled is not None and "tuple" in tupled.disabled
+
+    churn = cuda_graphs.CudaGraphCache("a function of a changing float", max_graphs=2)
+    for step in range(cuda_graphs.CHURN_CAPTURES + 2):
+        scale = 1.0 + step / 7  # baked into each graph: every call captures anew
+
+        def scaled(a, scale=scale):
+            return a * scale
+
+        assert torch.equal(churn(scaled, [x], static=scale), x * scale)
+    assert churn.captures == cuda_graphs.CHURN_CAPTURES and churn.disabled is not None
+    assert len(churn) == 0
