@@ -99,3 +99,12 @@ def output_path(folder: str, filename: str, extension: str, overwrite: bool) -> 
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; set overwrite to replace it.")
     return path
+
+
+class ModelPatchNode:
+    """Base of the pack's MODEL -> MODEL patch nodes: ``patch(model, ...)`` returns one patched MODEL."""
+
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "patch"
+    ENABLED_INPUT = ("BOOLEAN", {"default": True, "tooltip": "Off returns the model unchanged."})

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import comfy.patcher_extension
 
+from .comfy_model import ModelPatchNode
 from .model_cuda_graph import ModelCudaGraph
 
 
-class DiTCudaGraphs:
+class DiTCudaGraphs(ModelPatchNode):
     DISPLAY_NAME = "DiT CUDA Graphs"
     CATEGORY = "DiT Quant"
     DESCRIPTION = (
@@ -19,16 +20,13 @@ class DiTCudaGraphs:
         "until the model is unloaded. Steps with ControlNet, block patches, low-VRAM offloading or "
         "torch.compile run normally (logged once)."
     )
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "Any diffusion model (bf16, INT8 or GGUF)."}),
-                "enabled": ("BOOLEAN", {"default": True, "tooltip": "Off returns the model unchanged."}),
+                "enabled": cls.ENABLED_INPUT,
                 "max_graphs": ("INT", {
                     "default": 2, "min": 1, "max": 8,
                     "tooltip": "Input shapes (resolution x batch, text length) kept recorded at once; each "

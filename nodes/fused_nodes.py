@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from .comfy_model import ModelPatchNode
 from .fused_flux import fused_block_forwards
 
 
-class FuseFluxBlocks:
+class FuseFluxBlocks(ModelPatchNode):
     DISPLAY_NAME = "Fused Flux Blocks"
     CATEGORY = "DiT Quant"
     DESCRIPTION = (
@@ -15,16 +16,13 @@ class FuseFluxBlocks:
         "INT8 and GGUF Flux models; other layers, LoRA, attention patches and low-VRAM offloading keep "
         "working. Off: the stock forwards. torch.compile'd models keep their own fusion."
     )
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "A Flux-architecture model (bf16, INT8 or GGUF)."}),
-                "enabled": ("BOOLEAN", {"default": True, "tooltip": "Off returns the model unchanged."}),
+                "enabled": cls.ENABLED_INPUT,
             }
         }
 

@@ -18,6 +18,7 @@ from ..quant.int8_linear import Int8Linear, kernel_backend
 from ..quant.model_quantizer import plan_quantization, quantized_copy
 from .comfy_int8_ops import Int8Operations, make_int8_layer, unloaded_layers
 from .comfy_model import (
+    ModelPatchNode,
     load_with_operations,
     output_path,
     patched_weight,
@@ -206,7 +207,7 @@ class SaveInt8Model:
         return {"ui": {"text": [path]}}
 
 
-class Int8KernelPatch:
+class Int8KernelPatch(ModelPatchNode):
     DISPLAY_NAME = "INT8 Kernel Patch"
     CATEGORY = CATEGORY
     DESCRIPTION = (
@@ -214,9 +215,6 @@ class Int8KernelPatch:
         "auto: fused Triton kernels on NVIDIA sm_80+ (Ampere, Ada, Hopper), the torch reference "
         "elsewhere (logged once). Unquantized layers, LoRA and low-VRAM offloading are unaffected."
     )
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
