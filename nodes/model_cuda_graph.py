@@ -46,6 +46,36 @@ def options_block_graphs(control, transformer_options: dict) -> str | None:
     return None
 
 
+# transformer_options entries that change between calls without changing the pass (or that the pass writes).
+_PER_CALL_OPTIONS = {"cond_or_uncond", "uuids", "sigmas", "sample_sigmas", "callbacks", "wrappers", "patches",
+                     "patches_replace", "block_index", "total_blocks", "block_type", "transformer_index",
+                     "original_shape", "block"}
+
+
+_NOT_CONSTANT = object()
+
+
+def _constant(value) -> Hashable:
+    """``value`` as a hashable constant (None, bool/int/float/str, lists/tuples/dicts of them), or
+    ``_NOT_CONSTANT`` (tensors, functions, other objects)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        value = sorted(value.items(), key=lambda item: str(item[0]))
+    if isinstance(value, (list, tuple)):
+        items = tuple(_constant(v) for v in value)
+        return _NOT_CONSTANT if any(v is _NOT_CONSTANT for v in items) else items
+    return _NOT_CONSTANT
+
+
+def options_key(transformer_options: dict) -> Hashable:
+    """The constant settings in ``transformer_options`` a pass may read (e.g. Flux's ``rope_options``), as a
+    hashable value: a graph bakes them in, so a new value needs a new graph."""
+    constants = ((k, _constant(v)) for k, v in sorted(transformer_options.items())
+                 if k not in _PER_CALL_OPTIONS)
+    return tuple((k, v) for k, v in constants if v is not _NOT_CONSTANT)
+
+
 class WeightsGuard:
     """The identity of a model's weights as a graph reads them: the data pointers of every parameter and
     buffer and the LoRA branches attached to layers. Called before every replay, so the per-call work is
@@ -137,4 +167,4 @@ class ModelCudaGraph:
             call_args, call_kwargs = rebuild_arguments(template, static_tensors)
             return self.forward(*call_args, transformer_options=options, **dict(call_kwargs))
 
-        return self.graphs(run, tensors, guard, static=template)
+        return self.graphs(run, tensors, guard, static=(template, options_key(options)))

@@ -107,6 +107,19 @@ def test_options_that_change_the_pass_block_graphs(comfy):
     assert rules(None, wrapped) == "diffusion-model wrappers"
 
 
+def test_options_key_holds_the_constant_settings(comfy):
+    options_key = comfy.module("nodes.model_cuda_graph").options_key
+    base = {"sigmas": torch.tensor([0.7]), "cond_or_uncond": [0], "uuids": ["a"], "block_index": 3,
+            "patches": {}, "wrappers": {}, "callbacks": {}}
+    assert options_key(base) == ()
+    steps = [{**base, "sigmas": torch.tensor([s]), "cond_or_uncond": c}
+             for s, c in ((0.5, [1, 0]), (0.2, [0]))]
+    assert all(options_key(o) == () for o in steps)  # per-call entries do not split graphs
+    rope = {**base, "rope_options": {"scale_x": 1.5, "shift_t": 0.0}, "hook": print}
+    assert options_key(rope) == (("rope_options", (("scale_x", 1.5), ("shift_t", 0.0))),)
+    assert options_key({**rope, "rope_options": {"scale_x": 2.0, "shift_t": 0.0}}) != options_key(rope)
+
+
 def test_arguments_round_trip_and_unsupported_ones(comfy):
     model_cuda_graph = comfy.module("nodes.model_cuda_graph")
     x, t, refs = torch.randn(2, 3), torch.rand(1), [torch.randn(4), torch.randn(5)]
@@ -289,6 +302,21 @@ def test_new_shapes_eviction_and_weight_changes_gpu(gpu_modules):
     assert graphed.graphs.captures == 3
     assert torch.equal(recaptured, _run(model, large))
     assert not torch.equal(recaptured, replayed)
+
+
+@pytest.mark.gpu
+def test_constant_options_get_their_own_graph_gpu(gpu_modules):
+    """Flux reads ``rope_options`` (floats) while building its position ids: each value gets a graph."""
+    model = _variant(gpu_modules, "flux bf16")
+    graphed = gpu_modules["model_cuda_graph"].ModelCudaGraph(model)
+    inputs = _inputs(FLUX, 50)
+    outs = []
+    for scale in (1.0, 1.0, 2.0, 2.0):
+        call = {**inputs, "transformer_options": {"rope_options": {"scale_x": scale, "scale_y": 1.0}}}
+        outs.append(_run(model, call, graphed))
+        assert torch.equal(outs[-1], _run(model, call))
+    assert graphed.graphs.captures == 2 and graphed.graphs.replays == 2
+    assert not torch.equal(outs[1], outs[2])
 
 
 @pytest.mark.gpu
