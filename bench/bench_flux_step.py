@@ -193,8 +193,8 @@ def measure_graphed(
         step[name].update(first_call_ms=first_call_ms, graph_captures=graphed.graphs.captures,
                           graph_replays=graphed.graphs.replays, rel_err_vs_eager=diff.item(),
                           equals_eager=bool(torch.equal(out, eager_out)))
-    if not (graphed.graphs.captures == 1 and graphed.graphs.replays > 0):
-        raise RuntimeError(f"{name}: expected 1 capture and replays, got {step[name]}")
+        if not (graphed.graphs.captures == 1 and graphed.graphs.replays > 0):
+            raise RuntimeError(f"{name}: expected 1 capture and replays, got {step[name]}")
 
 
 def run(

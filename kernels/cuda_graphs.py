@@ -45,6 +45,13 @@ def _static_copy(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else torch.empty_like(t).copy_(t)
 
 
+def _cuda_autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cuda")
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_enabled()
+
+
 def not_capturable(args: TensorArgs) -> str | None:
     """Why ``args`` cannot be run from a CUDA graph here, or None."""
     tensors = [a for a in args if a is not None]
@@ -56,6 +63,8 @@ def not_capturable(args: TensorArgs) -> str | None:
         return "the inputs are on several GPUs"
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "autograd is recording (graphs serve inference only)"
+    if _cuda_autocast_enabled():
+        return "autocast is on (its weight cache would be baked in)"
     if torch.cuda.is_current_stream_capturing():
         return "a CUDA graph is already being captured around this call"
     return None
@@ -91,8 +100,10 @@ class CudaGraphCache:
         return len(self._graphs)
 
     def release(self) -> None:
-        """Drops every graph and its memory pool (e.g. when the model leaves the GPU)."""
+        """Drops every graph and its memory pool (e.g. when the model leaves the GPU); the reuse count
+        that detects churn starts over."""
         self._graphs.clear()
+        self.captures = self.replays = 0
 
     def __call__(
         self, fn: Callable[..., torch.Tensor], args: TensorArgs, guard: Hashable = None, static: Hashable = ()
@@ -133,9 +144,13 @@ class CudaGraphCache:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 output = fn(*inputs)
         except Exception as error:  # noqa: BLE001 (any failure: this signature stays eager)
-            if isinstance(error, torch.OutOfMemoryError):
-                raise
+            del graph, inputs
             self._failed.add(key)
+            if isinstance(error, torch.OutOfMemoryError):
+                # The capture needs a second set of activations next to the eager pass's output: free
+                # every graph so that the eager path keeps the memory it had.
+                self._graphs.clear()
+                torch.cuda.empty_cache()
             log_once(("cuda graph failed", self.name, str(error)[:200]),
                      f"DiT Quant: {self.name} cannot be captured as a CUDA graph, it runs eagerly: "
                      f"{type(error).__name__}: {error}", logging.WARNING)

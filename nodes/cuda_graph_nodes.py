@@ -38,7 +38,11 @@ class DiTCudaGraphs(ModelPatchNode):
     def patch(self, model, enabled: bool, max_graphs: int = 2):
         if not enabled:
             return (model,)
-        graphed = ModelCudaGraph(model.model.diffusion_model, max_graphs)
+        # Another node's patched forward (or an earlier graph node's) is what the graphs replay.
+        earlier = model.object_patches.get("diffusion_model.forward")
+        if isinstance(earlier, ModelCudaGraph):
+            earlier = earlier.forward
+        graphed = ModelCudaGraph(model.model.diffusion_model, max_graphs, forward=earlier)
         patched = model.clone()
         patched.add_object_patch("diffusion_model.forward", graphed)
         # Unloading moves the weights; the graphs' memory goes back to ComfyUI with them.

@@ -53,27 +53,38 @@ _PER_CALL_OPTIONS = {"cond_or_uncond", "uuids", "sigmas", "sample_sigmas", "call
 
 
 _NOT_CONSTANT = object()
+_SCALARS = (bool, int, float, str)
 
 
 def _constant(value) -> Hashable:
-    """``value`` as a hashable constant (None, bool/int/float/str, lists/tuples/dicts of them), or
-    ``_NOT_CONSTANT`` (tensors, functions, other objects)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, dict):
+    """``value`` as a hashable constant that keeps its type (None, bool/int/float/str, torch dtypes, and
+    lists/tuples/dicts of them), or ``_NOT_CONSTANT`` (tensors, functions, other objects)."""
+    if value is None or type(value) in _SCALARS:
+        return (type(value).__name__, value)
+    if isinstance(value, torch.dtype):
+        return ("dtype", str(value))
+    if type(value) is dict:
         value = sorted(value.items(), key=lambda item: str(item[0]))
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):
         items = tuple(_constant(v) for v in value)
         return _NOT_CONSTANT if any(v is _NOT_CONSTANT for v in items) else items
     return _NOT_CONSTANT
 
 
-def options_key(transformer_options: dict) -> Hashable:
-    """The constant settings in ``transformer_options`` a pass may read (e.g. Flux's ``rope_options``), as a
-    hashable value: a graph bakes them in, so a new value needs a new graph."""
-    constants = ((k, _constant(v)) for k, v in sorted(transformer_options.items())
-                 if k not in _PER_CALL_OPTIONS)
-    return tuple((k, v) for k, v in constants if v is not _NOT_CONSTANT)
+def options_key(transformer_options: dict) -> tuple[str | None, Hashable]:
+    """(why ``transformer_options`` holds something a graph would bake in unchecked, or None; its
+    constant settings as a hashable value). A pass may read these settings (e.g. Flux's
+    ``rope_options``): a graph bakes them in, so a new value needs a new graph, and an entry that is not
+    a constant (a tensor, an object another node put there) keeps the call eager."""
+    key = []
+    for name, value in sorted(transformer_options.items()):
+        if name in _PER_CALL_OPTIONS:
+            continue
+        constant = _constant(value)
+        if constant is _NOT_CONSTANT:
+            return f"the transformer_options entry {name!r} ({type(value).__name__})", None
+        key.append((name, constant))
+    return None, tuple(key)
 
 
 class WeightsGuard:
@@ -97,7 +108,7 @@ class WeightsGuard:
         branches = [t for layer in self._branch_layers if layer.lora_branch is not None
                     for t in (layer.lora_branch.down, layer.lora_branch.up)]
         guard = tuple(d[n].data_ptr() for d, n in self._slots if d[n] is not None)
-        guard += tuple(t.data_ptr() for t in branches)
+        guard += tuple((t.data_ptr(), t.shape, t.dtype) for t in branches)
         if (device, guard) != self._checked:
             tensors = [d[n] for d, n in self._slots if d[n] is not None] + branches
             if any(t.device != device for t in tensors):
@@ -116,10 +127,10 @@ def flatten_arguments(value, tensors: list[torch.Tensor]) -> Hashable:
     if isinstance(value, torch.Tensor):
         tensors.append(value)
         return ("tensor", len(tensors) - 1)
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):
         return (type(value).__name__, tuple(flatten_arguments(v, tensors) for v in value))
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return ("const", value)
+    if value is None or type(value) in _SCALARS:
+        return ("const", (type(value).__name__, value))
     raise UnsupportedArgument(f"an argument of type {type(value).__name__}")
 
 
@@ -129,17 +140,19 @@ def rebuild_arguments(template: Hashable, tensors) -> object:
     if kind == "tensor":
         return tensors[payload]
     if kind == "const":
-        return payload
+        return payload[1]
     items = [rebuild_arguments(t, tensors) for t in payload]
     return items if kind == "list" else tuple(items)
 
 
 class ModelCudaGraph:
-    """A drop-in ``forward`` for one ComfyUI diffusion model: its class's forward (with any object-patched
-    blocks), from CUDA graphs when the call allows it. ``release()`` frees the graphs."""
+    """A drop-in ``forward`` for one ComfyUI diffusion model: ``forward`` (default: the model class's, with
+    any object-patched blocks; or another node's patched forward), from CUDA graphs when the call allows
+    it. ``release()`` frees the graphs."""
 
-    def __init__(self, diffusion_model: torch.nn.Module, max_graphs: int = 2) -> None:
-        self.forward: Callable = type(diffusion_model).forward.__get__(diffusion_model)
+    def __init__(self, diffusion_model: torch.nn.Module, max_graphs: int = 2,
+                 forward: Callable | None = None) -> None:
+        self.forward: Callable = forward or type(diffusion_model).forward.__get__(diffusion_model)
         self.weights_guard = WeightsGuard(diffusion_model)
         self.graphs = CudaGraphCache(f"the {type(diffusion_model).__name__} forward pass", max_graphs)
 
@@ -147,18 +160,30 @@ class ModelCudaGraph:
         """Frees every graph (its activations' memory pool); takes and ignores ComfyUI callback args."""
         self.graphs.release()
 
+    def _why_eager(self, args: tuple, kwargs: dict, options: dict, tensors: list) -> tuple:
+        """(why this call runs eagerly or None, the arguments' template, the options' key, the guard)."""
+        why = options_block_graphs(kwargs.get("control"), options)
+        if why is not None:
+            return why, None, None, None
+        why, settings = options_key(options)
+        if why is not None:
+            return why, None, None, None
+        try:
+            template = flatten_arguments((args, tuple(sorted(kwargs.items()))), tensors)
+        except UnsupportedArgument as error:
+            return str(error), None, None, None
+        why = not_capturable(tensors)
+        if why is not None:
+            return why, None, None, None
+        why, guard = self.weights_guard(tensors[0].device)
+        if why is not None:
+            self.graphs.release()  # the weights left the GPU: their graphs cannot serve again
+        return why, template, settings, guard
+
     def __call__(self, *args, **kwargs):
         options = kwargs.pop("transformer_options", {})
         tensors: list[torch.Tensor] = []
-        try:
-            why = options_block_graphs(kwargs.get("control"), options)
-            template = flatten_arguments((args, tuple(sorted(kwargs.items()))), tensors)
-        except UnsupportedArgument as error:
-            why = str(error)
-        why = why or not_capturable(tensors)
-        guard = None
-        if why is None:
-            why, guard = self.weights_guard(tensors[0].device)
+        why, template, settings, guard = self._why_eager(args, kwargs, options, tensors)
         if why is not None:
             _log_once(f"DiT Quant: {self.graphs.name} runs eagerly, without a CUDA graph: {why}")
             return self.forward(*args, transformer_options=options, **kwargs)
@@ -167,4 +192,4 @@ class ModelCudaGraph:
             call_args, call_kwargs = rebuild_arguments(template, static_tensors)
             return self.forward(*call_args, transformer_options=options, **dict(call_kwargs))
 
-        return self.graphs(run, tensors, guard, static=(template, options_key(options)))
+        return self.graphs(run, tensors, guard, static=(template, settings))

@@ -73,13 +73,35 @@ def test_node_in_ksampler_on_cpu_runs_eagerly(comfy, flux_patcher, sd3_patcher, 
     source, spec = (flux_patcher, FLUX) if family == "flux" else (sd3_patcher, SD3)
     plain = ksampler_latent(comfy, source, spec, seed=5)
     (graphed_model,) = comfy.run_node("DiTCudaGraphs", model=source, enabled=True, max_graphs=2)
+    comfy.module("kernels.dispatch")._logged.clear()  # log_once: this test must see its own message
     with caplog.at_level(logging.INFO, logger="dit_quant.nodes"):
         graphed = ksampler_latent(comfy, graphed_model, spec, seed=5)
     assert torch.equal(graphed, plain)
     runner = graphed_model.object_patches["diffusion_model.forward"]
     assert runner.graphs.captures == 0 and len(runner.graphs) == 0
     logged = [r.message for r in caplog.records if GRAPH_LOG in r.message]
-    assert not logged or "not on a CUDA GPU" in logged[0]
+    assert len(logged) == 1 and logged[0].endswith("the inputs are not on a CUDA GPU"), logged
+
+
+def test_node_keeps_an_earlier_forward_patch(comfy, sd3_patcher):
+    """Another node's patched ``diffusion_model.forward`` is what the graph node runs (and replays)."""
+    diffusion_model = sd3_patcher.model.diffusion_model
+    calls = []
+
+    def halved(*args, **kwargs):
+        calls.append(1)
+        return type(diffusion_model).forward(diffusion_model, *args, **kwargs) * 0.5
+
+    patched = sd3_patcher.clone()
+    patched.add_object_patch("diffusion_model.forward", halved)
+    (graphed_model,) = comfy.run_node("DiTCudaGraphs", model=patched, enabled=True, max_graphs=2)
+    (twice,) = comfy.run_node("DiTCudaGraphs", model=graphed_model, enabled=True, max_graphs=2)
+    assert graphed_model.object_patches["diffusion_model.forward"].forward is halved
+    assert twice.object_patches["diffusion_model.forward"].forward is halved  # not a graph of a graph
+    want = ksampler_latent(comfy, patched, SD3, seed=6)
+    got = ksampler_latent(comfy, twice, SD3, seed=6)
+    assert torch.equal(got, want) and len(calls) > 0
+    assert not torch.equal(got, ksampler_latent(comfy, sd3_patcher, SD3, seed=6))
 
 
 def test_node_under_fused_flux_blocks_on_cpu(comfy, flux_patcher):
@@ -109,15 +131,23 @@ def test_options_that_change_the_pass_block_graphs(comfy):
 
 def test_options_key_holds_the_constant_settings(comfy):
     options_key = comfy.module("nodes.model_cuda_graph").options_key
-    base = {"sigmas": torch.tensor([0.7]), "cond_or_uncond": [0], "uuids": ["a"], "block_index": 3,
-            "patches": {}, "wrappers": {}, "callbacks": {}}
-    assert options_key(base) == ()
+    base = {"sigmas": torch.tensor([0.7]), "sample_sigmas": torch.tensor([1.0, 0.0]), "cond_or_uncond": [0],
+            "uuids": ["a"], "block_index": 3, "patches": {}, "wrappers": {}, "callbacks": {}}
+    assert options_key(base) == (None, ())
     steps = [{**base, "sigmas": torch.tensor([s]), "cond_or_uncond": c}
              for s, c in ((0.5, [1, 0]), (0.2, [0]))]
-    assert all(options_key(o) == () for o in steps)  # per-call entries do not split graphs
-    rope = {**base, "rope_options": {"scale_x": 1.5, "shift_t": 0.0}, "hook": print}
-    assert options_key(rope) == (("rope_options", (("scale_x", 1.5), ("shift_t", 0.0))),)
-    assert options_key({**rope, "rope_options": {"scale_x": 2.0, "shift_t": 0.0}}) != options_key(rope)
+    assert all(options_key(o) == (None, ()) for o in steps)  # per-call entries do not split graphs
+    rope = {**base, "rope_options": {"scale_x": 1.5, "shift_t": 0}, "attn_precision": torch.float32}
+    why, key = options_key(rope)
+    rope_constant = ((("str", "scale_x"), ("float", 1.5)), (("str", "shift_t"), ("int", 0)))
+    assert why is None and key == (("attn_precision", ("dtype", "torch.float32")),
+                                   ("rope_options", rope_constant))
+    assert options_key({**rope, "rope_options": {"scale_x": 2.0, "shift_t": 0}})[1] != key
+    assert options_key({**rope, "rope_options": {"scale_x": 1.5, "shift_t": 0.0}})[1] != key  # 0 vs 0.0
+    why, _ = options_key({**base, "regional_mask": torch.ones(2)})
+    assert why == "the transformer_options entry 'regional_mask' (Tensor)"
+    why, _ = options_key({**base, "hook": print})
+    assert why is not None and "'hook'" in why
 
 
 def test_arguments_round_trip_and_unsupported_ones(comfy):
@@ -136,6 +166,10 @@ def test_arguments_round_trip_and_unsupported_ones(comfy):
     assert isinstance(dict(rebuilt[1])["ref_latents"], list)
     with pytest.raises(model_cuda_graph.UnsupportedArgument, match="dict"):
         model_cuda_graph.flatten_arguments({"a": x}, [])
+    with pytest.raises(model_cuda_graph.UnsupportedArgument, match="Size"):
+        model_cuda_graph.flatten_arguments(x.shape, [])  # a tuple subclass would come back as a tuple
+    templates = {model_cuda_graph.flatten_arguments(v, []) for v in (True, 1, 1.0)}
+    assert len(templates) == 3  # equal values of different types are different constants
 
 
 def test_weights_guard_tracks_storage_and_blocks_offload(comfy):
@@ -236,13 +270,13 @@ def _variant(gpu_modules, kind: str) -> torch.nn.Module:
     return model
 
 
-def _run(model, inputs: dict, graphed=None) -> torch.Tensor:
-    """One call of the model, with ``graphed`` installed as its forward when given."""
+def _run(model, inputs: dict, graphed=None, mode=torch.no_grad) -> torch.Tensor:
+    """One call of the model under ``mode``, with ``graphed`` installed as its forward when given."""
     if graphed is not None:
         model.forward = graphed
     rest = {k: v for k, v in inputs.items() if k not in ("x", "timestep")}
     try:
-        with torch.no_grad():
+        with mode():
             return model(inputs["x"], inputs["timestep"], **rest)  # as ComfyUI's apply_model calls it
     finally:
         if graphed is not None:
@@ -250,14 +284,15 @@ def _run(model, inputs: dict, graphed=None) -> torch.Tensor:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])  # ComfyUI samples in the latter
 @pytest.mark.parametrize("kind", ["flux bf16", "flux bf16 fused", "flux int8 fused", "sd3"])
-def test_replay_equals_eager_gpu(gpu_modules, kind):
+def test_replay_equals_eager_gpu(gpu_modules, kind, mode):
     model = _variant(gpu_modules, kind)
     spec = SD3 if kind == "sd3" else FLUX
     inputs = [_inputs(spec, seed) for seed in (10, 11, 12)]
-    eager = [_run(model, i) for i in inputs]
+    eager = [_run(model, i, mode=mode) for i in inputs]
     graphed = gpu_modules["model_cuda_graph"].ModelCudaGraph(model)
-    outs = [_run(model, i, graphed) for i in (*inputs, inputs[0])]
+    outs = [_run(model, i, graphed, mode) for i in (*inputs, inputs[0])]
     assert graphed.graphs.captures == 1 and graphed.graphs.replays == 3, graphed.graphs.disabled
     for out, want in zip(outs, [*eager, eager[0]], strict=True):
         assert torch.isfinite(out).all()
@@ -278,7 +313,7 @@ def test_wan_builds_a_cpu_constant_and_runs_eagerly_gpu(gpu_modules, caplog):
             inputs = _inputs(WAN, seed)
             assert torch.equal(_run(model, inputs, graphed), _run(model, inputs))
     assert graphed.graphs.captures == 0 and graphed.graphs.replays == 0
-    assert any("cannot be captured" in r.message and "pinned" in r.message for r in caplog.records)
+    assert any("cannot be captured" in r.message and "WanModel" in r.message for r in caplog.records)
 
 
 @pytest.mark.gpu
@@ -320,6 +355,36 @@ def test_constant_options_get_their_own_graph_gpu(gpu_modules):
 
 
 @pytest.mark.gpu
+def test_offloaded_weights_release_the_graphs_gpu(gpu_modules):
+    """A layer that starts computing its weight per call (ComfyUI's low-VRAM patches) sends calls down
+    the eager path and frees the graphs; once it stops, the pass is captured again."""
+    model = _variant(gpu_modules, "flux bf16")
+    graphed = gpu_modules["model_cuda_graph"].ModelCudaGraph(model)
+    inputs = _inputs(FLUX, 60)
+    for _ in range(2):
+        _run(model, inputs, graphed)
+    assert len(graphed.graphs) == 1
+    layer = model.double_blocks[0].img_attn.qkv
+    layer.weight_function = [lambda w: w * 1.0]
+    assert torch.equal(_run(model, inputs, graphed), _run(model, inputs))
+    assert len(graphed.graphs) == 0
+    layer.weight_function = []
+    for _ in range(2):
+        assert torch.equal(_run(model, inputs, graphed), _run(model, inputs))
+    assert graphed.graphs.captures == 1 and graphed.graphs.replays == 1 and len(graphed.graphs) == 1
+
+
+@pytest.mark.gpu
+def test_tensor_in_options_runs_eagerly_gpu(gpu_modules):
+    model = _variant(gpu_modules, "flux bf16")
+    graphed = gpu_modules["model_cuda_graph"].ModelCudaGraph(model)
+    inputs = {**_inputs(FLUX, 70), "transformer_options": {"regional_mask": torch.ones(4, device="cuda")}}
+    for _ in range(2):
+        assert torch.equal(_run(model, inputs, graphed), _run(model, inputs))
+    assert graphed.graphs.captures == 0
+
+
+@pytest.mark.gpu
 def test_patched_options_run_eagerly_gpu(gpu_modules):
     model = _variant(gpu_modules, "flux bf16 fused")
     graphed = gpu_modules["model_cuda_graph"].ModelCudaGraph(model)
@@ -350,6 +415,19 @@ def test_graph_cache_failures_stay_eager_gpu(gpu_modules, caplog):
             assert torch.equal(cache(syncs, [x]), syncs(x))
     assert cache.captures == 0 and cache.disabled is None
     assert any("cannot be captured" in r.message for r in caplog.records)
+
+    other = torch.randn(32, device="cuda")
+    short = cuda_graphs.CudaGraphCache("a capture that runs out of memory")
+    short(lambda a: a + 1, [other])  # one graph held
+
+    def oom_in_capture(a):
+        if torch.cuda.is_current_stream_capturing():
+            raise torch.OutOfMemoryError("test: no room for the capture's second pass")
+        return a * 2
+
+    for _ in range(2):
+        assert torch.equal(short(oom_in_capture, [x]), x * 2)  # the eager pass's result, then eager
+    assert len(short) == 0 and short.captures == 1  # every graph was freed for the eager path
 
     tupled = cuda_graphs.CudaGraphCache("a function returning a tuple")
     out = tupled(lambda a: (a + 1, a - 1), [x])
