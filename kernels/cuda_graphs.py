@@ -45,6 +45,17 @@ def _static_copy(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else torch.empty_like(t).copy_(t)
 
 
+def _rng_checkpoint(device: torch.device) -> tuple:
+    """(the device's default CUDA generator, a copy of its state) or (None, None) on torch without
+    ``clone_state``. A capture that fails leaves the generator in capture mode, and every later random
+    op on the device would raise; restoring the copy undoes that."""
+    generator = torch.cuda.default_generators[device.index if device.index is not None
+                                              else torch.cuda.current_device()]
+    if not hasattr(generator, "clone_state"):
+        return None, None
+    return generator, generator.clone_state()
+
+
 def _cuda_autocast_enabled() -> bool:
     try:
         return torch.is_autocast_enabled("cuda")
@@ -140,11 +151,14 @@ class CudaGraphCache:
             self._eager_from_now(f"it returns {type(out).__name__}, not one tensor")
             return out
         graph = torch.cuda.CUDAGraph()
+        generator, rng_state = _rng_checkpoint(next(a for a in args if a is not None).device)
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 output = fn(*inputs)
         except Exception as error:  # noqa: BLE001 (any failure: this signature stays eager)
             del graph, inputs
+            if rng_state is not None:
+                generator.graphsafe_set_state(rng_state)
             self._failed.add(key)
             if isinstance(error, torch.OutOfMemoryError):
                 # The capture needs a second set of activations next to the eager pass's output: free

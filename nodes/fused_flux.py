@@ -63,7 +63,8 @@ def _linear(
 class _SharedModulationInput:
     """silu(vec) and its int8 rows, shared by every block's modulation layer: the Flux forward hands each
     block the same ``vec`` tensor, so one activation and one quantization serve all of them (saves two
-    launches per block). Valid while that tensor object is alive and unmodified."""
+    launches per block). Valid while that tensor object is alive and unmodified (in-place updates are
+    seen through the version counter, which inference tensors lack)."""
 
     def __init__(self) -> None:
         self._vec: weakref.ref | None = None
@@ -72,8 +73,11 @@ class _SharedModulationInput:
         self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _refresh(self, vec: torch.Tensor) -> None:
-        if self._vec is None or self._vec() is not vec or self._version != vec._version:
-            self._vec, self._version = weakref.ref(vec), vec._version
+        # ComfyUI samples under torch.inference_mode, whose tensors have no version counter: there the
+        # object identity alone keys the cache (the Flux forward never updates vec in place).
+        version = -1 if vec.is_inference() else vec._version
+        if self._vec is None or self._vec() is not vec or self._version != version:
+            self._vec, self._version = weakref.ref(vec), version
             self._silu = torch.nn.functional.silu(vec[:, None, :] if vec.ndim == 2 else vec)
             self._rows = None
 

@@ -330,17 +330,19 @@ def tiny_flux_patcher(state_dict: dict, heads: int | None = None) -> Any:
 
 def ksampler_latent(comfy: "Comfy", model: Any, spec: TinyModelSpec, seed: int) -> torch.Tensor:
     """ComfyUI's KSampler node (euler, 2 steps, cfg 3) on a 64x64 image's latent with seeded test
-    conditioning of ``spec``'s shapes (calls the node functions directly, for in-memory models)."""
+    conditioning of ``spec``'s shapes (calls the node functions directly, for in-memory models, under
+    torch.inference_mode like ComfyUI's executor)."""
     def conditioning(cond_seed):
         (cond,) = comfy.run_node("DiTQuantTestConditioning", seed=cond_seed, tokens=spec.context_tokens,
                                  context_dim=spec.context_dim, pooled_dim=spec.pooled_dim)
         return cond
 
-    (latent,) = comfy.run_node("EmptySD3LatentImage", width=64, height=64, batch_size=1)
-    (out,) = comfy.run_node("KSampler", model=model, seed=seed, steps=2, cfg=3.0, sampler_name="euler",
-                            scheduler="simple", positive=conditioning(11), negative=conditioning(12),
-                            latent_image=latent, denoise=1.0)
-    return out["samples"].detach().clone()
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        (latent,) = comfy.run_node("EmptySD3LatentImage", width=64, height=64, batch_size=1)
+        (out,) = comfy.run_node("KSampler", model=model, seed=seed, steps=2, cfg=3.0, sampler_name="euler",
+                                scheduler="simple", positive=conditioning(11), negative=conditioning(12),
+                                latent_image=latent, denoise=1.0)
+        return out["samples"].detach().clone()
 
 
 def save_tiny_model(
