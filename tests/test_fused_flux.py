@@ -204,15 +204,18 @@ def _cloned(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(a.clone() for a in args), kwargs
 
 
-def test_shared_modulation_input_follows_vec(comfy, flux):
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_shared_modulation_input_follows_vec(comfy, flux, mode):
     """The silu(vec) rows shared by the blocks' modulation layers are recomputed for a new vec object and
-    after an in-place change of vec: each result equals the stock Modulation exactly (same math)."""
+    (outside inference mode, where tensors have version counters) after an in-place change of vec: each
+    result equals the stock Modulation exactly (same math)."""
     fused_flux = comfy.module("nodes.fused_flux")
     block = flux["int8"].double_blocks[0]
     g = torch.Generator().manual_seed(9)
-    vecs = [torch.randn(1, SPEC.width, generator=g).bfloat16() for _ in range(2)]
-    with torch.no_grad():
-        for step in range(3):
+    with mode():
+        vecs = [torch.randn(1, SPEC.width, generator=g).bfloat16() for _ in range(2)]
+        steps = 3 if mode is torch.no_grad else 2
+        for step in range(steps):
             vec = vecs[min(step, 1)]
             if step == 2:
                 vec.mul_(3.0)  # same object, new values
