@@ -16,6 +16,7 @@ For each: median step time, 4-step sample time, resident weight bytes (parameter
 during a step, and the relative L2 error of the step output against bf16's.
 
     python bench/bench_flux_step.py [--out DIR] [--steps 5] [--compile] [--fused] [--graphs] [--profile]
+                                    [--inference-mode]
 
 Needs ComfyUI (COMFYUI_PATH or .cache/ComfyUI). Writes bench_flux_step.{json,md} to bench/results/ and --out.
 """
@@ -35,8 +36,10 @@ from flux_common import (
     flux_inputs,
     fused_blocks,
     import_comfy_module,
+    inference_context,
     tensor_bytes,
     time_step,
+    use_inference_mode,
 )
 from w8a8_common import arg_parser, environment, import_kernels, markdown_table, save_results
 
@@ -48,7 +51,7 @@ def time_sample(model, inputs: dict, repeats: int = 3) -> float:
     """Median ms of a 4-step Euler sample (sigmas 1 -> 0) over ``repeats`` runs."""
     sigmas = torch.linspace(1.0, 0.0, SAMPLE_STEPS + 1).tolist()
     times = []
-    with torch.no_grad():
+    with inference_context():
         for _ in range(repeats):
             x = inputs["x"].clone()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -67,7 +70,7 @@ def peak_step_bytes(model, inputs: dict) -> int:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad():
+    with inference_context():
         model(**inputs)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated()
@@ -77,7 +80,7 @@ def host_submit_ms(model, inputs: dict, repeats: int = 3) -> float:
     """Median wall ms the host spends issuing one step (before waiting for the GPU): when it is close to
     the step time, the step is bound by Python and kernel launches, not by the GPU."""
     times = []
-    with torch.no_grad():
+    with inference_context():
         for _ in range(repeats):
             torch.cuda.synchronize()
             start = time.perf_counter()
@@ -91,7 +94,7 @@ def kernel_profile(model, inputs: dict, top: int = 15) -> dict:
     """GPU kernel time of one step from torch.profiler: the sum over all kernels and the ``top`` kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with inference_context(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         model(**inputs)
         torch.cuda.synchronize()
     rows = [
@@ -167,7 +170,7 @@ def measure_compiled(
     """``measure`` of ``torch.compile(model)``; the first call's wall time (compilation) is recorded too."""
     compiled = torch.compile(model)
     start = time.time()
-    with torch.no_grad():
+    with inference_context():
         compiled(**inputs)
     torch.cuda.synchronize()
     results.setdefault("compile_first_call_s", {})[name] = time.time() - start
@@ -184,7 +187,7 @@ def measure_graphed(
     with cuda_graphed(model) as graphed:
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.no_grad():
+        with inference_context():
             model(**inputs)  # the first call at this shape: an eager pass, then the capture
         torch.cuda.synchronize()
         first_call_ms = (time.perf_counter() - start) * 1e3
@@ -322,13 +325,18 @@ def main() -> int:
     parser.add_argument("--fused", action="store_true", help="also time bf16 and int8 with fused Flux blocks")
     parser.add_argument("--graphs", action="store_true",
                         help="also time bf16 and the fused variants replayed from CUDA graphs")
+    parser.add_argument("--inference-mode", action="store_true",
+                        help="run under torch.inference_mode, as ComfyUI samples (default: torch.no_grad)")
     parser.add_argument("--profile", action="store_true", help="record the top GPU kernels of each variant")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_flux_step needs a CUDA GPU", file=sys.stderr)
         return 2
     import_kernels()
-    results: dict = {"environment": environment()}
+    if args.inference_mode:
+        use_inference_mode()
+    results: dict = {"environment": environment(), "autograd_mode": "inference_mode" if args.inference_mode
+                     else "no_grad"}
     status = 0
     try:
         run(results, args.steps, args.compile, args.profile, args.fused, args.graphs)

@@ -44,6 +44,19 @@ def import_comfy_module(name: str) -> types.ModuleType:
     return importlib.import_module(name)
 
 
+def inference_context():
+    """The autograd mode the step benchmarks run in: ``torch.no_grad`` by default (all recorded runs), or
+    ``torch.inference_mode`` (what ComfyUI's executor samples in) after ``use_inference_mode()``."""
+    return _MODE[0]()
+
+
+def use_inference_mode() -> None:
+    _MODE[0] = torch.inference_mode
+
+
+_MODE = [torch.no_grad]
+
+
 def build_flux(operations, generator: torch.Generator, std: float | None = None) -> torch.nn.Module:
     """ComfyUI's Flux at flux-dev size on the GPU in bf16 with random weights: matrices N(0, std²)
     (std=None: fan-in scaled, 1/sqrt(K)), vectors 1 + N(0, 0.02²). Never zeros."""
@@ -75,7 +88,7 @@ def flux_inputs(generator: torch.Generator) -> dict:
 
 def time_step(model, inputs: dict, steps: int) -> tuple[float, torch.Tensor]:
     """(median ms of one model call over ``steps`` timed calls after 2 warm-up calls, last output)."""
-    with torch.no_grad():
+    with inference_context():
         for _ in range(2):
             out = model(**inputs)
         torch.cuda.synchronize()
