@@ -23,7 +23,6 @@ Needs ComfyUI (COMFYUI_PATH or .cache/ComfyUI). Writes bench_flux_step.{json,md}
 
 from __future__ import annotations
 
-import gc
 import sys
 import time
 import traceback
@@ -37,6 +36,7 @@ from flux_common import (
     fused_blocks,
     import_comfy_module,
     inference_context,
+    release,
     tensor_bytes,
     time_step,
     use_inference_mode,
@@ -67,8 +67,7 @@ def time_sample(model, inputs: dict, repeats: int = 3) -> float:
 
 def peak_step_bytes(model, inputs: dict) -> int:
     """Peak bytes allocated on the GPU during one step (resident weights included)."""
-    gc.collect()
-    torch.cuda.empty_cache()
+    release()
     torch.cuda.reset_peak_memory_stats()
     with inference_context():
         model(**inputs)
@@ -157,11 +156,6 @@ def fp8_model(generator: torch.Generator) -> torch.nn.Module:
         if isinstance(module, comfy_ops.fp8_ops.Linear):
             module.weight = torch.nn.Parameter(module.weight.to(torch.float8_e4m3fn), requires_grad=False)
     return model
-
-
-def release() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def measure_compiled(

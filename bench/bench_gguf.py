@@ -26,7 +26,6 @@ einops, psutil, tqdm and Pillow importable). Writes bench_gguf.{json,md} to benc
 from __future__ import annotations
 
 import contextlib
-import gc
 import sys
 import time
 import traceback
@@ -40,6 +39,7 @@ from flux_common import (
     flux_inputs,
     fused_blocks,
     import_comfy_module,
+    release,
     tensor_bytes,
     time_step,
 )
@@ -305,8 +305,7 @@ def bench_step(results: dict, steps: int) -> None:
     step["bf16 + fused blocks + CUDA graph"] = entry(graphed_ms, bf16_bytes)
     print(f"  bf16 + fused blocks + CUDA graph: {graphed_ms:.1f} ms", flush=True)
     del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    release()
 
     for qtype in QUANT_TYPES:
         model = build_flux(gguf_ops.GGUFOps, g)
@@ -339,8 +338,7 @@ def bench_step(results: dict, steps: int) -> None:
             step[f"{qtype} {mode}"]["rel_err_vs_torch_dequant"] = err
             step[f"{qtype} {mode}"]["finite"] = bool(torch.isfinite(out).all())
         del model, outputs
-        gc.collect()
-        torch.cuda.empty_cache()
+        release()
     targets = {"Q8_0": (1.05, 0.55), "Q4_K": (1.05, 0.32)}
     for qtype, (time_bound, bytes_bound) in targets.items():
         for variant in (f"{qtype} auto", f"{qtype} auto + fused blocks",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import os
 import sys
@@ -44,17 +45,18 @@ def import_comfy_module(name: str) -> types.ModuleType:
     return importlib.import_module(name)
 
 
+_autograd_mode = torch.no_grad
+
+
 def inference_context():
     """The autograd mode the step benchmarks run in: ``torch.no_grad`` by default (all recorded runs), or
     ``torch.inference_mode`` (what ComfyUI's executor samples in) after ``use_inference_mode()``."""
-    return _MODE[0]()
+    return _autograd_mode()
 
 
 def use_inference_mode() -> None:
-    _MODE[0] = torch.inference_mode
-
-
-_MODE = [torch.no_grad]
+    global _autograd_mode
+    _autograd_mode = torch.inference_mode
 
 
 def build_flux(operations, generator: torch.Generator, std: float | None = None) -> torch.nn.Module:
@@ -101,6 +103,12 @@ def time_step(model, inputs: dict, steps: int) -> tuple[float, torch.Tensor]:
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
     return float(np.median(times)), out
+
+
+def release() -> None:
+    """Frees what the previous variant left in PyTorch's GPU cache."""
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:

@@ -49,9 +49,9 @@ def _steps(kernels, t: dict, layer: tuple, config) -> dict:
         if config.kind == "tma":
             w8a8_triton._launch_tma_gemm(config, q, scale, *layer[1:], out)
         elif config.kind == "fused":
-            w8a8_triton._launch_pointer_gemm(config, layer[0], None, *layer[1:], None, out, True)
+            w8a8_triton._launch_pointer_gemm(config, layer[0], None, *layer[1:], None, out)
         else:
-            w8a8_triton._launch_pointer_gemm(config, q, scale, *layer[1:], None, out, False)
+            w8a8_triton._launch_pointer_gemm(config, q, scale, *layer[1:], None, out)
 
     return {
         "F.linear (bf16)": lambda: F.linear(t["x"], t["weight_bf16"], t["bias"]),

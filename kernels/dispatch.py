@@ -97,14 +97,16 @@ except ImportError as exc:  # Triton is optional: the reference runs everywhere
     _TRITON_INTERPRETED = False
 
 
-def log_once(key: Hashable, message: str, level: int = logging.INFO, to: logging.Logger = logger) -> None:
-    """Log ``message`` on ``to`` (default: the kernels' logger) the first time ``key`` is seen in this
-    process."""
+def log_once(
+    key: Hashable, message: str | None = None, level: int = logging.INFO, to: logging.Logger = logger
+) -> None:
+    """Log ``message`` (default: ``key`` itself) on ``to`` (default: the kernels' logger) the first time
+    ``key`` is seen in this process."""
     with _state_lock:
         if key in _logged:
             return
         _logged.add(key)
-    to.log(level, message)
+    to.log(level, key if message is None else message)
 
 
 def triton_unavailable(

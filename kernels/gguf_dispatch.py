@@ -42,19 +42,26 @@ _lock = threading.Lock()
 _failed_devices: set[str] = set()
 
 
+_usable: dict[torch.device, bool] = {}  # per device, after the first call (dropped when a kernel fails)
+
+
 def triton_usable(device: torch.device) -> bool:
     """True if the GGUF Triton kernels run natively on ``device`` (CUDA, sm_80+, Triton importable); when
     not, logs once per device why the plain-torch path runs."""
-    reason = triton_unavailable(device, _TRITON_ERROR, INTERPRETED, _failed_devices, "GGUF")
-    if reason is not None:
-        log_once(f"gguf torch:{device}",
-                 f"DiT Quant: GGUF layers on {device} use the plain-torch dequantization path: {reason}")
-    return reason is None
+    usable = _usable.get(device)
+    if usable is None:
+        reason = triton_unavailable(device, _TRITON_ERROR, INTERPRETED, _failed_devices, "GGUF")
+        if reason is not None:
+            log_once(f"gguf torch:{device}",
+                     f"DiT Quant: GGUF layers on {device} use the plain-torch dequantization path: {reason}")
+        usable = _usable[device] = reason is None
+    return usable
 
 
 def _note_failure(device: torch.device, exc: Exception) -> None:
     with _lock:
         _failed_devices.add(str(device))
+        _usable.pop(device, None)
     log_once(
         f"gguf fail:{device}",
         f"DiT Quant: a GGUF Triton kernel failed on {device} "

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import last_dim_contiguous
 from .gguf_dequant_reference import BLOCK_LAYOUT
 from .gguf_dequant_triton import INTERPRETED, k_scale_min, load_f16, round_to_bf16
 
@@ -416,7 +417,7 @@ def gguf_linear_fused(
     if qtype not in _QTYPE_ID:
         raise ValueError(f"DiT Quant: no fused GGUF kernel for {qtype}; have {FUSED_TYPES}")
     _check(x2d, raw, qtype, n, k, bias)
-    x2d = x2d if x2d.stride(1) == 1 else x2d.contiguous()
+    x2d = last_dim_contiguous(x2d)
     out = torch.empty((x2d.shape[0], n), dtype=x2d.dtype, device=x2d.device)
     _launch(
         _gguf_matmul_kernel,

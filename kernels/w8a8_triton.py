@@ -151,8 +151,7 @@ def _w8a8_gemm_kernel(
             a = _load_a_tile(a_ptrs + k_step * BLOCK_K, smooth_ptrs + k_step * BLOCK_K, k_mask,
                              EVEN_K, HAS_SMOOTH)
             amax = tl.maximum(amax, tl.max(tl.abs(a), axis=1))
-        a_scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 127.0)
-        a_inv_scale = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), a_scale)
+        a_scale, a_inv_scale = _row_scale(amax)
     else:
         a_scale = tl.load(a_scale_ptr + rows_a)
 
@@ -373,7 +372,8 @@ def quantize_rows_triton(
     return q, scale
 
 
-def _launch_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth, out, quantize_a) -> None:
+def _launch_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth, out) -> None:
+    """The pointer GEMM; without ``a_scale``, ``a`` is the float activation, quantized on load."""
     m, k = a.shape
     n = weight.shape[0]
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
@@ -381,7 +381,7 @@ def _launch_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth,
         a, weight, a_scale if a_scale is not None else weight_scale, weight_scale,
         bias if bias is not None else weight_scale, smooth if smooth is not None else weight_scale, out,
         m, n, k, a.stride(0), weight.stride(0), out.stride(0),
-        QUANTIZE_A=quantize_a, HAS_BIAS=bias is not None, HAS_SMOOTH=smooth is not None,
+        QUANTIZE_A=a_scale is None, HAS_BIAS=bias is not None, HAS_SMOOTH=smooth is not None,
         EVEN_K=k % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -426,7 +426,7 @@ def w8a8_linear_triton(
         return int8_gemm_triton(q, scale, weight, weight_scale, bias, x2d.dtype, config)
     out = torch.empty((x2d.shape[0], weight.shape[0]), dtype=x2d.dtype, device=x2d.device)
     if x2d.shape[0]:
-        _launch_pointer_gemm(config, x2d, None, weight, weight_scale, bias, smooth, out, quantize_a=True)
+        _launch_pointer_gemm(config, x2d, None, weight, weight_scale, bias, smooth, out)
     return out
 
 
@@ -449,5 +449,5 @@ def int8_gemm_triton(
     if config.kind == "tma":
         _launch_tma_gemm(config, q, scale, weight, weight_scale, bias, out)
     else:
-        _launch_pointer_gemm(config, q, scale, weight, weight_scale, bias, None, out, quantize_a=False)
+        _launch_pointer_gemm(config, q, scale, weight, weight_scale, bias, None, out)
     return out

@@ -10,6 +10,13 @@ from ..quant.int8_weights import INT8_MAX
 from ..quant.lora_branch import LowRankBranch
 
 
+def moves_weights_per_call(layer: torch.nn.Module) -> bool:
+    """ComfyUI moves or recomputes this layer's weights on every call: low-VRAM offloading
+    (``comfy_cast_weights``) or per-call weight/bias functions (e.g. low-VRAM LoRA patches)."""
+    return bool(getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None)
+                or getattr(layer, "bias_function", None))
+
+
 class ComfyInt8Linear(Int8Linear, comfy.ops.CastWeightBiasOp):
     """Int8Linear that follows ComfyUI's protocols.
 
@@ -24,7 +31,7 @@ class ComfyInt8Linear(Int8Linear, comfy.ops.CastWeightBiasOp):
     lora_branch: LowRankBranch | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.comfy_cast_weights or self.weight_function or self.bias_function:
+        if moves_weights_per_call(self):
             y = self._forward_moving_weights(x)
         else:
             y = super().forward(x)

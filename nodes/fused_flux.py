@@ -28,24 +28,16 @@ import torch
 from ..kernels import gelu_concat, int8_gemm, layernorm_modulate, qk_norm_rope, quantize_rows
 from ..kernels.dispatch import log_once
 from ..quant.int8_linear import Int8Linear, active_backend
+from .comfy_int8_ops import moves_weights_per_call
 
 logger = logging.getLogger("dit_quant.nodes")
-
-
-def _log_once(message: str) -> None:
-    log_once(message, message, to=logger)
 
 
 def _feeds_int8(layer: torch.nn.Module) -> bool:
     """An INT8 layer whose int8 activation a fused op can emit: weights resident on the compute device,
     no per-call weight functions and no LoRA branch (those need the float activation)."""
-    return (
-        isinstance(layer, Int8Linear)
-        and not getattr(layer, "comfy_cast_weights", False)
-        and not getattr(layer, "weight_function", None)
-        and not getattr(layer, "bias_function", None)
-        and getattr(layer, "lora_branch", None) is None
-    )
+    return (isinstance(layer, Int8Linear) and not moves_weights_per_call(layer)
+            and getattr(layer, "lora_branch", None) is None)
 
 
 def _linear(
@@ -151,7 +143,7 @@ def fused_double_block_forward(
     why = _unsupported(img, vec, block.modulation, _gelu_mlp(block.img_mlp) and _gelu_mlp(block.txt_mlp),
                        modulation_dims_img if modulation_dims_img is not None else modulation_dims_txt)
     if why is not None:
-        _log_once(f"DiT Quant: a Flux double block runs its stock forward: {why}")
+        log_once(f"DiT Quant: a Flux double block runs its stock forward: {why}", to=logger)
         return type(block).forward(block, img, txt, vec, pe, attn_mask, modulation_dims_img,
                                    modulation_dims_txt, transformer_options)
     backend = active_backend()
@@ -193,7 +185,7 @@ def fused_single_block_forward(
     why = _unsupported(x, vec, block.modulation is not None, isinstance(block.mlp_act, torch.nn.GELU)
                        and block.mlp_act.approximate == "tanh", modulation_dims)
     if why is not None:
-        _log_once(f"DiT Quant: a Flux single block runs its stock forward: {why}")
+        log_once(f"DiT Quant: a Flux single block runs its stock forward: {why}", to=logger)
         return type(block).forward(block, x, vec, pe, attn_mask, modulation_dims, transformer_options)
     backend = active_backend()
     mod, _ = _modulation(block.modulation, vec, backend)

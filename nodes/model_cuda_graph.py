@@ -26,10 +26,6 @@ from ..kernels.dispatch import log_once
 logger = logging.getLogger("dit_quant.nodes")
 
 
-def _log_once(message: str) -> None:
-    log_once(message, message, to=logger)
-
-
 def options_block_graphs(control, transformer_options: dict) -> str | None:
     """Why this call's ComfyUI options make the pass differ between steps, or None."""
     if control is not None:
@@ -185,7 +181,7 @@ class ModelCudaGraph:
         tensors: list[torch.Tensor] = []
         why, template, settings, guard = self._why_eager(args, kwargs, options, tensors)
         if why is not None:
-            _log_once(f"DiT Quant: {self.graphs.name} runs eagerly, without a CUDA graph: {why}")
+            log_once(f"DiT Quant: {self.graphs.name} runs eagerly, without a CUDA graph: {why}", to=logger)
             return self.forward(*args, transformer_options=options, **kwargs)
 
         def run(*static_tensors):

@@ -14,7 +14,7 @@ import logging
 import gguf
 import pytest
 import torch
-from dit_quant.kernels import dispatch, quantize_rows
+from dit_quant.kernels import dispatch, gguf_dispatch, quantize_rows
 from dit_quant.kernels.gguf_dequant_reference import dequantize_reference
 from dit_quant.kernels.gguf_dispatch import MODES, fused_wins, gguf_linear
 from dit_quant.kernels.gguf_matmul_triton import (
@@ -138,12 +138,12 @@ def test_auto_runs_fused_only_where_it_measured_faster(m, n, k, qtype, fused):
     assert fused_wins(m, n, k, qtype) is fused
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback; a GPU takes the Triton path")
 def test_torch_path_is_announced_once_per_device(monkeypatch, caplog):
     monkeypatch.setattr(dispatch, "_logged", set())
+    monkeypatch.setattr(gguf_dispatch, "_usable", {})
     caplog.set_level(logging.INFO, logger="dit_quant.kernels")
     weight = torch.randn(64, 256)
-    raw = quantized(weight, "Q8_0")
+    raw = quantized(weight, "Q8_0").cpu()  # CPU tensors also on a GPU machine: the path under test
     x = torch.randn(3, 256)
     for _ in range(3):
         out = gguf_linear(x, raw, "Q8_0", (64, 256))
