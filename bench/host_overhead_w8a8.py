@@ -36,6 +36,10 @@ def host_us(fn, calls: int = 300) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
+# Steps also timed with the cached launcher off (every launch through kernel[grid](...)).
+THROUGH_TRITON = ("quantize_rows kernel (direct)", "GEMM kernel launch only", "w8a8_linear (public)")
+
+
 def _steps(kernels, t: dict, layer: tuple, config) -> dict:
     """name -> callable, one per layer of the stack, for one layer's tensors."""
     from dit_quant.kernels import dispatch, w8a8_triton
@@ -53,12 +57,18 @@ def _steps(kernels, t: dict, layer: tuple, config) -> dict:
         else:
             w8a8_triton._launch_pointer_gemm(config, q, scale, *layer[1:], None, out)
 
+    def descriptors():
+        w8a8_triton.TensorDescriptor.from_tensor(q, [config.block_m, config.block_k])
+        w8a8_triton.TensorDescriptor.from_tensor(layer[1], [config.block_n, config.block_k])
+        w8a8_triton.TensorDescriptor.from_tensor(out, [config.block_m, config.block_n])
+
     return {
         "F.linear (bf16)": lambda: F.linear(t["x"], t["weight_bf16"], t["bias"]),
         "torch.empty (output)": lambda: torch.empty(m, n, dtype=torch.bfloat16, device="cuda"),
         "empty Triton kernel launch": lambda: _empty_kernel[(1,)](out),
         "quantize_rows kernel (direct)": lambda: w8a8_triton.quantize_rows_triton(t["x"]),
         "GEMM kernel launch only": gemm_launch,
+        "TensorDescriptor.from_tensor x3": descriptors,
         "w8a8_linear_triton (direct)": lambda: w8a8_triton.w8a8_linear_triton(*layer, None, config),
         "choose_config": lambda: choose_config(*layer, None),
         "resolve_backend": lambda: dispatch.resolve_backend(torch.device("cuda:0"), "triton"),
@@ -71,6 +81,7 @@ def main() -> None:
     parser = arg_parser(__doc__)
     args = parser.parse_args()
     kernels = import_kernels()
+    from dit_quant.kernels import triton_launch
     from dit_quant.kernels.w8a8_autotune import choose_config
 
     env = environment()
@@ -80,8 +91,15 @@ def main() -> None:
         layer = (t["x"], t["weight"], t["weight_scale"], t["bias"])
         config = choose_config(*layer, None)
         steps = _steps(kernels, t, layer, config)
-        records[m] = {"config": str(config), "host_us": {name: host_us(fn) for name, fn in steps.items()}}
-        rows += [[m, name, f"{us:.1f}"] for name, us in records[m]["host_us"].items()]
+        host = {}
+        for name, fn in steps.items():
+            host[name] = host_us(fn)
+            if name in THROUGH_TRITON:
+                triton_launch.DIRECT_LAUNCH = False
+                host[f"{name}, Triton's launch path"] = host_us(fn)
+                triton_launch.DIRECT_LAUNCH = True
+        records[m] = {"config": str(config), "host_us": host}
+        rows += [[m, name, f"{us:.1f}"] for name, us in host.items()]
         if m == 1:
             profiler = cProfile.Profile()
             profiler.enable()

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .dit_fusions_reference import GELU_TANH_COEFF, SQRT_2_OVER_PI
+from .triton_launch import CachedLauncher
 from .w8a8_triton import _check_launchable, _round_clamp_int8, _row_scale
 
 _GELU_C = tl.constexpr(GELU_TANH_COEFF)
@@ -147,6 +148,11 @@ def _row_warps(width: int) -> int:
     return 4 if width <= 4096 else 8 if width <= 8192 else 16
 
 
+_layernorm_modulate_launcher = CachedLauncher(_layernorm_modulate_kernel)
+_qk_norm_rope_launcher = CachedLauncher(_qk_norm_rope_kernel)
+_gelu_concat_launcher = CachedLauncher(_gelu_concat_kernel)
+
+
 def _outputs(rows: int, width: int, dtype: torch.dtype, device: torch.device, quantize: bool):
     out = torch.empty((rows, width), dtype=torch.int8 if quantize else dtype, device=device)
     row_scale = torch.empty((rows,), dtype=torch.float32, device=device) if quantize else out
@@ -169,11 +175,12 @@ def layernorm_modulate_triton(
         raise ValueError(f"DiT Quant: layernorm_modulate rows of {k} values exceed {MAX_ROW}")
     out, row_scale = _outputs(b * length, k, x.dtype, x.device, quantize)
     if b * length:
-        _layernorm_modulate_kernel[(b * length,)](
-            x, scale, shift, smooth if smooth is not None else row_scale, out, row_scale,
-            k, length, x.stride(0), x.stride(1), scale.stride(0), shift.stride(0), eps,
-            QUANTIZE=quantize, HAS_SMOOTH=smooth is not None, BLOCK_K=triton.next_power_of_2(k),
-            num_warps=_row_warps(k),
+        _layernorm_modulate_launcher(
+            (b * length,),
+            (x, scale, shift, smooth if smooth is not None else row_scale, out, row_scale,
+             k, length, x.stride(0), x.stride(1), scale.stride(0), shift.stride(0), eps),
+            (("QUANTIZE", quantize), ("HAS_SMOOTH", smooth is not None),
+             ("BLOCK_K", triton.next_power_of_2(k)), ("num_warps", _row_warps(k))),
         )
     return (out, row_scale) if quantize else out.view(b, length, k)
 
@@ -197,11 +204,13 @@ def qk_norm_rope_triton(
     if b * length == 0:
         return
     pe_strides = (pe.stride(0) if pe.shape[0] > 1 else 0, pe.stride(2)) if pe is not None else (0, 0)
-    _qk_norm_rope_kernel[(b * length,)](
-        qkv, q_weight, k_weight, pe if pe is not None else q_weight, q_out, k_out, v_out,
-        length, heads, offset, qkv.stride(0), qkv.stride(1), *pe_strides,
-        q_out.stride(0), q_out.stride(1), q_out.stride(2), eps,
-        HAS_PE=pe is not None, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(heads), num_warps=4,
+    _qk_norm_rope_launcher(
+        (b * length,),
+        (qkv, q_weight, k_weight, pe if pe is not None else q_weight, q_out, k_out, v_out,
+         length, heads, offset, qkv.stride(0), qkv.stride(1), *pe_strides,
+         q_out.stride(0), q_out.stride(1), q_out.stride(2), eps),
+        (("HAS_PE", pe is not None), ("HEAD_DIM", head_dim), ("BLOCK_H", triton.next_power_of_2(heads)),
+         ("num_warps", 4)),
     )
 
 
@@ -225,13 +234,14 @@ def gelu_concat_triton(
     if b * length:
         attn_strides = (attn.stride(0), attn.stride(1), attn.stride(2)) if attn is not None else (0, 0, 0)
         mlp_strides = (mlp.stride(0), mlp.stride(1)) if mlp is not None else (0, 0)
-        _gelu_concat_kernel[(b * length,)](
-            attn if attn is not None else mlp, mlp if mlp is not None else attn,
-            smooth if smooth is not None else row_scale, out, row_scale,
-            length, ka, kb, *attn_strides, *mlp_strides,
-            HAS_ATTN=attn is not None, HAS_MLP=mlp is not None, QUANTIZE=quantize,
-            HAS_SMOOTH=smooth is not None, HEAD_DIM=attn.shape[3] if attn is not None else 1,
-            BLOCK_A=triton.next_power_of_2(max(ka, 1)), BLOCK_B=triton.next_power_of_2(max(kb, 1)),
-            num_warps=_row_warps(ka + kb),
+        _gelu_concat_launcher(
+            (b * length,),
+            (attn if attn is not None else mlp, mlp if mlp is not None else attn,
+             smooth if smooth is not None else row_scale, out, row_scale,
+             length, ka, kb, *attn_strides, *mlp_strides),
+            (("HAS_ATTN", attn is not None), ("HAS_MLP", mlp is not None), ("QUANTIZE", quantize),
+             ("HAS_SMOOTH", smooth is not None), ("HEAD_DIM", attn.shape[3] if attn is not None else 1),
+             ("BLOCK_A", triton.next_power_of_2(max(ka, 1))), ("BLOCK_B", triton.next_power_of_2(max(kb, 1))),
+             ("num_warps", _row_warps(ka + kb))),
         )
     return (out, row_scale) if quantize else out.view(b, length, ka + kb)

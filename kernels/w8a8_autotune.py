@@ -81,9 +81,10 @@ def _save_disk_cache(entries: dict[str, GemmConfig]) -> None:
         logger.warning("DiT Quant: could not write autotune cache %s (%s)", path, exc)
 
 
-def _disk_key(device: torch.device, signature: tuple) -> str:
+def _disk_key(device: torch.device, bucket: int, weight_shape: torch.Size, dtype: torch.dtype, has_bias: bool,
+              has_smooth: bool, tma_ok: bool, prequantized: bool) -> str:
     props = torch.cuda.get_device_properties(device)
-    _, bucket, n, k, dtype, has_bias, has_smooth, tma_ok, prequantized = signature
+    n, k = weight_shape
     # "gemm" entries time the GEMM alone (activations quantized by a fused producer), others the whole linear
     return (f"{_KEY_VERSION}|{props.name}|sm{props.major}{props.minor}|triton{triton.__version__}|m{bucket}"
             f"|n{n}|k{k}|{str(dtype).removeprefix('torch.')}|bias{int(has_bias)}|smooth{int(has_smooth)}"
@@ -125,12 +126,13 @@ def _choose(
     global _disk_entries
     if INTERPRETED or device.type != "cuda":
         return INTERPRETER_CONFIGS[m_regime(m)]
-    n, k = weight.shape
-    tma_ok = tma_compatible(weight, dtype)
-    signature = (device.index, m_bucket(m), n, k, dtype, has_bias, has_smooth, tma_ok, prequantized)
+    # Everything tma_compatible() reads, so that a hit costs no more than building this tuple.
+    signature = (device.index, m_bucket(m), weight.shape, weight.stride(0), weight.data_ptr() % 16, dtype,
+                 has_bias, has_smooth, prequantized)
     config = _chosen.get(signature)
     if config is not None:
         return config
+    tma_ok = tma_compatible(weight, dtype)
     candidates = candidate_configs(arch_key(torch.cuda.get_device_capability(device)), m_regime(m))
     candidates = [c for c in candidates
                   if (tma_ok or c.kind != "tma") and not (prequantized and c.kind == "fused")]
@@ -139,7 +141,7 @@ def _choose(
     if os.environ.get("DIT_QUANT_AUTOTUNE", "1") == "0":
         _chosen[signature] = candidates[0]
         return candidates[0]
-    disk_key = _disk_key(device, signature)
+    disk_key = _disk_key(device, m_bucket(m), weight.shape, dtype, has_bias, has_smooth, tma_ok, prequantized)
     with _lock:
         if _disk_entries is None:
             _disk_entries = _load_disk_cache()

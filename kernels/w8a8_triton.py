@@ -15,12 +15,15 @@ divisions use IEEE ``div_rn`` so quantized values match torch bit for bit.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from .triton_launch import CachedLauncher
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -364,27 +367,53 @@ def quantize_rows_triton(
     scale = torch.empty((m,), dtype=torch.float32, device=x2d.device)
     if m:
         block_k = min(triton.next_power_of_2(k), QUANT_ONE_TILE_MAX_K)
-        _quantize_rows_kernel[(m,)](
-            x2d, smooth if smooth is not None else scale, q, scale, k, x2d.stride(0), k,
-            HAS_SMOOTH=smooth is not None, BLOCK_K=block_k, ONE_TILE=k <= block_k, num_warps=4,
-            enable_fp_fusion=False,  # x * inverse must round before the rounding trick's add, as in torch
+        _quantize_rows_launcher(
+            (m,), (x2d, smooth if smooth is not None else scale, q, scale, k, x2d.stride(0), k),
+            _quantize_constants(smooth is not None, block_k, k <= block_k),
         )
     return q, scale
+
+
+@functools.cache
+def _quantize_constants(has_smooth: bool, block_k: int, one_tile: bool) -> tuple:
+    # enable_fp_fusion=False: x * inverse must round before the rounding trick's add, as in torch
+    return (("HAS_SMOOTH", has_smooth), ("BLOCK_K", block_k), ("ONE_TILE", one_tile), ("num_warps", 4),
+            ("enable_fp_fusion", False))
+
+
+@functools.cache
+def _pointer_gemm_constants(config: GemmConfig, quantize_a: bool, has_bias: bool, has_smooth: bool,
+                            even_k: bool) -> tuple:
+    return (("QUANTIZE_A", quantize_a), ("HAS_BIAS", has_bias), ("HAS_SMOOTH", has_smooth),
+            ("EVEN_K", even_k), ("BLOCK_M", config.block_m), ("BLOCK_N", config.block_n),
+            ("BLOCK_K", config.block_k), ("GROUP_M", config.group_m),
+            ("num_warps", config.num_warps), ("num_stages", config.num_stages))
+
+
+@functools.cache
+def _tma_gemm_constants(config: GemmConfig, has_bias: bool) -> tuple:
+    return (("HAS_BIAS", has_bias), ("BLOCK_M", config.block_m), ("BLOCK_N", config.block_n),
+            ("BLOCK_K", config.block_k), ("GROUP_M", config.group_m),
+            ("SPLIT_EPILOGUE", config.split_epilogue), ("num_warps", config.num_warps),
+            ("num_stages", config.num_stages))
+
+
+_quantize_rows_launcher = CachedLauncher(_quantize_rows_kernel)
+_pointer_gemm_launcher = CachedLauncher(_w8a8_gemm_kernel)
+_tma_gemm_launcher = CachedLauncher(_w8a8_gemm_tma_kernel)
 
 
 def _launch_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth, out) -> None:
     """The pointer GEMM; without ``a_scale``, ``a`` is the float activation, quantized on load."""
     m, k = a.shape
     n = weight.shape[0]
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
-    _w8a8_gemm_kernel[grid](
-        a, weight, a_scale if a_scale is not None else weight_scale, weight_scale,
-        bias if bias is not None else weight_scale, smooth if smooth is not None else weight_scale, out,
-        m, n, k, a.stride(0), weight.stride(0), out.stride(0),
-        QUANTIZE_A=a_scale is None, HAS_BIAS=bias is not None, HAS_SMOOTH=smooth is not None,
-        EVEN_K=k % config.block_k == 0,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+    _pointer_gemm_launcher(
+        ((-(-m // config.block_m)) * (-(-n // config.block_n)),),
+        (a, weight, a_scale if a_scale is not None else weight_scale, weight_scale,
+         bias if bias is not None else weight_scale, smooth if smooth is not None else weight_scale, out,
+         m, n, k, a.stride(0), weight.stride(0), out.stride(0)),
+        _pointer_gemm_constants(config, a_scale is None, bias is not None, smooth is not None,
+                                k % config.block_k == 0),
     )
 
 
@@ -392,17 +421,15 @@ def _launch_tma_gemm(config, q, a_scale, weight, weight_scale, bias, out) -> Non
     m, k = q.shape
     n = weight.shape[0]
     out_block_n = config.block_n // 2 if config.split_epilogue else config.block_n
-    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    tiles = (-(-m // config.block_m)) * (-(-n // config.block_n))
     num_programs = min(tiles, 4 if INTERPRETED else _sm_count(q.device))
-    _w8a8_gemm_tma_kernel[(num_programs,)](
-        TensorDescriptor.from_tensor(q, [config.block_m, config.block_k]),
-        TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
-        TensorDescriptor.from_tensor(out, [config.block_m, out_block_n]),
-        a_scale, weight_scale, bias if bias is not None else weight_scale,
-        m, n, k, num_programs,
-        HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, SPLIT_EPILOGUE=config.split_epilogue,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+    _tma_gemm_launcher(
+        (num_programs,),
+        (TensorDescriptor.from_tensor(q, [config.block_m, config.block_k]),
+         TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
+         TensorDescriptor.from_tensor(out, [config.block_m, out_block_n]),
+         a_scale, weight_scale, bias if bias is not None else weight_scale, m, n, k, num_programs),
+        _tma_gemm_constants(config, bias is not None),
     )
 
 

@@ -1,0 +1,113 @@
+"""Low-host-overhead launches of ``@triton.jit`` kernels.
+
+``kernel[grid](*args, **constants)`` re-binds and re-specializes every argument, builds its cache key
+(including ``str()`` of the options) and re-checks the kernel's globals on every call: 20-60 µs of host
+time per launch on the H100 machine's host (bench/results/host_overhead_w8a8*.md), more than the GPU time
+of a small layer. A ``CachedLauncher`` takes Triton's normal path the first time it sees a
+specialization, keeps the compiled kernel that path returns, and later launches it directly through the
+compiled kernel's launcher (the same call Triton makes at the end of its own path).
+
+The specialization key replicates what Triton specializes a compiled kernel on: each tensor's dtype and
+16-byte alignment, each integer's width, divisibility by 16 and equality to 1, the constexpr values and
+compile options (``constants``), and the current device. Under ``TRITON_INTERPRET=1`` (no compiled
+kernels), or with ``DIT_QUANT_DIRECT_LAUNCH=0`` in the environment, every call takes Triton's path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import torch
+import triton
+
+try:
+    from triton import knobs as _knobs
+except ImportError:  # Triton < 3.4 keeps its launch hooks elsewhere; the direct path is then off
+    _knobs = None
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
+# Read per call, so benchmarks and tests can compare both paths in one process.
+DIRECT_LAUNCH = os.environ.get("DIT_QUANT_DIRECT_LAUNCH", "1") != "0"
+
+_I32_MIN, _I32_MAX, _I64_MAX = -(2**31), 2**31 - 1, 2**63 - 1
+
+
+def _other_specialization(arg: Any) -> Hashable:
+    if isinstance(arg, float):
+        return float
+    if TensorDescriptor is not None and isinstance(arg, TensorDescriptor):
+        return arg.base.dtype, tuple(arg.block_shape), arg.padding
+    raise TypeError(f"no specialization rule for a {type(arg).__name__} argument")
+
+
+def specialization_key(args: Sequence[Any]) -> tuple:
+    """What Triton's compiled code depends on in runtime arguments: a tensor's dtype and 16-byte
+    alignment; an int's equality to 1, divisibility by 16 and width; a bool's or None's value; a float's
+    type; a TMA descriptor's dtype, block shape and padding. (One expression, not a call per argument:
+    this runs on every launch.)"""
+    return tuple(
+        (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+        else a if a is None or a.__class__ is bool
+        else (1 if a == 1 else (a % 16 == 0, _I32_MIN <= a <= _I32_MAX, a <= _I64_MAX)) if isinstance(a, int)
+        else _other_specialization(a)
+        for a in args
+    )
+
+
+class CachedLauncher:
+    """Launches one ``@triton.jit`` kernel, directly through its compiled kernel after the first call of
+    each specialization.
+
+    Callers pass the kernel's runtime (non-constexpr) arguments positionally, in signature order, and
+    ``constants``: a hashable tuple of ``(name, value)`` pairs holding every constexpr parameter (which
+    must follow the runtime ones in the signature) and compile option (``num_warps``...).
+    """
+
+    def __init__(self, kernel: triton.JITFunction) -> None:
+        self.kernel = kernel
+        self._entries: dict[tuple, tuple[Any, tuple]] = {}
+        self._current_device: Callable[[], int] | None = None  # set once a compiled kernel came back
+        self._current_stream: Callable[[int], int] | None = None
+        self.direct_launches = 0  # for tests and benchmarks
+
+    def __call__(self, grid: Sequence[int], args: tuple, constants: tuple[tuple[str, Any], ...]) -> None:
+        """Launch on ``grid`` (1 to 3 program counts) on the current device's current stream."""
+        if self._current_device is None or not DIRECT_LAUNCH:
+            self._launch_through_triton(grid, args, constants)
+            return
+        device = self._current_device()
+        key = (device, constants, specialization_key(args))
+        entry = self._entries.get(key)
+        if entry is None:
+            self._launch_through_triton(grid, args, constants, key)
+            return
+        compiled, constexpr_values = entry
+        grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
+        stream = self._current_stream(device)
+        launch_args = (*args, *constexpr_values)
+        compiled.run(grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata,
+                     compiled.launch_metadata(grid, stream, *launch_args),
+                     _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook, *launch_args)
+        self.direct_launches += 1
+
+    def _launch_through_triton(
+        self, grid: Sequence[int], args: tuple, constants: tuple, key: tuple | None = None
+    ) -> None:
+        named = dict(constants)
+        compiled = self.kernel[tuple(grid)](*args, **named)
+        # The interpreter returns no compiled kernel; Triton without knobs lacks the launch hooks' home.
+        if _knobs is None or not hasattr(compiled, "packed_metadata"):
+            return
+        if self._current_device is None:
+            driver = triton.runtime.driver.active
+            self._current_device, self._current_stream = driver.get_current_device, driver.get_current_stream
+        if key is None:
+            key = (self._current_device(), constants, specialization_key(args))
+        compiled.run  # noqa: B018 (the property loads the module, which sets compiled.function)
+        self._entries[key] = (compiled, tuple(named[name] for name in self.kernel.arg_names[len(args):]))

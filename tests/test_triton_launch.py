@@ -1,0 +1,101 @@
+"""The cached Triton launcher: its specialization key (CPU), and on a GPU that direct launches compute
+the same results as Triton's own launch path, including when a tensor's alignment or dtype changes."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from dit_quant.kernels import triton_launch, w8a8_linear, w8a8_triton
+from dit_quant.kernels.triton_launch import CachedLauncher, TensorDescriptor, specialization_key
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@triton.jit
+def _affine_kernel(x_ptr, out_ptr, n, alpha, BLOCK: tl.constexpr, ADD_ONE: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    y = tl.load(x_ptr + offs, mask=mask).to(tl.float32) * alpha
+    if ADD_ONE:
+        y += 1.0
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _affine(launcher: CachedLauncher, x: torch.Tensor, alpha: float, add_one: bool) -> torch.Tensor:
+    out = torch.empty_like(x)
+    launcher((triton.cdiv(x.numel(), 128),), (x, out, x.numel(), alpha),
+             (("BLOCK", 128), ("ADD_ONE", add_one), ("num_warps", 4)))
+    return out
+
+
+def _affine_reference(x: torch.Tensor, alpha: float, add_one: bool) -> torch.Tensor:
+    return (x.double() * alpha + (1.0 if add_one else 0.0)).to(x.dtype)
+
+
+def test_specialization_key_follows_triton_rules():
+    base = torch.empty(64, dtype=torch.bfloat16)
+    assert specialization_key([base, base[1:], base[8:]]) == (
+        (torch.bfloat16, True), (torch.bfloat16, False), (torch.bfloat16, True))  # [1:] is 2 bytes off
+    # Triton turns an int equal to 1 into a constant; ints wider than 32 bits are i64
+    assert specialization_key([1, 32, 33, 2**40]) == (1, (True, True, True), (False, True, True),
+                                                       (True, False, True))
+    assert specialization_key([True, None, 0.5, 2.0]) == (True, None, float, float)
+    if TensorDescriptor is not None:
+        descriptor = TensorDescriptor.from_tensor(torch.empty(64, 64, dtype=torch.int8), [32, 16])
+        assert specialization_key([descriptor]) == ((torch.int8, (32, 16), "zero"),)
+    with pytest.raises(TypeError, match="no specialization rule for a str"):
+        specialization_key([base, "text"])
+
+
+def test_launches_match_reference_on_any_device():
+    """On CPU (interpreter) every launch goes through Triton; on a GPU later ones go direct."""
+    launcher = CachedLauncher(_affine_kernel)
+    x = torch.randn(1000, device=DEVICE, dtype=torch.float32)
+    for _ in range(3):
+        torch.testing.assert_close(_affine(launcher, x, 0.75, True), _affine_reference(x, 0.75, True))
+    expected_direct = 2 if DEVICE.type == "cuda" else 0
+    assert launcher.direct_launches == expected_direct
+
+
+@pytest.mark.gpu
+def test_direct_launches_respecialize_on_alignment_dtype_and_constants():
+    launcher = CachedLauncher(_affine_kernel)
+    buffer = torch.randn(4099, device="cuda", dtype=torch.bfloat16)
+    cases = [
+        (buffer[:4096], 0.5, False),
+        (buffer[1:4097], 0.5, False),  # misaligned view: a kernel compiled for aligned loads would fault
+        (buffer[3:4099], -2.0, True),
+        (buffer[:4096].float(), 0.5, False),
+        (buffer[:1], 3.0, True),  # n == 1 is a constant for Triton
+    ]
+    for _ in range(2):
+        for x, alpha, add_one in cases:
+            got = _affine(launcher, x, alpha, add_one)
+            torch.testing.assert_close(got, _affine_reference(x, alpha, add_one), rtol=1e-2, atol=1e-2)
+    torch.cuda.synchronize()
+    assert launcher.direct_launches == len(cases)
+    assert len(launcher._entries) == len(cases)
+
+
+@pytest.mark.gpu
+def test_w8a8_linear_direct_launch_is_bit_identical_to_triton_path(monkeypatch):
+    torch.manual_seed(0)
+    for m, k, n in ((16, 512, 768), (300, 1024, 512), (2048, 1024, 1024)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        weight = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+        scale = torch.rand(n, device="cuda") * 1e-3 + 1e-4
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        before = (w8a8_triton._quantize_rows_launcher.direct_launches
+                  + w8a8_triton._pointer_gemm_launcher.direct_launches
+                  + w8a8_triton._tma_gemm_launcher.direct_launches)
+        direct = [w8a8_linear(x, weight, scale, bias, backend="triton") for _ in range(3)][-1]
+        after = (w8a8_triton._quantize_rows_launcher.direct_launches
+                 + w8a8_triton._pointer_gemm_launcher.direct_launches
+                 + w8a8_triton._tma_gemm_launcher.direct_launches)
+        assert after > before
+        monkeypatch.setattr(triton_launch, "DIRECT_LAUNCH", False)
+        through_triton = w8a8_linear(x, weight, scale, bias, backend="triton")
+        monkeypatch.setattr(triton_launch, "DIRECT_LAUNCH", True)
+        assert torch.equal(direct, through_triton)
+        reference = w8a8_linear(x, weight, scale, bias, backend="torch")
+        torch.testing.assert_close(direct, reference, rtol=2e-2, atol=2e-2)
