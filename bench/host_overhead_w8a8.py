@@ -50,12 +50,10 @@ def _steps(kernels, t: dict, layer: tuple, config) -> dict:
     out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
 
     def gemm_launch():
-        if config.kind == "tma":
-            w8a8_triton._launch_tma_gemm(config, q, scale, *layer[1:], out)
-        elif config.kind == "fused":
-            w8a8_triton._launch_pointer_gemm(config, layer[0], None, *layer[1:], None, out)
+        if config.kind == "fused":
+            w8a8_triton._prepare_pointer_gemm(config, layer[0], None, *layer[1:], None, out)()
         else:
-            w8a8_triton._launch_pointer_gemm(config, q, scale, *layer[1:], None, out)
+            w8a8_triton._prepare_gemm(config, q, scale, *layer[1:], out)()
 
     def descriptors():
         w8a8_triton.TensorDescriptor.from_tensor(q, [config.block_m, config.block_k])

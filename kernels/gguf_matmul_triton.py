@@ -31,6 +31,7 @@ import triton.language as tl
 from .dispatch import last_dim_contiguous
 from .gguf_dequant_reference import BLOCK_LAYOUT
 from .gguf_dequant_triton import INTERPRETED, k_scale_min, load_f16, round_to_bf16
+from .triton_launch import CachedLauncher
 
 FUSED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 _QTYPE_ID = {name: i for i, name in enumerate(FUSED_TYPES)}
@@ -397,7 +398,17 @@ def _launch(
         raw.numel() // n,
         m_bucket,
     )
-    kernel[grid](*args, HAS_BIAS=bias is not None, GROUP_M=8, RNE_BF16=INTERPRETED, **constexprs)
+    constexprs.update(HAS_BIAS=bias is not None, GROUP_M=8, RNE_BF16=INTERPRETED)
+    if isinstance(kernel, triton.runtime.Autotuner):
+        kernel[grid](*args, **constexprs)
+        return
+    if kernel not in _LAUNCHERS:
+        _LAUNCHERS[kernel] = CachedLauncher(kernel)
+    _LAUNCHERS[kernel](grid({"BLOCK_M": config.block_m, "BLOCK_N": config.block_n}), args,
+                       tuple(constexprs.items()))
+
+
+_LAUNCHERS: dict[triton.JITFunction, CachedLauncher] = {}
 
 
 def gguf_linear_fused(

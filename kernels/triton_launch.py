@@ -15,6 +15,7 @@ kernels), or with ``DIT_QUANT_DIRECT_LAUNCH=0`` in the environment, every call t
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -74,27 +75,38 @@ class CachedLauncher:
         self._entries: dict[tuple, tuple[Any, tuple]] = {}
         self._current_device: Callable[[], int] | None = None  # set once a compiled kernel came back
         self._current_stream: Callable[[int], int] | None = None
-        self.direct_launches = 0  # for tests and benchmarks
+        self.direct_launches = 0  # direct launches prepared so far (for tests and benchmarks)
 
     def __call__(self, grid: Sequence[int], args: tuple, constants: tuple[tuple[str, Any], ...]) -> None:
         """Launch on ``grid`` (1 to 3 program counts) on the current device's current stream."""
+        self.prepare(grid, args, constants)()
+
+    def prepare(
+        self, grid: Sequence[int], args: tuple, constants: tuple[tuple[str, Any], ...]
+    ) -> Callable[[], None]:
+        """Everything before the launch itself (key, lookup, stream); calling the result launches. Lets a
+        caller prepare a second kernel before launching the first, so that the GPU does not wait for the
+        host's preparation between the two."""
         if self._current_device is None or not DIRECT_LAUNCH:
-            self._launch_through_triton(grid, args, constants)
-            return
+            return functools.partial(self._launch_through_triton, grid, args, constants)
         device = self._current_device()
-        key = (device, constants, specialization_key(args))
+        try:
+            key = (device, constants, specialization_key(args))
+        except TypeError:  # an argument type without a rule here: Triton's path handles it
+            return functools.partial(self._launch_through_triton, grid, args, constants)
         entry = self._entries.get(key)
         if entry is None:
-            self._launch_through_triton(grid, args, constants, key)
-            return
+            return functools.partial(self._launch_through_triton, grid, args, constants, key)
         compiled, constexpr_values = entry
         grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
         stream = self._current_stream(device)
         launch_args = (*args, *constexpr_values)
-        compiled.run(grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata,
-                     compiled.launch_metadata(grid, stream, *launch_args),
-                     _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook, *launch_args)
         self.direct_launches += 1
+        return functools.partial(
+            compiled.run, grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata,
+            compiled.launch_metadata(grid, stream, *launch_args),
+            _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook, *launch_args,
+        )
 
     def _launch_through_triton(
         self, grid: Sequence[int], args: tuple, constants: tuple, key: tuple | None = None
@@ -107,7 +119,13 @@ class CachedLauncher:
         if self._current_device is None:
             driver = triton.runtime.driver.active
             self._current_device, self._current_stream = driver.get_current_device, driver.get_current_stream
+        later_params = self.kernel.arg_names[len(args):]
+        if any(name not in named for name in later_params):  # a defaulted constexpr: keep Triton's path
+            return
         if key is None:
-            key = (self._current_device(), constants, specialization_key(args))
+            try:
+                key = (self._current_device(), constants, specialization_key(args))
+            except TypeError:
+                return
         compiled.run  # noqa: B018 (the property loads the module, which sets compiled.function)
-        self._entries[key] = (compiled, tuple(named[name] for name in self.kernel.arg_names[len(args):]))
+        self._entries[key] = (compiled, tuple(named[name] for name in later_params))

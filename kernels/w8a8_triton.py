@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -362,16 +363,25 @@ def quantize_rows_triton(
     Returns (q int8 [M, K], scale fp32 [M]).
     """
     _check_launchable(x2d)
-    m, k = x2d.shape
-    q = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
-    scale = torch.empty((m,), dtype=torch.float32, device=x2d.device)
-    if m:
-        block_k = min(triton.next_power_of_2(k), QUANT_ONE_TILE_MAX_K)
-        _quantize_rows_launcher(
-            (m,), (x2d, smooth if smooth is not None else scale, q, scale, k, x2d.stride(0), k),
-            _quantize_constants(smooth is not None, block_k, k <= block_k),
-        )
+    q, scale = _quantized_outputs(x2d)
+    if x2d.shape[0]:
+        _prepare_quantize(x2d, smooth, q, scale)()
     return q, scale
+
+
+def _quantized_outputs(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    m, k = x2d.shape
+    return (torch.empty((m, k), dtype=torch.int8, device=x2d.device),
+            torch.empty((m,), dtype=torch.float32, device=x2d.device))
+
+
+def _prepare_quantize(x2d, smooth, q, scale) -> Callable[[], None]:
+    m, k = x2d.shape
+    block_k = min(triton.next_power_of_2(k), QUANT_ONE_TILE_MAX_K)
+    return _quantize_rows_launcher.prepare(
+        (m,), (x2d, smooth if smooth is not None else scale, q, scale, k, x2d.stride(0), k),
+        _quantize_constants(smooth is not None, block_k, k <= block_k),
+    )
 
 
 @functools.cache
@@ -403,11 +413,11 @@ _pointer_gemm_launcher = CachedLauncher(_w8a8_gemm_kernel)
 _tma_gemm_launcher = CachedLauncher(_w8a8_gemm_tma_kernel)
 
 
-def _launch_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth, out) -> None:
+def _prepare_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth, out) -> Callable[[], None]:
     """The pointer GEMM; without ``a_scale``, ``a`` is the float activation, quantized on load."""
     m, k = a.shape
     n = weight.shape[0]
-    _pointer_gemm_launcher(
+    return _pointer_gemm_launcher.prepare(
         ((-(-m // config.block_m)) * (-(-n // config.block_n)),),
         (a, weight, a_scale if a_scale is not None else weight_scale, weight_scale,
          bias if bias is not None else weight_scale, smooth if smooth is not None else weight_scale, out,
@@ -417,13 +427,13 @@ def _launch_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth,
     )
 
 
-def _launch_tma_gemm(config, q, a_scale, weight, weight_scale, bias, out) -> None:
+def _prepare_tma_gemm(config, q, a_scale, weight, weight_scale, bias, out) -> Callable[[], None]:
     m, k = q.shape
     n = weight.shape[0]
     out_block_n = config.block_n // 2 if config.split_epilogue else config.block_n
     tiles = (-(-m // config.block_m)) * (-(-n // config.block_n))
     num_programs = min(tiles, 4 if INTERPRETED else _sm_count(q.device))
-    _tma_gemm_launcher(
+    return _tma_gemm_launcher.prepare(
         (num_programs,),
         (TensorDescriptor.from_tensor(q, [config.block_m, config.block_k]),
          TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
@@ -448,13 +458,23 @@ def w8a8_linear_triton(
     tensors.
     """
     _check_launchable(x2d)
-    if config.kind != "fused":
-        q, scale = quantize_rows_triton(x2d, smooth)
-        return int8_gemm_triton(q, scale, weight, weight_scale, bias, x2d.dtype, config)
     out = torch.empty((x2d.shape[0], weight.shape[0]), dtype=x2d.dtype, device=x2d.device)
-    if x2d.shape[0]:
-        _launch_pointer_gemm(config, x2d, None, weight, weight_scale, bias, smooth, out)
+    if x2d.shape[0] == 0:
+        return out
+    if config.kind == "fused":
+        _prepare_pointer_gemm(config, x2d, None, weight, weight_scale, bias, smooth, out)()
+        return out
+    q, scale = _quantized_outputs(x2d)
+    gemm = _prepare_gemm(config, q, scale, weight, weight_scale, bias, out)  # before quantizing: no gap
+    _prepare_quantize(x2d, smooth, q, scale)()
+    gemm()
     return out
+
+
+def _prepare_gemm(config, q, scale, weight, weight_scale, bias, out) -> Callable[[], None]:
+    if config.kind == "tma":
+        return _prepare_tma_gemm(config, q, scale, weight, weight_scale, bias, out)
+    return _prepare_pointer_gemm(config, q, scale, weight, weight_scale, bias, None, out)
 
 
 def int8_gemm_triton(
@@ -471,10 +491,6 @@ def int8_gemm_triton(
     weight_scale [N], bias [N] or None -> [M, N] out_dtype. A "fused" config runs its tile as "int8"."""
     _check_launchable(q)
     out = torch.empty((q.shape[0], weight.shape[0]), dtype=out_dtype, device=q.device)
-    if q.shape[0] == 0:
-        return out
-    if config.kind == "tma":
-        _launch_tma_gemm(config, q, scale, weight, weight_scale, bias, out)
-    else:
-        _launch_pointer_gemm(config, q, scale, weight, weight_scale, bias, None, out)
+    if q.shape[0]:
+        _prepare_gemm(config, q, scale, weight, weight_scale, bias, out)()
     return out

@@ -99,3 +99,21 @@ def test_w8a8_linear_direct_launch_is_bit_identical_to_triton_path(monkeypatch):
         assert torch.equal(direct, through_triton)
         reference = w8a8_linear(x, weight, scale, bias, backend="torch")
         torch.testing.assert_close(direct, reference, rtol=2e-2, atol=2e-2)
+
+
+@triton.jit
+def _scaled_copy_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, FACTOR: tl.constexpr = 2):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) * FACTOR, mask=mask)
+
+
+def test_a_defaulted_constexpr_keeps_tritons_path():
+    """The direct path needs every constexpr's value; one left to its default keeps Triton's launch."""
+    launcher = CachedLauncher(_scaled_copy_kernel)
+    x = torch.randn(300, device=DEVICE)
+    for _ in range(3):
+        out = torch.empty_like(x)
+        launcher((3,), (x, out, 300), (("BLOCK", 128),))
+        torch.testing.assert_close(out, x * 2)
+    assert launcher.direct_launches == 0
