@@ -16,12 +16,15 @@ kernels), or with ``DIT_QUANT_DIRECT_LAUNCH=0`` in the environment, every call t
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
 import triton
+
+logger = logging.getLogger("dit_quant.kernels")
 
 try:
     from triton import knobs as _knobs
@@ -49,12 +52,13 @@ def _other_specialization(arg: Any) -> Hashable:
 
 def specialization_key(args: Sequence[Any]) -> tuple:
     """What Triton's compiled code depends on in runtime arguments: a tensor's dtype and 16-byte
-    alignment; an int's equality to 1, divisibility by 16 and width; a bool's or None's value; a float's
+    alignment; an int's equality to 1, divisibility by 16 and width; a bool's value; None; a float's
     type; a TMA descriptor's dtype, block shape and padding. (One expression, not a call per argument:
     this runs on every launch.)"""
     return tuple(
         (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
-        else a if a is None or a.__class__ is bool
+        else None if a is None
+        else (bool, a) if a.__class__ is bool  # tagged: True == 1 in Python, but Triton compiles them apart
         else (1 if a == 1 else (a % 16 == 0, _I32_MIN <= a <= _I32_MAX, a <= _I64_MAX)) if isinstance(a, int)
         else _other_specialization(a)
         for a in args
@@ -75,6 +79,7 @@ class CachedLauncher:
         self._entries: dict[tuple, tuple[Any, tuple]] = {}
         self._current_device: Callable[[], int] | None = None  # set once a compiled kernel came back
         self._current_stream: Callable[[int], int] | None = None
+        self._broken = False  # a direct launch raised TypeError: this Triton's launcher differs
         self.direct_launches = 0  # direct launches prepared so far (for tests and benchmarks)
 
     def __call__(self, grid: Sequence[int], args: tuple, constants: tuple[tuple[str, Any], ...]) -> None:
@@ -103,10 +108,23 @@ class CachedLauncher:
         launch_args = (*args, *constexpr_values)
         self.direct_launches += 1
         return functools.partial(
-            compiled.run, grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata,
+            self._launch_direct, compiled, grid, args, constants,
+            grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata,
             compiled.launch_metadata(grid, stream, *launch_args),
             _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook, *launch_args,
         )
+
+    def _launch_direct(self, compiled: Any, grid: Sequence[int], args: tuple, constants: tuple,
+                       *run_args: Any) -> None:
+        try:
+            compiled.run(*run_args)
+        except TypeError as exc:  # this Triton's launcher takes other arguments: use Triton's own path
+            self._current_device = None
+            self._broken = True
+            logger.warning("DiT Quant: direct launches of %s do not fit this Triton (%s: %s); launching "
+                           "through Triton from now on", getattr(self.kernel, "__name__", "a kernel"),
+                           type(exc).__name__, exc)
+            self._launch_through_triton(grid, args, constants)
 
     def _launch_through_triton(
         self, grid: Sequence[int], args: tuple, constants: tuple, key: tuple | None = None
@@ -114,7 +132,7 @@ class CachedLauncher:
         named = dict(constants)
         compiled = self.kernel[tuple(grid)](*args, **named)
         # The interpreter returns no compiled kernel; Triton without knobs lacks the launch hooks' home.
-        if _knobs is None or not hasattr(compiled, "packed_metadata"):
+        if _knobs is None or self._broken or not hasattr(compiled, "packed_metadata"):
             return
         if self._current_device is None:
             driver = triton.runtime.driver.active

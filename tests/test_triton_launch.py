@@ -39,12 +39,33 @@ def test_specialization_key_follows_triton_rules():
     # Triton turns an int equal to 1 into a constant; ints wider than 32 bits are i64
     assert specialization_key([1, 32, 33, 2**40]) == (1, (True, True, True), (False, True, True),
                                                        (True, False, True))
-    assert specialization_key([True, None, 0.5, 2.0]) == (True, None, float, float)
+    assert specialization_key([True, None, 0.5, 2.0]) == ((bool, True), None, float, float)
     if TensorDescriptor is not None:
         descriptor = TensorDescriptor.from_tensor(torch.empty(64, 64, dtype=torch.int8), [32, 16])
         assert specialization_key([descriptor]) == ((torch.int8, (32, 16), "zero"),)
     with pytest.raises(TypeError, match="no specialization rule for a str"):
         specialization_key([base, "text"])
+
+
+def test_specialization_key_separates_whatever_triton_separates():
+    """Two arguments Triton compiles differently for must get different keys (else a kernel compiled for
+    one would run the other); checked against Triton's own specialization function over a sample."""
+    native = pytest.importorskip("triton._C.libtriton").native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    base = torch.empty(256, dtype=torch.float32)
+    samples = [base, base[1:], base[4:], base.to(torch.bfloat16), base.to(torch.bfloat16)[8:],
+               base.to(torch.int8)[3:], base.to(torch.int8)[16:], None, True, False, 0.5, -3.0,
+               0, 1, -1, 15, 16, 17, -16, 2**31 - 16, 2**31 - 1, 2**31, 2**40, 2**63 - 16, 2**63, 2**64 - 16]
+    if TensorDescriptor is not None:
+        int8_matrix = torch.empty(64, 64, dtype=torch.int8)
+        samples += [TensorDescriptor.from_tensor(int8_matrix, [32, 32]),
+                    TensorDescriptor.from_tensor(int8_matrix, [16, 32]),
+                    TensorDescriptor.from_tensor(torch.empty(64, 64, dtype=torch.bfloat16), [32, 32])]
+    for a in samples:
+        for b in samples:
+            if native(BaseBackend, a, False, True, True) != native(BaseBackend, b, False, True, True):
+                assert specialization_key([a]) != specialization_key([b]), (a, b)
 
 
 def test_launches_match_reference_on_any_device():
