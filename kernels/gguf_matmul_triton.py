@@ -402,13 +402,14 @@ def _launch(
     if isinstance(kernel, triton.runtime.Autotuner):
         kernel[grid](*args, **constexprs)
         return
-    if kernel not in _LAUNCHERS:
-        _LAUNCHERS[kernel] = CachedLauncher(kernel)
-    _LAUNCHERS[kernel](grid({"BLOCK_M": config.block_m, "BLOCK_N": config.block_n}), args,
+    launcher = _LAUNCHERS.get(id(kernel))  # by id: hashing a JITFunction takes a lock per call
+    if launcher is None:
+        launcher = _LAUNCHERS[id(kernel)] = CachedLauncher(kernel)
+    launcher(grid({"BLOCK_M": config.block_m, "BLOCK_N": config.block_n}), args,
                        tuple(constexprs.items()))
 
 
-_LAUNCHERS: dict[triton.JITFunction, CachedLauncher] = {}
+_LAUNCHERS: dict[int, CachedLauncher] = {}  # id of a module-level kernel (they live as long as the process)
 
 
 def gguf_linear_fused(

@@ -5,12 +5,15 @@
 time per launch on the H100 machine's host (bench/results/host_overhead_w8a8*.md), more than the GPU time
 of a small layer. A ``CachedLauncher`` takes Triton's normal path the first time it sees a
 specialization, keeps the compiled kernel that path returns, and later launches it directly through the
-compiled kernel's launcher (the same call Triton makes at the end of its own path).
+compiled kernel's launcher (the same call Triton makes at the end of its own path). It skips Triton's
+per-call check that the kernel's global constants have not changed since compilation (ours are module
+constants) and keeps Triton's path for kernels with per-call pre-run hooks.
 
 The specialization key replicates what Triton specializes a compiled kernel on: each tensor's dtype and
 16-byte alignment, each integer's width, divisibility by 16 and equality to 1, the constexpr values and
-compile options (``constants``), and the current device. Under ``TRITON_INTERPRET=1`` (no compiled
-kernels), or with ``DIT_QUANT_DIRECT_LAUNCH=0`` in the environment, every call takes Triton's path.
+compile options (``constants``), Triton's debug switch, and the current device. Under
+``TRITON_INTERPRET=1`` (no compiled kernels), or with ``DIT_QUANT_DIRECT_LAUNCH=0`` in the environment,
+every call takes Triton's path.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ class CachedLauncher:
             return functools.partial(self._launch_through_triton, grid, args, constants)
         device = self._current_device()
         try:
-            key = (device, constants, specialization_key(args))
+            key = (device, _knobs.runtime.debug, constants, specialization_key(args))
         except TypeError:  # an argument type without a rule here: Triton's path handles it
             return functools.partial(self._launch_through_triton, grid, args, constants)
         entry = self._entries.get(key)
@@ -140,9 +143,14 @@ class CachedLauncher:
         later_params = self.kernel.arg_names[len(args):]
         if any(name not in named for name in later_params):  # a defaulted constexpr: keep Triton's path
             return
+        # A constexpr passed positionally (the key holds no argument values) or hooks Triton runs on every
+        # call: keep Triton's path.
+        positional_constexpr = any(index < len(args) for index in self.kernel.constexprs)
+        if positional_constexpr or getattr(self.kernel, "pre_run_hooks", None):
+            return
         if key is None:
             try:
-                key = (self._current_device(), constants, specialization_key(args))
+                key = (self._current_device(), _knobs.runtime.debug, constants, specialization_key(args))
             except TypeError:
                 return
         compiled.run  # noqa: B018 (the property loads the module, which sets compiled.function)

@@ -98,24 +98,32 @@ def test_direct_launches_respecialize_on_alignment_dtype_and_constants():
     assert len(launcher._entries) == len(cases)
 
 
+def _one_config_per_kind():
+    if not torch.cuda.is_available():
+        return []
+    cc = w8a8_triton.arch_key(torch.cuda.get_device_capability())
+    configs = [c for regime in ("small", "mid", "large") for c in w8a8_triton.candidate_configs(cc, regime)]
+    return list({c.kind: c for c in reversed(configs)}.values())
+
+
 @pytest.mark.gpu
-def test_w8a8_linear_direct_launch_is_bit_identical_to_triton_path(monkeypatch):
+@pytest.mark.parametrize("config", _one_config_per_kind(), ids=str)
+def test_w8a8_linear_direct_launch_is_bit_identical_to_triton_path(monkeypatch, config):
+    """Each kernel kind, the GEMM prepared before the quantization launch: direct launches give the same
+    bits as Triton's own path, and both match the torch reference."""
     torch.manual_seed(0)
+    launchers = (w8a8_triton._quantize_rows_launcher, w8a8_triton._pointer_gemm_launcher,
+                 w8a8_triton._tma_gemm_launcher)
     for m, k, n in ((16, 512, 768), (300, 1024, 512), (2048, 1024, 1024)):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         weight = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
         scale = torch.rand(n, device="cuda") * 1e-3 + 1e-4
         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-        before = (w8a8_triton._quantize_rows_launcher.direct_launches
-                  + w8a8_triton._pointer_gemm_launcher.direct_launches
-                  + w8a8_triton._tma_gemm_launcher.direct_launches)
-        direct = [w8a8_linear(x, weight, scale, bias, backend="triton") for _ in range(3)][-1]
-        after = (w8a8_triton._quantize_rows_launcher.direct_launches
-                 + w8a8_triton._pointer_gemm_launcher.direct_launches
-                 + w8a8_triton._tma_gemm_launcher.direct_launches)
-        assert after > before
+        before = sum(launcher.direct_launches for launcher in launchers)
+        direct = [w8a8_triton.w8a8_linear_triton(x, weight, scale, bias, None, config) for _ in range(3)][-1]
+        assert sum(launcher.direct_launches for launcher in launchers) > before
         monkeypatch.setattr(triton_launch, "DIRECT_LAUNCH", False)
-        through_triton = w8a8_linear(x, weight, scale, bias, backend="triton")
+        through_triton = w8a8_triton.w8a8_linear_triton(x, weight, scale, bias, None, config)
         monkeypatch.setattr(triton_launch, "DIRECT_LAUNCH", True)
         assert torch.equal(direct, through_triton)
         reference = w8a8_linear(x, weight, scale, bias, backend="torch")
@@ -138,3 +146,9 @@ def test_a_defaulted_constexpr_keeps_tritons_path():
         launcher((3,), (x, out, 300), (("BLOCK", 128),))
         torch.testing.assert_close(out, x * 2)
     assert launcher.direct_launches == 0
+    positional = CachedLauncher(_affine_kernel)  # a constexpr passed positionally: its value is not keyed
+    for block in (64, 128, 64):
+        out = torch.empty_like(x)
+        positional((triton.cdiv(300, block),), (x, out, 300, 1.5, block), (("ADD_ONE", False),))
+        torch.testing.assert_close(out, x * 1.5)
+    assert positional.direct_launches == 0
