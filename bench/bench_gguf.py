@@ -343,9 +343,9 @@ def bench_step(results: dict, steps: int) -> None:
     for qtype, (time_bound, bytes_bound) in targets.items():
         for variant in (f"{qtype} auto", f"{qtype} auto + fused blocks",
                         f"{qtype} auto + fused blocks + CUDA graph"):
-            entry = step[variant]
-            entry["meets_target"] = (
-                entry["ratio_to_bf16"] <= time_bound and entry["bytes_ratio_to_bf16"] <= bytes_bound
+            record = step[variant]
+            record["meets_target"] = (
+                record["ratio_to_bf16"] <= time_bound and record["bytes_ratio_to_bf16"] <= bytes_bound
             )
     results["step"] = step
     del bf16_out

@@ -405,8 +405,7 @@ def _launch(
     launcher = _LAUNCHERS.get(id(kernel))  # by id: hashing a JITFunction takes a lock per call
     if launcher is None:
         launcher = _LAUNCHERS[id(kernel)] = CachedLauncher(kernel)
-    launcher(grid({"BLOCK_M": config.block_m, "BLOCK_N": config.block_n}), args,
-                       tuple(constexprs.items()))
+    launcher(grid(constexprs), args, tuple(constexprs.items()))
 
 
 _LAUNCHERS: dict[int, CachedLauncher] = {}  # id of a module-level kernel (they live as long as the process)

@@ -36,7 +36,7 @@ except ImportError:  # Triton < 3.4 keeps its launch hooks elsewhere; the direct
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
+except ImportError:  # Triton < 3.4 has no host-side TMA descriptors
     TensorDescriptor = None
 
 # Read per call, so benchmarks and tests can compare both paths in one process.

@@ -24,12 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_launch import CachedLauncher
-
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # Triton < 3.4 has no host-side TMA descriptors; "tma" configs are then never listed
-    TensorDescriptor = None
+# TensorDescriptor is None on Triton < 3.4 (no host-side TMA descriptors): "tma" configs are never listed.
+from .triton_launch import CachedLauncher, TensorDescriptor
 
 # triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -391,21 +387,22 @@ def _quantize_constants(has_smooth: bool, block_k: int, one_tile: bool) -> tuple
             ("enable_fp_fusion", False))
 
 
+def _tile_constants(config: GemmConfig) -> tuple:
+    """The constexprs and compile options both GEMM kernels take from a config."""
+    return (("BLOCK_M", config.block_m), ("BLOCK_N", config.block_n), ("BLOCK_K", config.block_k),
+            ("GROUP_M", config.group_m), ("num_warps", config.num_warps), ("num_stages", config.num_stages))
+
+
 @functools.cache
 def _pointer_gemm_constants(config: GemmConfig, quantize_a: bool, has_bias: bool, has_smooth: bool,
                             even_k: bool) -> tuple:
     return (("QUANTIZE_A", quantize_a), ("HAS_BIAS", has_bias), ("HAS_SMOOTH", has_smooth),
-            ("EVEN_K", even_k), ("BLOCK_M", config.block_m), ("BLOCK_N", config.block_n),
-            ("BLOCK_K", config.block_k), ("GROUP_M", config.group_m),
-            ("num_warps", config.num_warps), ("num_stages", config.num_stages))
+            ("EVEN_K", even_k), *_tile_constants(config))
 
 
 @functools.cache
 def _tma_gemm_constants(config: GemmConfig, has_bias: bool) -> tuple:
-    return (("HAS_BIAS", has_bias), ("BLOCK_M", config.block_m), ("BLOCK_N", config.block_n),
-            ("BLOCK_K", config.block_k), ("GROUP_M", config.group_m),
-            ("SPLIT_EPILOGUE", config.split_epilogue), ("num_warps", config.num_warps),
-            ("num_stages", config.num_stages))
+    return (("HAS_BIAS", has_bias), ("SPLIT_EPILOGUE", config.split_epilogue), *_tile_constants(config))
 
 
 _quantize_rows_launcher = CachedLauncher(_quantize_rows_kernel)
@@ -418,7 +415,7 @@ def _prepare_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth
     m, k = a.shape
     n = weight.shape[0]
     return _pointer_gemm_launcher.prepare(
-        ((-(-m // config.block_m)) * (-(-n // config.block_n)),),
+        (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),),
         (a, weight, a_scale if a_scale is not None else weight_scale, weight_scale,
          bias if bias is not None else weight_scale, smooth if smooth is not None else weight_scale, out,
          m, n, k, a.stride(0), weight.stride(0), out.stride(0)),
@@ -431,7 +428,7 @@ def _prepare_tma_gemm(config, q, a_scale, weight, weight_scale, bias, out) -> Ca
     m, k = q.shape
     n = weight.shape[0]
     out_block_n = config.block_n // 2 if config.split_epilogue else config.block_n
-    tiles = (-(-m // config.block_m)) * (-(-n // config.block_n))
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     num_programs = min(tiles, 4 if INTERPRETED else _sm_count(q.device))
     return _tma_gemm_launcher.prepare(
         (num_programs,),
