@@ -41,7 +41,7 @@ from flux_common import (
     time_step,
     use_inference_mode,
 )
-from w8a8_common import arg_parser, environment, import_kernels, markdown_table, save_results
+from w8a8_common import arg_parser, environment, import_kernels, markdown_table, require_cuda, save_results
 
 WEIGHT_STD = 0.02
 SAMPLE_STEPS = 4
@@ -323,9 +323,7 @@ def main() -> int:
                         help="run under torch.inference_mode, as ComfyUI samples (default: torch.no_grad)")
     parser.add_argument("--profile", action="store_true", help="record the top GPU kernels of each variant")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_flux_step needs a CUDA GPU", file=sys.stderr)
-        return 2
+    require_cuda("bench_flux_step")
     import_kernels()
     if args.inference_mode:
         use_inference_mode()

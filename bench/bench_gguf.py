@@ -43,7 +43,15 @@ from flux_common import (
     tensor_bytes,
     time_step,
 )
-from w8a8_common import arg_parser, environment, import_kernels, markdown_table, save_results, time_ms
+from w8a8_common import (
+    arg_parser,
+    environment,
+    import_kernels,
+    markdown_table,
+    require_cuda,
+    save_results,
+    time_ms,
+)
 
 # (K, N) of Flux's Linear layers (hidden 3072): attention qkv / out, MLP up / down, single-block in / out.
 FLUX_SHAPES = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
@@ -356,9 +364,7 @@ def main() -> int:
     parser.add_argument("--no-sweep", action="store_true", help="skip the tile sweep of the fused kernel")
     parser.add_argument("--steps", type=int, default=5, help="timed denoising steps per variant (median)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_gguf needs a CUDA GPU", file=sys.stderr)
-        return 2
+    require_cuda("bench_gguf")
     try:
         import gguf  # noqa: F401
     except ImportError:

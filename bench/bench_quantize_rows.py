@@ -2,7 +2,9 @@
 its share of a step: µs and GB/s (bf16 read + int8 written) per shape, summed with each shape's calls per
 step. Checked against the torch reference first (bit-identical int8 rows and scales).
 
-    python bench/bench_quantize_rows.py [--out DIR]
+    python bench/bench_quantize_rows.py [--out DIR] [--sweep-warps]
+
+--sweep-warps also times the kernel with every warp count as CUDA-graph replays (GPU time).
 
 Writes bench_quantize_rows.{json,md} to bench/results/ and --out ($OUT).
 """
@@ -12,7 +14,16 @@ from __future__ import annotations
 import sys
 
 import torch
-from w8a8_common import arg_parser, environment, import_kernels, markdown_table, save_results, time_ms
+import triton
+from w8a8_common import (
+    arg_parser,
+    environment,
+    import_kernels,
+    markdown_table,
+    require_cuda,
+    save_results,
+    time_ms,
+)
 
 # (M tokens, K, calls per flux-dev step at 1024x1024): double blocks (image 4096 / text 512 tokens; qkv,
 # proj, mlp0 at K=3072, mlp2 at K=12288), single blocks (4608 tokens; linear1 at 3072, linear2 at 15360),
@@ -28,12 +39,34 @@ FLUX_CASES = [
 ]
 
 
+def _sweep_warps(x: torch.Tensor, q_ref: torch.Tensor, scale_ref: torch.Tensor) -> tuple[dict, bool]:
+    """GPU ms of the quantize kernel with each warp count (Triton's own launch, timed as graph replays),
+    and whether every variant wrote the reference's bits into poisoned outputs."""
+    from dit_quant.kernels import w8a8_triton
+
+    m, k = x.shape
+    block_k = min(triton.next_power_of_2(k), w8a8_triton.QUANT_ONE_TILE_MAX_K)
+    times, same = {}, True
+    for warps in (1, 2, 4, 8, 16, 32):
+        q = torch.full_like(q_ref, 99)
+        scale = torch.full_like(scale_ref, float("nan"))
+
+        def launch(q=q, scale=scale, warps=warps):
+            w8a8_triton._quantize_rows_kernel[(m,)](
+                x, scale, q, scale, k, k, k, HAS_SMOOTH=False, BLOCK_K=block_k, ONE_TILE=k <= block_k,
+                num_warps=warps, enable_fp_fusion=False)
+
+        launch()
+        same &= torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+        times[warps] = time_ms(launch, graph=True)
+    return times, same
+
+
 def main() -> int:
     parser = arg_parser(__doc__)
+    parser.add_argument("--sweep-warps", action="store_true", help="also time every warp count (GPU time)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_quantize_rows needs a CUDA GPU", file=sys.stderr)
-        return 2
+    require_cuda("bench_quantize_rows")
     import_kernels()
     from dit_quant.kernels.w8a8_reference import quantize_rows_reference
     from dit_quant.kernels.w8a8_triton import quantize_rows_triton
@@ -48,14 +81,19 @@ def main() -> int:
         exact = torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
         status |= not exact
         ms = time_ms(lambda x=x: quantize_rows_triton(x))
+        graph_ms = time_ms(lambda x=x: quantize_rows_triton(x), graph=True)
         gbps = m * k * 3 / ms / 1e6
         total_ms += ms * calls
-        results["cases"].append(
-            {"m": m, "k": k, "calls_per_step": calls, "ms": ms, "GBps": gbps, "matches_reference": exact}
-        )
-        rows.append(
-            [m, k, calls, f"{ms * 1e3:.1f}", f"{gbps:.0f}", f"{ms * calls:.2f}", "yes" if exact else "NO"]
-        )
+        case = {"m": m, "k": k, "calls_per_step": calls, "ms": ms, "graph_ms": graph_ms, "GBps": gbps,
+                "matches_reference": exact}
+        if args.sweep_warps:
+            case["graph_ms_by_warps"], same = _sweep_warps(x, q_ref, scale_ref)
+            status |= not same
+            print(f"  M={m} K={k} graph us by warps: " + ", ".join(
+                f"{w}: {t * 1e3:.1f}" for w, t in case["graph_ms_by_warps"].items()), flush=True)
+        results["cases"].append(case)
+        rows.append([m, k, calls, f"{ms * 1e3:.1f}", f"{graph_ms * 1e3:.1f}", f"{gbps:.0f}",
+                     f"{ms * calls:.2f}", "yes" if exact else "NO"])
         print(
             f"  M={m} K={k}: {ms * 1e3:.1f} us, {gbps:.0f} GB/s, x{calls} = {ms * calls:.2f} ms", flush=True
         )
@@ -70,7 +108,8 @@ def main() -> int:
             "",
             "Median of `triton.testing.do_bench` (L2 flushed); GB/s counts the bf16 read and the int8 write.",
             "",
-            markdown_table(["M", "K", "calls/step", "µs", "GB/s", "ms/step", "= reference"], rows),
+            markdown_table(["M", "K", "calls/step", "µs", "graph µs", "GB/s", "ms/step", "= reference"],
+                           rows),
             "",
             f"Sum over one flux-dev step: {total_ms:.2f} ms",
             "",

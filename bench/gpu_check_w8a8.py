@@ -15,6 +15,7 @@ from w8a8_common import (
     import_kernels,
     layer_inputs,
     markdown_table,
+    require_cuda,
     save_results,
     time_ms,
 )
@@ -26,6 +27,7 @@ KN_PAIRS = ((3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3
 def main() -> None:
     parser = arg_parser(__doc__)
     args = parser.parse_args()
+    require_cuda("gpu_check_w8a8")
     kernels = import_kernels()
     from dit_quant.kernels.w8a8_autotune import choose_config
 

@@ -16,7 +16,15 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
-from w8a8_common import arg_parser, environment, import_kernels, layer_inputs, markdown_table, save_results
+from w8a8_common import (
+    arg_parser,
+    environment,
+    import_kernels,
+    layer_inputs,
+    markdown_table,
+    require_cuda,
+    save_results,
+)
 
 
 @triton.jit
@@ -78,6 +86,7 @@ def _steps(kernels, t: dict, layer: tuple, config) -> dict:
 def main() -> None:
     parser = arg_parser(__doc__)
     args = parser.parse_args()
+    require_cuda("host_overhead_w8a8")
     kernels = import_kernels()
     from dit_quant.kernels import triton_launch
     from dit_quant.kernels.w8a8_autotune import choose_config

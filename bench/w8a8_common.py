@@ -39,6 +39,13 @@ def arg_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def require_cuda(script: str) -> None:
+    """Exit with status 2 and a one-line message where no CUDA GPU is visible (every benchmark needs one)."""
+    if not torch.cuda.is_available():
+        print(f"{script} needs a CUDA GPU (torch {torch.__version__} sees none)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def environment() -> dict:
     """GPU, driver and library versions plus the exact command, for the result files."""
     import triton

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -228,7 +228,13 @@ KINDS = ("int8", "tma", "fused")
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """Launch configuration of the W8A8 GEMM (see KINDS)."""
+    """Launch configuration of the W8A8 GEMM (see KINDS).
+
+    ``tail``: where this config's output tiles fill the persistent grid's last wave only partly, the
+    rows past the last full wave run in a second launch with the tail's (smaller) tiles, so fewer SMs
+    idle at the end (see ``tail_start_row``). Every output element is still one tile's full-K dot
+    product, so the result is bit-identical to the config without a tail.
+    """
 
     kind: str
     block_m: int
@@ -238,12 +244,25 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     split_epilogue: bool = False
+    tail: GemmConfig | None = None
 
     def operand_smem_bytes(self) -> int:
         """Shared memory of the pipelined operand tiles, counting a float A tile where A is quantized
         on load (the compiler may add epilogue scratch on top)."""
         a_bytes = 2 if self.kind == "fused" else 1
         return self.num_stages * (self.block_m * a_bytes + self.block_n) * self.block_k
+
+    def launches(self) -> tuple[GemmConfig, ...]:
+        """The configs of the kernels this config may launch (itself, then its tail's), tails removed."""
+        if self.tail is None:
+            return (self,)
+        return (replace(self, tail=None), *self.tail.launches())
+
+    @classmethod
+    def from_dict(cls, entries: dict) -> GemmConfig:
+        """Inverse of ``dataclasses.asdict`` (the autotune cache's JSON form)."""
+        tail = entries.get("tail")
+        return cls(**{**entries, "tail": cls.from_dict(tail) if tail is not None else None})
 
 
 # Shared memory per block that Triton may use (opt-in maximum), by compute capability.
@@ -269,6 +288,16 @@ _SMALL_M_CONFIGS = [  # weight streaming: narrow N tiles so that enough programs
     GemmConfig("int8", 32, 32, 256, 1, 4, 4),
     GemmConfig("fused", 16, 32, 256, 1, 4, 4),
 ]
+# The Hopper workhorse (128x256 tiles), and the same with each candidate tail: smaller tiles for the rows
+# past its last full wave (4608x3072 outputs are 432 such tiles on 132 SMs, 3.3 waves).
+_HOPPER_WIDE = GemmConfig("tma", 128, 256, 128, 8, 8, 4, split_epilogue=True)
+_HOPPER_WIDE_WITH_TAILS = [
+    replace(_HOPPER_WIDE, tail=tail) for tail in (
+        GemmConfig("tma", 128, 128, 128, 8, 4, 5),
+        GemmConfig("tma", 64, 256, 128, 8, 4, 4),
+        GemmConfig("tma", 64, 128, 128, 8, 4, 4),
+    )
+]
 _MID_M_CONFIGS = {
     "ampere": [
         GemmConfig("int8", 64, 128, 128, 8, 4, 3),
@@ -277,10 +306,11 @@ _MID_M_CONFIGS = {
         GemmConfig("int8", 64, 64, 256, 8, 4, 3),
     ],
     "hopper": [
-        GemmConfig("tma", 128, 256, 128, 8, 8, 4, split_epilogue=True),
+        _HOPPER_WIDE,
         GemmConfig("tma", 128, 128, 128, 8, 4, 5),
         GemmConfig("tma", 64, 128, 128, 8, 4, 4),
         GemmConfig("int8", 64, 128, 128, 8, 4, 4),
+        *_HOPPER_WIDE_WITH_TAILS,
     ],
 }
 _LARGE_M_CONFIGS = {
@@ -291,10 +321,11 @@ _LARGE_M_CONFIGS = {
         GemmConfig("int8", 256, 128, 64, 8, 8, 3),
     ],
     "hopper": [
-        GemmConfig("tma", 128, 256, 128, 8, 8, 4, split_epilogue=True),
+        _HOPPER_WIDE,
         GemmConfig("tma", 128, 256, 128, 8, 8, 3, split_epilogue=True),
         GemmConfig("tma", 256, 128, 128, 8, 8, 3, split_epilogue=True),
         GemmConfig("tma", 64, 256, 128, 8, 4, 4),
+        *_HOPPER_WIDE_WITH_TAILS,
     ],
 }
 
@@ -320,8 +351,23 @@ def candidate_configs(cc: int, regime: str) -> list[GemmConfig]:
                "large": _LARGE_M_CONFIGS[family]}[regime]
     limit = SMEM_LIMIT_BYTES.get(cc, 99 * 1024)
     # Leave room for the epilogue's layout-conversion scratch the compiler adds on top of the operands.
-    return [c for c in configs if c.operand_smem_bytes() <= limit - 16 * 1024
-            and (c.kind != "tma" or TensorDescriptor is not None)]
+    return [c for c in configs if all(part.operand_smem_bytes() <= limit - 16 * 1024
+                                      and (part.kind != "tma" or TensorDescriptor is not None)
+                                      for part in c.launches())]
+
+
+def tail_start_row(m: int, n: int, config: GemmConfig, slots: int) -> int:
+    """First output row that ``config.tail`` computes, m where it computes none.
+
+    The main launch keeps the row blocks whose tiles (``config``'s, ``n`` output columns) fill whole
+    waves of ``slots`` concurrent programs; the rows below them go to the tail (0 where even one wave is
+    not full: then the tail's tiles run everything).
+    """
+    if config.tail is None:
+        return m
+    tiles_n = triton.cdiv(n, config.block_n)
+    full_wave_tiles = triton.cdiv(m, config.block_m) * tiles_n // slots * slots
+    return min(m, full_wave_tiles // tiles_n * config.block_m)
 
 
 def tma_compatible(weight: torch.Tensor, out_dtype: torch.dtype) -> bool:
@@ -336,7 +382,10 @@ def tma_compatible(weight: torch.Tensor, out_dtype: torch.dtype) -> bool:
 _num_sms: dict[int, int] = {}
 
 
-def _sm_count(device: torch.device) -> int:
+def program_slots(device: torch.device) -> int:
+    """Programs of the persistent GEMM that run at once: one per SM (4 in the interpreter)."""
+    if INTERPRETED:
+        return 4
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _num_sms:
         _num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
@@ -382,9 +431,12 @@ def _prepare_quantize(x2d, smooth, q, scale) -> Callable[[], None]:
 
 @functools.cache
 def _quantize_constants(has_smooth: bool, block_k: int, one_tile: bool) -> tuple:
+    # 8 warps for long rows: 4608x15360 ran 58 us against 65 us with 4 (H200, bench_quantize_rows
+    # --sweep-warps); rows up to 4096 are as fast with 2 or 4 warps and slower with more.
+    num_warps = 8 if block_k >= 8192 else 4
     # enable_fp_fusion=False: x * inverse must round before the rounding trick's add, as in torch
-    return (("HAS_SMOOTH", has_smooth), ("BLOCK_K", block_k), ("ONE_TILE", one_tile), ("num_warps", 4),
-            ("enable_fp_fusion", False))
+    return (("HAS_SMOOTH", has_smooth), ("BLOCK_K", block_k), ("ONE_TILE", one_tile),
+            ("num_warps", num_warps), ("enable_fp_fusion", False))
 
 
 def _tile_constants(config: GemmConfig) -> tuple:
@@ -429,7 +481,7 @@ def _prepare_tma_gemm(config, q, a_scale, weight, weight_scale, bias, out) -> Ca
     n = weight.shape[0]
     out_block_n = config.block_n // 2 if config.split_epilogue else config.block_n
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-    num_programs = min(tiles, 4 if INTERPRETED else _sm_count(q.device))
+    num_programs = min(tiles, program_slots(q.device))
     return _tma_gemm_launcher.prepare(
         (num_programs,),
         (TensorDescriptor.from_tensor(q, [config.block_m, config.block_k]),
@@ -469,6 +521,25 @@ def w8a8_linear_triton(
 
 
 def _prepare_gemm(config, q, scale, weight, weight_scale, bias, out) -> Callable[[], None]:
+    """The GEMM of int8 ``q`` as ``config`` runs it: one launch, or a main and a tail launch over row
+    slices (see ``tail_start_row``)."""
+    m = q.shape[0]
+    start = tail_start_row(m, weight.shape[0], config, program_slots(q.device))
+    if start < m:
+        tail = _prepare_gemm(config.tail, q[start:], scale[start:], weight, weight_scale, bias, out[start:])
+        if start == 0:
+            return tail
+        main = _prepare_one_gemm(config, q[:start], scale[:start], weight, weight_scale, bias, out[:start])
+
+        def main_then_tail() -> None:
+            main()
+            tail()
+
+        return main_then_tail
+    return _prepare_one_gemm(config, q, scale, weight, weight_scale, bias, out)
+
+
+def _prepare_one_gemm(config, q, scale, weight, weight_scale, bias, out) -> Callable[[], None]:
     if config.kind == "tma":
         return _prepare_tma_gemm(config, q, scale, weight, weight_scale, bias, out)
     return _prepare_pointer_gemm(config, q, scale, weight, weight_scale, bias, None, out)

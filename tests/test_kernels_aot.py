@@ -51,8 +51,9 @@ def _case_id(cc, config):
             f"-s{config.num_stages}{'-split' if config.split_epilogue else ''}")
 
 
-GEMM_CASES = list(dict.fromkeys((cc, config) for cc in ARCHS for regime in ("small", "mid", "large")
-                                for config in w8a8_triton.candidate_configs(cc, regime)))
+GEMM_CASES = list(dict.fromkeys((cc, launch) for cc in ARCHS for regime in ("small", "mid", "large")
+                                for config in w8a8_triton.candidate_configs(cc, regime)
+                                for launch in config.launches()))
 
 
 def compile_all(shard: int, num_shards: int) -> dict[str, dict]:

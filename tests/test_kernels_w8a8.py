@@ -13,6 +13,7 @@ Tolerances (stated once, used below):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -116,6 +117,58 @@ def test_every_kernel_kind_matches_fp64(config, shape):
                                                     seed=m + k + n)
     out = w8a8_linear_triton(x, weight, weight_scale, bias, smooth, config)
     _check_against_fp64(out, x, weight, weight_scale, bias, smooth, "triton")
+
+
+def test_tail_start_row_keeps_the_full_waves_in_the_main_launch():
+    from dit_quant.kernels.w8a8_triton import GemmConfig, tail_start_row
+
+    tail = GemmConfig("tma", 128, 128, 128, 8, 4, 5)
+    wide = GemmConfig("tma", 128, 256, 128, 8, 8, 4, True, tail)
+    # 4608x3072 on 132 SMs: 36 row blocks x 12 column tiles = 432 tiles; 3 full waves = 396 = 33 row blocks
+    assert tail_start_row(4608, 3072, wide, 132) == 33 * 128
+    # 1024x9216: 8 x 36 = 288 tiles; 2 full waves = 264 tiles hold 7 whole row blocks
+    assert tail_start_row(1024, 9216, wide, 132) == 7 * 128
+    # 4096x3072: 32 x 12 = 384 tiles, 2 full waves = 264 = 22 row blocks
+    assert tail_start_row(4096, 3072, wide, 132) == 22 * 128
+    assert tail_start_row(1024, 3072, wide, 132) == 0  # 96 tiles: not one full wave, the tail runs all
+    assert tail_start_row(33 * 128, 4 * 256, wide, 132) == 33 * 128  # 132 tiles fill one wave: no tail
+    assert tail_start_row(4608, 3072, GemmConfig("tma", 128, 256, 128, 8, 8, 4, True), 132) == 4608
+
+
+def _tail_configs():
+    """(main config with a tail, the same without) pairs that split the tail test's shape on this device."""
+    from dit_quant.kernels import w8a8_triton
+
+    if DEVICE.type == "cpu":
+        main = w8a8_triton.GemmConfig("tma", 64, 64, 64, 8, 4, 1)
+        tails = [w8a8_triton.GemmConfig("tma", 32, 64, 64, 8, 4, 1),
+                 w8a8_triton.GemmConfig("int8", 16, 32, 64, 8, 4, 1)]
+        return [(dataclasses.replace(main, tail=t), main) for t in tails]
+    cc = w8a8_triton.arch_key(torch.cuda.get_device_capability())
+    with_tails = dict.fromkeys(c for regime in ("mid", "large")
+                               for c in w8a8_triton.candidate_configs(cc, regime) if c.tail)
+    return [(c, c.launches()[0]) for c in with_tails]
+
+
+TAIL_SHAPE = (300, 128, 160) if DEVICE.type == "cpu" else (4608, 256, 3072)  # M, K, N
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not importable here")
+@pytest.mark.parametrize("configs", _tail_configs() if "triton" in BACKENDS else [],
+                         ids=lambda c: str(c[0].tail))
+def test_tail_launch_matches_fp64_and_the_single_launch(configs):
+    from dit_quant.kernels import w8a8_triton
+
+    with_tail, single = configs
+    m, k, n = TAIL_SHAPE
+    start = w8a8_triton.tail_start_row(m, n, with_tail, w8a8_triton.program_slots(DEVICE))
+    assert 0 < start < m, "the test shape must split into a main and a tail launch"
+    x, weight, weight_scale, bias, _ = _inputs((m,), k, n, torch.bfloat16, True, False, seed=m + n)
+    out = w8a8_triton.w8a8_linear_triton(x, weight, weight_scale, bias, None, with_tail)
+    _check_against_fp64(out, x, weight, weight_scale, bias, None, "triton")
+    # int32 accumulation is exact and the epilogue is per element: the split changes no bit
+    reference = w8a8_triton.w8a8_linear_triton(x, weight, weight_scale, bias, None, single)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,0 +1,43 @@
+"""The GPU benchmarks in bench/ import, describe themselves and, without a GPU, stop with a clear message.
+
+Their measurements need a GPU (run through the device tool); this keeps a broken import or a traceback on a
+machine without CUDA from reaching a user who runs one.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
+SCRIPTS = sorted(p for p in BENCH.glob("*.py") if not p.stem.endswith("_common"))
+
+
+def _run(script: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300,
+                          cwd=BENCH.parent)
+
+
+def test_every_benchmark_is_listed():
+    assert len(SCRIPTS) >= 7, [p.name for p in SCRIPTS]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
+def test_help_shows_the_docstring(script):
+    result = _run(script, "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    first_line = script.read_text().split('"""')[1].splitlines()[0].strip()
+    assert " ".join(first_line.split()[:4]) in " ".join(result.stdout.split()), result.stdout[:500]
+    assert "--out" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no GPU")
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
+def test_without_a_gpu_exits_2_with_one_line(script):
+    result = _run(script)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == f"{script.stem} needs a CUDA GPU (torch {torch.__version__} sees none)"
