@@ -72,8 +72,8 @@ def test_tuned_config_is_persisted_and_reused(fresh_cache):
 def test_tuning_retimes_the_finalists_and_skips_failing_configs(monkeypatch):
     """The choice logic alone, on a table of timings (the GPU test below times real kernels)."""
     configs = [w8a8_triton.GemmConfig("tma", 128, 256 // 2**i, 128, 8, 4, 4) for i in range(5)]
-    short = dict(zip(configs, [1.0, 1.1, 1.2, 5.0, 0.1]))
-    long = dict(zip(configs[:3], [1.3, 1.05, 1.2]))
+    short = dict(zip(configs, [1.0, 1.1, 1.2, 5.0, 0.1], strict=True))
+    long = dict(zip(configs[:3], [1.3, 1.05, 1.2], strict=True))
     timed: list[tuple] = []
 
     def fake_gpu_time_ms(fn, rep_ms=20):
