@@ -5,8 +5,9 @@
 #
 #   bash bench/gpu_session.sh "tests" "python bench/bench_quantize_rows.py --sweep-warps" ...
 #
-# "tests" runs the GPU kernel tests; any other argument is a command run as is. Each step gets
-# STEP_TIMEOUT_S seconds (default 300). The exit status is the number of failed steps.
+# "tests" runs the W8A8 kernel tests natively (GPU_TESTS=... names other files or pytest arguments); any other
+# argument is a command run as is, with --out $OUT appended. Each step gets STEP_TIMEOUT_S seconds (default
+# 300). The exit status is the number of failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dit_quant_out}
@@ -16,11 +17,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
+DEFAULT_GPU_TESTS="tests/test_kernels_w8a8.py tests/test_w8a8_autotune.py tests/test_triton_launch.py tests/test_dit_fusions.py"
 failed=0
 for step in "$@"; do
   if [ "$step" = tests ]; then
-    command="python3 -m pytest -q -p no:cacheprovider tests/test_kernels_w8a8.py tests/test_w8a8_autotune.py"
-    command="$command tests/test_triton_launch.py ${EXTRA_TESTS:-}"
+    command="python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-$DEFAULT_GPU_TESTS}"
   else
     command="$step --out $OUT"
   fi
