@@ -14,7 +14,6 @@ from __future__ import annotations
 import sys
 
 import torch
-import triton
 from w8a8_common import (
     arg_parser,
     environment,
@@ -40,21 +39,17 @@ FLUX_CASES = [
 
 
 def _sweep_warps(x: torch.Tensor, q_ref: torch.Tensor, scale_ref: torch.Tensor) -> tuple[dict, bool]:
-    """GPU ms of the quantize kernel with each warp count (Triton's own launch, timed as graph replays),
-    and whether every variant wrote the reference's bits into poisoned outputs."""
+    """GPU ms of the quantize kernel with each warp count (timed as graph replays), and whether every
+    variant wrote the reference's bits into poisoned outputs."""
     from dit_quant.kernels import w8a8_triton
 
-    m, k = x.shape
-    block_k = min(triton.next_power_of_2(k), w8a8_triton.QUANT_ONE_TILE_MAX_K)
     times, same = {}, True
     for warps in (1, 2, 4, 8, 16, 32):
         q = torch.full_like(q_ref, 99)
         scale = torch.full_like(scale_ref, float("nan"))
 
         def launch(q=q, scale=scale, warps=warps):
-            w8a8_triton._quantize_rows_kernel[(m,)](
-                x, scale, q, scale, k, k, k, HAS_SMOOTH=False, BLOCK_K=block_k, ONE_TILE=k <= block_k,
-                num_warps=warps, enable_fp_fusion=False)
+            w8a8_triton._prepare_quantize(x, None, q, scale, num_warps=warps)()
 
         launch()
         same &= torch.equal(q, q_ref) and torch.equal(scale, scale_ref)

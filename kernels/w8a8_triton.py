@@ -420,20 +420,22 @@ def _quantized_outputs(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             torch.empty((m,), dtype=torch.float32, device=x2d.device))
 
 
-def _prepare_quantize(x2d, smooth, q, scale) -> Callable[[], None]:
+def _prepare_quantize(x2d, smooth, q, scale, num_warps: int | None = None) -> Callable[[], None]:
+    """The quantize kernel's launch; ``num_warps`` overrides the rule below (the benchmark's sweep)."""
     m, k = x2d.shape
     block_k = min(triton.next_power_of_2(k), QUANT_ONE_TILE_MAX_K)
+    # 8 warps for long rows: 4608x15360 ran 58 us against 65 us with 4 (H200, bench_quantize_rows
+    # --sweep-warps); rows up to 4096 are as fast with 2 or 4 warps and slower with more.
+    if num_warps is None:
+        num_warps = 8 if block_k >= 8192 else 4
     return _quantize_rows_launcher.prepare(
         (m,), (x2d, smooth if smooth is not None else scale, q, scale, k, x2d.stride(0), k),
-        _quantize_constants(smooth is not None, block_k, k <= block_k),
+        _quantize_constants(smooth is not None, block_k, k <= block_k, num_warps),
     )
 
 
 @functools.cache
-def _quantize_constants(has_smooth: bool, block_k: int, one_tile: bool) -> tuple:
-    # 8 warps for long rows: 4608x15360 ran 58 us against 65 us with 4 (H200, bench_quantize_rows
-    # --sweep-warps); rows up to 4096 are as fast with 2 or 4 warps and slower with more.
-    num_warps = 8 if block_k >= 8192 else 4
+def _quantize_constants(has_smooth: bool, block_k: int, one_tile: bool, num_warps: int) -> tuple:
     # enable_fp_fusion=False: x * inverse must round before the rounding trick's add, as in torch
     return (("HAS_SMOOTH", has_smooth), ("BLOCK_K", block_k), ("ONE_TILE", one_tile),
             ("num_warps", num_warps), ("enable_fp_fusion", False))
@@ -524,7 +526,7 @@ def _prepare_gemm(config, q, scale, weight, weight_scale, bias, out) -> Callable
     """The GEMM of int8 ``q`` as ``config`` runs it: one launch, or a main and a tail launch over row
     slices (see ``tail_start_row``)."""
     m = q.shape[0]
-    start = tail_start_row(m, weight.shape[0], config, program_slots(q.device))
+    start = m if config.tail is None else tail_start_row(m, weight.shape[0], config, program_slots(q.device))
     if start < m:
         tail = _prepare_gemm(config.tail, q[start:], scale[start:], weight, weight_scale, bias, out[start:])
         if start == 0:
