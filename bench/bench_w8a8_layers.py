@@ -4,7 +4,9 @@ run: bf16 F.linear (cuBLAS), torch._int_mm + eager quantization/scaling, fp8 row
 Triton int8_linear (if importable). Every path is checked against the torch reference before timing.
 Writes bench_w8a8_layers.{json,md} to bench/results/ and --out ($OUT).
 
-    python bench/bench_w8a8_layers.py [--out DIR] [--sweep] [--budget-s 420] [--m 1,16,...]
+    python bench/bench_w8a8_layers.py [--out DIR] [--sweep] [--compare-pdl] [--budget-s 420] [--m 1,16,...]
+
+--compare-pdl adds our linear with the GEMM launched the plain way (no programmatic dependent launch).
 """
 
 from __future__ import annotations
@@ -41,12 +43,30 @@ def _quantize_fp8_rows(x: torch.Tensor):
     return (x.float() / scale).to(torch.float8_e4m3fn), scale
 
 
-def _baselines(t: dict, kernels) -> dict:
+OURS, OURS_NO_PDL, BF16 = "W8A8 (ours)", "W8A8 (ours), no PDL", "bf16 F.linear"
+GRAPH_TIMED = (BF16, OURS, OURS_NO_PDL)  # also timed as CUDA-graph replays: GPU time without host cost
+
+
+def _without_pdl(fn):
+    """``fn`` run with the GEMM launched without programmatic dependent launch."""
+    from dit_quant.kernels import w8a8_triton
+
+    def run():
+        w8a8_triton.USE_PDL = False
+        try:
+            return fn()
+        finally:
+            w8a8_triton.USE_PDL = True
+
+    return run
+
+
+def _baselines(t: dict, kernels, compare_pdl: bool) -> dict:
     """name -> callable for the comparison paths (those this GPU/torch/package set supports)."""
     from dit_quant.kernels.w8a8_reference import quantize_rows_reference
 
     x, w, ws, bias = t["x"], t["weight"], t["weight_scale"], t["bias"]
-    paths = {"bf16 F.linear": lambda: F.linear(x, t["weight_bf16"], bias)}
+    paths = {BF16: lambda: F.linear(x, t["weight_bf16"], bias)}
     if x.shape[0] > 16:  # cuBLASLt int8 needs M > 16
 
         def int_mm_eager():
@@ -73,7 +93,9 @@ def _baselines(t: dict, kernels) -> dict:
                                                                          out_dtype=torch.bfloat16)
     except ImportError:
         pass
-    paths["W8A8 (ours)"] = lambda: kernels.w8a8_linear(x, w, ws, bias, backend="triton")
+    paths[OURS] = lambda: kernels.w8a8_linear(x, w, ws, bias, backend="triton")
+    if compare_pdl:
+        paths[OURS_NO_PDL] = _without_pdl(paths[OURS])
     return paths
 
 
@@ -81,6 +103,8 @@ def main() -> None:
     parser = arg_parser(__doc__)
     parser.add_argument("--sweep", action="store_true",
                         help="also time every candidate config of ours for each M's regime (GPU time)")
+    parser.add_argument("--compare-pdl", action="store_true",
+                        help="also time ours without programmatic dependent launch")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting new shapes after this")
     parser.add_argument("--m", default=",".join(map(str, M_VALUES)), help="comma-separated M values")
     parser.add_argument("--hidden", default=",".join(map(str, SHAPES)), help="comma-separated hidden sizes")
@@ -105,15 +129,15 @@ def main() -> None:
                 layer = (t["x"], t["weight"], t["weight_scale"], t["bias"])
                 reference = kernels.w8a8_linear(*layer, backend="torch")
                 record = {"hidden": hidden, "m": m, "k": k, "n": n, "paths": {}}
-                for name, fn in _baselines(t, kernels).items():
+                for name, fn in _baselines(t, kernels, args.compare_pdl).items():
                     try:
                         entry = {**compare(fn(), reference), "ms": time_ms(fn)}
                     except RuntimeError as exc:  # e.g. a shape a baseline's library refuses
-                        if name in ("bf16 F.linear", "W8A8 (ours)"):
+                        if name in GRAPH_TIMED:
                             raise
                         print(f"  {name} skipped at M={m} K={k} N={n}: {exc}"[:300])
                         continue
-                    if name in ("bf16 F.linear", "W8A8 (ours)"):  # GPU time without host launch cost
+                    if name in GRAPH_TIMED:
                         entry["graph_ms"] = time_ms(fn, graph=True)
                     record["paths"][name] = entry
                 config = choose_config(t["x"], t["weight"], t["weight_scale"], t["bias"], None)
@@ -153,22 +177,25 @@ def _summarize(records: list[dict], env: dict, truncated: bool) -> tuple[dict, s
     names = list(dict.fromkeys(name for r in records for name in r["paths"]))
     rows = []
     for r in records:
-        bf16 = r["paths"]["bf16 F.linear"]["ms"]
-        ours = r["paths"]["W8A8 (ours)"]
+        bf16 = r["paths"][BF16]["ms"]
+        ours = r["paths"][OURS]
         row = [r["m"], r["k"], r["n"], f"{ours['ms'] * 1e3:.1f}"]
         row += [f"{bf16 / r['paths'][name]['ms']:.2f}" if name in r["paths"] else "-" for name in names]
-        row.append(f"{r['paths']['bf16 F.linear']['graph_ms'] / ours['graph_ms']:.2f}")
+        row.append(f"{r['paths'][BF16]['graph_ms'] / ours['graph_ms']:.2f}")
+        if OURS_NO_PDL in r["paths"]:
+            row.append(f"{r['paths'][BF16]['graph_ms'] / r['paths'][OURS_NO_PDL]['graph_ms']:.2f}")
         row.append(f"{ours['max_rel_err']:.1e}")
         row.append(r["config_label"])
         rows.append(row)
 
-    def ratios(select, name="W8A8 (ours)", base="bf16 F.linear", key="ms"):
+    def ratios(select, name=OURS, base=BF16, key="ms"):
         return [r["paths"][base][key] / r["paths"][name][key] for r in records
                 if select(r["m"]) and name in r["paths"] and base in r["paths"]]
 
     large, small = ratios(lambda m: m >= 1024), ratios(lambda m: m <= 64)
     large_graph = ratios(lambda m: m >= 1024, key="graph_ms")
     small_graph = ratios(lambda m: m <= 64, key="graph_ms")
+    large_graph_no_pdl = ratios(lambda m: m >= 1024, name=OURS_NO_PDL, key="graph_ms")
     vs_kitchen = ratios(lambda m: m >= 1024, base="comfy-kitchen int8_linear")
     fp8 = ratios(lambda m: m >= 1024, name="fp8 rowwise GEMM only")
     summary = {
@@ -182,8 +209,13 @@ def _summarize(records: list[dict], env: dict, truncated: bool) -> tuple[dict, s
         # cuBLAS's 8-bit GEMM with both operands already quantized: the vendor's ceiling on these shapes
         "fp8_gemm_only_median_vs_bf16_m_ge_1024": statistics.median(fp8) if fp8 else None,
     }
+    if large_graph_no_pdl:
+        summary["graph_median_speedup_vs_bf16_m_ge_1024_without_pdl"] = statistics.median(large_graph_no_pdl)
     headers = ["M", "K", "N", "ours µs"] + [f"{name} (x bf16)" for name in names]
-    headers += ["ours graph (x bf16 graph)", "ours max rel err", "our kind"]
+    headers += ["ours graph (x bf16 graph)"]
+    if any(OURS_NO_PDL in r["paths"] for r in records):
+        headers.append("ours graph, no PDL (x bf16 graph)")
+    headers += ["ours max rel err", "our kind"]
     markdown = (
         f"# W8A8 per-layer benchmark\n\n{env['gpu']} (sm_{env['compute_capability']}), "
         f"driver {env['driver']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}\n\n"

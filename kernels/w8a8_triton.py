@@ -1,6 +1,6 @@
 """Triton kernels of the INT8 W8A8 linear (see w8a8_reference.py for the exact math they reproduce).
 
-- ``_quantize_rows_kernel``: per-row amax, fp32 scale and int8 row (one program per row);
+- ``_quantize_rows_kernel``: per-row amax, fp32 scale and int8 row (a few rows per program);
 - ``_w8a8_gemm_kernel``: tiled int8 tensor-core GEMM, int32 accumulation, fused epilogue (row scale x
   column scale (+ bias) -> output dtype); in its QUANTIZE_A mode it takes the float activation and
   quantizes it on load instead (one launch, for small M);
@@ -30,6 +30,24 @@ from .triton_launch import CachedLauncher, TensorDescriptor
 # triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
+try:  # grid dependency control, for programmatic dependent launch (Triton >= 3.5; sm_90+ at run time)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_GRID_DEPENDENCY_CONTROL = True
+except ImportError:
+    HAS_GRID_DEPENDENCY_CONTROL = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+# Read per call (tests and benchmarks compare both): DIT_QUANT_PDL=0 launches the GEMM the plain way.
+USE_PDL = os.environ.get("DIT_QUANT_PDL", "1") != "0"
+
 # 1.5 * 2**23: adding then subtracting it rounds an fp32 to the nearest even integer.
 _ROUND_MAGIC = tl.constexpr(12582912.0)
 
@@ -49,41 +67,49 @@ def _row_scale(amax):
 
 
 @triton.jit
-def _load_smoothed(ptrs, smooth_ptrs, mask, HAS_SMOOTH: tl.constexpr):
+def _load_smoothed(ptrs, smooth_ptrs, mask, col_mask, HAS_SMOOTH: tl.constexpr):
+    """Rows [BLOCK_M, BLOCK_K] as fp32, divided by the smoothing row [1, BLOCK_K] where HAS_SMOOTH."""
     xs = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_SMOOTH:
-        xs = tl.math.div_rn(xs, tl.load(smooth_ptrs, mask=mask, other=1.0))
+        xs = tl.math.div_rn(xs, tl.load(smooth_ptrs, mask=col_mask, other=1.0))
     return xs
 
 
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, smooth_ptr, q_ptr, scale_ptr,
-    K, stride_xm, stride_qm,
-    HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
+    M, K, stride_xm, stride_qm,
+    HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
-    """One program per row: amax over the row, then its fp32 scale and the int8 row. ONE_TILE (K <=
-    BLOCK_K) keeps the row in registers; otherwise the row is read twice (the second time from L2)."""
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_xm
-    q_row = q_ptr + row * stride_qm
-    offs = tl.arange(0, BLOCK_K)
+    """BLOCK_M rows per program: amax over each row, then its fp32 scale and the int8 row. ONE_TILE
+    (K <= BLOCK_K) keeps the rows in registers; otherwise each row is read twice (the second time from
+    L2). LAUNCH_DEPENDENTS lets a GEMM launched with programmatic dependent launch start (and wait)
+    while the last programs here still run."""
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = (rows < M)[:, None]
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qm
+    offs = tl.arange(0, BLOCK_K)[None, :]
     if ONE_TILE:
-        mask = offs < K
-        xs = _load_smoothed(x_row + offs, smooth_ptr + offs, mask, HAS_SMOOTH)
-        scale, inverse = _row_scale(tl.max(tl.abs(xs), axis=0))
-        tl.store(q_row + offs, _round_clamp_int8(xs * inverse), mask=mask)
+        mask = row_mask & (offs < K)
+        xs = _load_smoothed(x_rows + offs, smooth_ptr + offs, mask, offs < K, HAS_SMOOTH)
+        scale, inverse = _row_scale(tl.max(tl.abs(xs), axis=1))
+        tl.store(q_rows + offs, _round_clamp_int8(xs * inverse[:, None]), mask=mask)
     else:
-        amax = tl.zeros((BLOCK_K,), tl.float32)
+        amax = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, k0 + offs < K, HAS_SMOOTH)
+            mask = row_mask & (k0 + offs < K)
+            xs = _load_smoothed(x_rows + k0 + offs, smooth_ptr + k0 + offs, mask, k0 + offs < K, HAS_SMOOTH)
             amax = tl.maximum(amax, tl.abs(xs))
-        scale, inverse = _row_scale(tl.max(amax, axis=0))
+        scale, inverse = _row_scale(tl.max(amax, axis=1))
         for k0 in range(0, K, BLOCK_K):
-            mask = k0 + offs < K
-            xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, mask, HAS_SMOOTH)
-            tl.store(q_row + k0 + offs, _round_clamp_int8(xs * inverse), mask=mask)
-    tl.store(scale_ptr + row, scale)
+            mask = row_mask & (k0 + offs < K)
+            xs = _load_smoothed(x_rows + k0 + offs, smooth_ptr + k0 + offs, mask, k0 + offs < K, HAS_SMOOTH)
+            tl.store(q_rows + k0 + offs, _round_clamp_int8(xs * inverse[:, None]), mask=mask)
+    tl.store(scale_ptr + rows, scale, mask=rows < M)
 
 
 @triton.jit
@@ -122,6 +148,7 @@ def _w8a8_gemm_kernel(
     a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, smooth_ptr, out_ptr,
     M, N, K, stride_am, stride_bn, stride_om,
     QUANTIZE_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr,
+    WAIT_FOR_PRODUCER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[M, N] = (q(A) @ B.T) * a_scale[:, None] * b_scale[None, :] (+ bias), B int8 [N, K].
@@ -131,7 +158,11 @@ def _w8a8_gemm_kernel(
     K (smoothing included), then quantizes each A tile on load (a_scale_ptr is unused). On load it
     multiplies by the reciprocal of the row scale (one FMUL instead of an IEEE division per element),
     which can move a value sitting within one ulp of a .5 tie to the other integer.
+    WAIT_FOR_PRODUCER: launched with programmatic dependent launch; no memory access before the
+    previous kernel in the stream has finished.
     """
+    if WAIT_FOR_PRODUCER:
+        gdc_wait()
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -185,13 +216,16 @@ def _w8a8_gemm_kernel(
 def _w8a8_gemm_tma_kernel(
     a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, bias_ptr,
     M, N, K, num_programs,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WAIT_FOR_PRODUCER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
 ):
     """Persistent variant of the int8-A GEMM for Hopper: tensor-memory-accelerator (TMA) descriptor
     loads/stores (out-of-range tiles are zero-filled on load and clipped on store, so no masks), one
     program per SM looping over output tiles. SPLIT_EPILOGUE stores each tile in two column halves to
-    halve the epilogue's shared-memory staging (room for one more pipeline stage)."""
+    halve the epilogue's shared-memory staging (room for one more pipeline stage). WAIT_FOR_PRODUCER as
+    in the pointer GEMM."""
+    if WAIT_FOR_PRODUCER:
+        gdc_wait()
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     for tile_id in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
@@ -379,17 +413,27 @@ def tma_compatible(weight: torch.Tensor, out_dtype: torch.dtype) -> bool:
             and (n * out_dtype.itemsize) % 16 == 0)
 
 
-_num_sms: dict[int, int] = {}
+@functools.cache
+def _device_properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def _properties(device: torch.device):
+    return _device_properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def program_slots(device: torch.device) -> int:
     """Programs of the persistent GEMM that run at once: one per SM (4 in the interpreter)."""
-    if INTERPRETED:
-        return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _num_sms:
-        _num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _num_sms[index]
+    return 4 if INTERPRETED else _properties(device).multi_processor_count
+
+
+def uses_pdl(device: torch.device) -> bool:
+    """Whether GEMMs on ``device`` are launched with programmatic dependent launch: the GPU schedules
+    them while the kernel before (the activation quantization) still runs, and they wait for its
+    results in ``gdc_wait``, which hides the launch gap between the two. Needs sm_90+, a Triton with
+    grid dependency control and no interpreter; DIT_QUANT_PDL=0 switches it off."""
+    return (USE_PDL and HAS_GRID_DEPENDENCY_CONTROL and not INTERPRETED and device.type == "cuda"
+            and _properties(device).major >= 9)
 
 
 def _check_launchable(t: torch.Tensor) -> None:
@@ -420,25 +464,36 @@ def _quantized_outputs(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             torch.empty((m,), dtype=torch.float32, device=x2d.device))
 
 
-def _prepare_quantize(x2d, smooth, q, scale, num_warps: int | None = None) -> Callable[[], None]:
-    """The quantize kernel's launch; ``num_warps`` overrides the rule below (the benchmark's sweep)."""
+def _prepare_quantize(x2d, smooth, q, scale, rows_per_program: int | None = None,
+                      num_warps: int | None = None) -> Callable[[], None]:
+    """The quantize kernel's launch; ``rows_per_program`` and ``num_warps`` override the rule below (the
+    benchmark's sweep)."""
     m, k = x2d.shape
     block_k = min(triton.next_power_of_2(k), QUANT_ONE_TILE_MAX_K)
-    # 8 warps for long rows: 4608x15360 ran 58 us against 65 us with 4 (H200, bench_quantize_rows
-    # --sweep-warps); rows up to 4096 are as fast with 2 or 4 warps and slower with more.
-    if num_warps is None:
-        num_warps = 8 if block_k >= 8192 else 4
+    rule_rows, rule_warps = quantize_launch_shape(block_k)
+    rows_per_program = rows_per_program or rule_rows
     return _quantize_rows_launcher.prepare(
-        (m,), (x2d, smooth if smooth is not None else scale, q, scale, k, x2d.stride(0), k),
-        _quantize_constants(smooth is not None, block_k, k <= block_k, num_warps),
+        (triton.cdiv(m, rows_per_program),),
+        (x2d, smooth if smooth is not None else scale, q, scale, m, k, x2d.stride(0), k),
+        _quantize_constants(smooth is not None, rows_per_program, block_k, k <= block_k,
+                            num_warps or rule_warps, uses_pdl(x2d.device)),
     )
 
 
+def quantize_launch_shape(block_k: int) -> tuple[int, int]:
+    """(rows per program, warps) of the quantize kernel for rows read in ``block_k``-element tiles."""
+    # 8 warps for long rows: 4608x15360 ran 58 us against 65 us with 4 (H200, bench_quantize_rows
+    # --sweep); rows up to 4096 are as fast with 2 or 4 warps and slower with more.
+    return 1, 8 if block_k >= 8192 else 4
+
+
 @functools.cache
-def _quantize_constants(has_smooth: bool, block_k: int, one_tile: bool, num_warps: int) -> tuple:
+def _quantize_constants(has_smooth: bool, rows_per_program: int, block_k: int, one_tile: bool, num_warps: int,
+                        launch_dependents: bool) -> tuple:
     # enable_fp_fusion=False: x * inverse must round before the rounding trick's add, as in torch
-    return (("HAS_SMOOTH", has_smooth), ("BLOCK_K", block_k), ("ONE_TILE", one_tile),
-            ("num_warps", num_warps), ("enable_fp_fusion", False))
+    return (("HAS_SMOOTH", has_smooth), ("BLOCK_M", rows_per_program), ("BLOCK_K", block_k),
+            ("ONE_TILE", one_tile), ("LAUNCH_DEPENDENTS", launch_dependents), ("num_warps", num_warps),
+            ("enable_fp_fusion", False))
 
 
 def _tile_constants(config: GemmConfig) -> tuple:
@@ -447,16 +502,22 @@ def _tile_constants(config: GemmConfig) -> tuple:
             ("GROUP_M", config.group_m), ("num_warps", config.num_warps), ("num_stages", config.num_stages))
 
 
+def _dependent_launch_constants(pdl: bool) -> tuple:
+    """The GEMMs' constexpr and launch option of programmatic dependent launch (see ``uses_pdl``)."""
+    return (("WAIT_FOR_PRODUCER", True), ("launch_pdl", True)) if pdl else (("WAIT_FOR_PRODUCER", False),)
+
+
 @functools.cache
 def _pointer_gemm_constants(config: GemmConfig, quantize_a: bool, has_bias: bool, has_smooth: bool,
-                            even_k: bool) -> tuple:
+                            even_k: bool, pdl: bool) -> tuple:
     return (("QUANTIZE_A", quantize_a), ("HAS_BIAS", has_bias), ("HAS_SMOOTH", has_smooth),
-            ("EVEN_K", even_k), *_tile_constants(config))
+            ("EVEN_K", even_k), *_dependent_launch_constants(pdl), *_tile_constants(config))
 
 
 @functools.cache
-def _tma_gemm_constants(config: GemmConfig, has_bias: bool) -> tuple:
-    return (("HAS_BIAS", has_bias), ("SPLIT_EPILOGUE", config.split_epilogue), *_tile_constants(config))
+def _tma_gemm_constants(config: GemmConfig, has_bias: bool, pdl: bool) -> tuple:
+    return (("HAS_BIAS", has_bias), ("SPLIT_EPILOGUE", config.split_epilogue),
+            *_dependent_launch_constants(pdl), *_tile_constants(config))
 
 
 _quantize_rows_launcher = CachedLauncher(_quantize_rows_kernel)
@@ -473,8 +534,9 @@ def _prepare_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth
         (a, weight, a_scale if a_scale is not None else weight_scale, weight_scale,
          bias if bias is not None else weight_scale, smooth if smooth is not None else weight_scale, out,
          m, n, k, a.stride(0), weight.stride(0), out.stride(0)),
+        # quantizing on load (a_scale None): the kernel before is not ours, nothing to overlap with
         _pointer_gemm_constants(config, a_scale is None, bias is not None, smooth is not None,
-                                k % config.block_k == 0),
+                                k % config.block_k == 0, a_scale is not None and uses_pdl(a.device)),
     )
 
 
@@ -490,7 +552,7 @@ def _prepare_tma_gemm(config, q, a_scale, weight, weight_scale, bias, out) -> Ca
          TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
          TensorDescriptor.from_tensor(out, [config.block_m, out_block_n]),
          a_scale, weight_scale, bias if bias is not None else weight_scale, m, n, k, num_programs),
-        _tma_gemm_constants(config, bias is not None),
+        _tma_gemm_constants(config, bias is not None, uses_pdl(q.device)),
     )
 
 

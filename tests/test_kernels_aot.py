@@ -43,6 +43,8 @@ def _compile(fn, signature, constexprs, cc, num_warps, num_stages):
     ptx = kernel.asm["ptx"]
     return {"mma_sync_s8": bool(MMA_SYNC_S8.search(ptx)), "wgmma_s8": bool(WGMMA_S8.search(ptx)),
             "div_rn": "div.rn.f32" in ptx, "shared": kernel.metadata.shared,
+            "gdc_wait": "griddepcontrol.wait" in ptx,
+            "gdc_launch_dependents": "griddepcontrol.launch_dependents" in ptx,
             "cubin_bytes": len(kernel.asm["cubin"])}
 
 
@@ -61,8 +63,9 @@ def compile_all(shard: int, num_shards: int) -> dict[str, dict]:
     interpreter's kernel objects cannot be compiled)."""
     results = {}
     for cc, config in GEMM_CASES[shard::num_shards]:
+        # programmatic dependent launch as on a GPU of this architecture (w8a8_triton.uses_pdl)
         tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
-                 "GROUP_M": config.group_m}
+                 "GROUP_M": config.group_m, "WAIT_FOR_PRODUCER": cc >= 90}
         if config.kind == "tma":
             out_n = config.block_n // 2 if config.split_epilogue else config.block_n
             signature = {"a_desc": f"tensordesc<i8[{config.block_m}, {config.block_k}]>",
@@ -78,17 +81,19 @@ def compile_all(shard: int, num_shards: int) -> dict[str, dict]:
                              stride_om="i32", a_ptr="*bf16" if quantize_a else "*i8")
             kernel = w8a8_triton._w8a8_gemm_kernel
             constexprs = dict(tiles, QUANTIZE_A=quantize_a, HAS_BIAS=True, HAS_SMOOTH=quantize_a,
-                              EVEN_K=False)
+                              EVEN_K=False, WAIT_FOR_PRODUCER=cc >= 90 and not quantize_a)
         results[_case_id(cc, config)] = _compile(kernel, signature, constexprs, cc, config.num_warps,
                                                  config.num_stages)
     for cc in ARCHS[shard::num_shards]:
         signature = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "q_ptr": "*i8", "scale_ptr": "*fp32",
-                     "K": "i32", "stride_xm": "i32", "stride_qm": "i32"}
+                     "M": "i32", "K": "i32", "stride_xm": "i32", "stride_qm": "i32"}
         for one_tile in (True, False):  # rows in registers (K <= 16384) / two passes over longer rows
-            constexprs = {"HAS_SMOOTH": True, "BLOCK_K": w8a8_triton.QUANT_ONE_TILE_MAX_K,
-                          "ONE_TILE": one_tile}
-            results[f"sm{cc}-quantize_rows-{one_tile}"] = _compile(
-                w8a8_triton._quantize_rows_kernel, dict(signature), constexprs, cc, 16, 2)
+            for block_k in sorted({1024, w8a8_triton.QUANT_ONE_TILE_MAX_K}):
+                rows, warps = w8a8_triton.quantize_launch_shape(block_k)
+                constexprs = {"HAS_SMOOTH": True, "BLOCK_M": rows, "BLOCK_K": block_k, "ONE_TILE": one_tile,
+                              "LAUNCH_DEPENDENTS": cc >= 90}
+                results[f"sm{cc}-quantize_rows-{one_tile}-{block_k}"] = _compile(
+                    w8a8_triton._quantize_rows_kernel, dict(signature), constexprs, cc, warps, 2)
     return results
 
 
@@ -122,11 +127,15 @@ def test_gemm_compiles_to_int8_tensor_cores(compiled, cc, config):
         assert result["mma_sync_s8"], f"sm_{cc} GEMM does not use mma.sync s8"
     assert result["shared"] <= SMEM_LIMIT_KB[cc] * 1024, (
         f"{result['shared']} B of shared memory > {SMEM_LIMIT_KB[cc]} KB on sm_{cc}")
+    # Hopper waits for the quantize kernel in the GEMM (programmatic dependent launch)
+    assert result["gdc_wait"] == (cc >= 90 and config.kind != "fused")
 
 
+@pytest.mark.parametrize("block_k", sorted({1024, w8a8_triton.QUANT_ONE_TILE_MAX_K}))
 @pytest.mark.parametrize("one_tile", [True, False])
 @pytest.mark.parametrize("cc", ARCHS)
-def test_quantize_rows_kernel_compiles(compiled, cc, one_tile):
-    result = compiled[f"sm{cc}-quantize_rows-{one_tile}"]
+def test_quantize_rows_kernel_compiles(compiled, cc, one_tile, block_k):
+    result = compiled[f"sm{cc}-quantize_rows-{one_tile}-{block_k}"]
     assert result["cubin_bytes"] > 0
     assert result["div_rn"]  # IEEE division, so the quantized ints match torch's
+    assert result["gdc_launch_dependents"] == (cc >= 90)

@@ -22,7 +22,7 @@ import types
 import pytest
 import torch
 from dit_quant.kernels import available_backends, dispatch, quantize_rows, resolve_backend, w8a8_linear
-from dit_quant.kernels.w8a8_reference import int8_matmul_exact
+from dit_quant.kernels.w8a8_reference import int8_matmul_exact, quantize_rows_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch"] + (["triton"] if "triton" in available_backends() else [])
@@ -208,6 +208,44 @@ def test_quantize_rows_two_pass_for_long_rows(monkeypatch):
     q, scale = w8a8_triton.quantize_rows_triton(x, smooth)
     _check_quantized(q, scale, x, smooth)
     assert torch.equal(q, one_pass[0]) and torch.equal(scale, one_pass[1])
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not importable here")
+@pytest.mark.parametrize("two_pass", [False, True], ids=["one-pass", "two-pass"])
+@pytest.mark.parametrize("rows_per_program", [1, 2, 4, 8])
+def test_quantize_rows_several_rows_per_program(rows_per_program, two_pass, monkeypatch):
+    """Every rows-per-program choice writes the reference's ints and scales into poisoned outputs, also
+    where the last program's rows run past M (11 rows)."""
+    from dit_quant.kernels import w8a8_triton
+
+    if two_pass:
+        monkeypatch.setattr(w8a8_triton, "QUANT_ONE_TILE_MAX_K", 64)
+    x, _, _, _, smooth = _inputs((11,), 200, 8, torch.bfloat16, False, True, seed=rows_per_program)
+    q_ref, scale_ref = quantize_rows_reference(x, smooth)
+    q = torch.full_like(q_ref, 99)
+    scale = torch.full_like(scale_ref, float("nan"))
+    w8a8_triton._prepare_quantize(x, smooth, q, scale, rows_per_program=rows_per_program)()
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_programmatic_dependent_launch_gives_the_same_bits(monkeypatch):
+    """With and without programmatic dependent launch (sm_90+), the linear's output is bit-identical,
+    also with the quantize kernel and the GEMM back to back in many launches (a GEMM reading its int8
+    activation before the quantize kernel finished would differ)."""
+    from dit_quant.kernels import w8a8_triton
+
+    if not w8a8_triton.uses_pdl(DEVICE):
+        pytest.skip("programmatic dependent launch needs sm_90+ and a Triton with grid dependency control")
+    x, weight, weight_scale, bias, _ = _inputs((4608,), 3072, 3072, torch.bfloat16, True, False, seed=17)
+    outputs = {}
+    for pdl in (False, True):
+        monkeypatch.setattr(w8a8_triton, "USE_PDL", pdl)
+        outputs[pdl] = [w8a8_linear(x * (1 + i), weight, weight_scale, bias, backend="triton")
+                        for i in range(8)]
+    for plain, dependent in zip(outputs[False], outputs[True], strict=True):
+        assert torch.equal(plain, dependent)
 
 
 @pytest.mark.parametrize("k", [300, 2100])
