@@ -2,9 +2,9 @@
 its share of a step: µs and GB/s (bf16 read + int8 written) per shape, summed with each shape's calls per
 step. Checked against the torch reference first (bit-identical int8 rows and scales).
 
-    python bench/bench_quantize_rows.py [--out DIR] [--sweep]
+    python bench/bench_quantize_rows.py [--out DIR] [--sweep-warps]
 
---sweep also times the kernel with every (rows per program, warps) pair as CUDA-graph replays (GPU time).
+--sweep-warps also times the kernel with every warp count as CUDA-graph replays (GPU time).
 
 Writes bench_quantize_rows.{json,md} to bench/results/ and --out ($OUT).
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import sys
 
 import torch
-import triton
 from w8a8_common import (
     arg_parser,
     environment,
@@ -39,33 +38,28 @@ FLUX_CASES = [
 ]
 
 
-def _sweep(x: torch.Tensor, q_ref: torch.Tensor, scale_ref: torch.Tensor) -> tuple[dict, bool]:
-    """GPU ms of the quantize kernel for each "rows x warps" launch shape (timed as graph replays; tiles
-    up to 64K elements), and whether every variant wrote the reference's bits into poisoned outputs."""
+def _sweep_warps(x: torch.Tensor, q_ref: torch.Tensor, scale_ref: torch.Tensor) -> tuple[dict, bool]:
+    """GPU ms of the quantize kernel with each warp count (timed as graph replays), and whether every
+    variant wrote the reference's bits into poisoned outputs."""
     from dit_quant.kernels import w8a8_triton
 
-    block_k = min(triton.next_power_of_2(x.shape[1]), w8a8_triton.QUANT_ONE_TILE_MAX_K)
     times, same = {}, True
-    for rows in (1, 2, 4, 8, 16):
-        for warps in (2, 4, 8, 16):
-            if rows * block_k > 65536 or rows * block_k < 32 * 4 * warps:
-                continue
-            q = torch.full_like(q_ref, 99)
-            scale = torch.full_like(scale_ref, float("nan"))
+    for warps in (1, 2, 4, 8, 16, 32):
+        q = torch.full_like(q_ref, 99)
+        scale = torch.full_like(scale_ref, float("nan"))
 
-            def launch(q=q, scale=scale, rows=rows, warps=warps):
-                w8a8_triton._prepare_quantize(x, None, q, scale, rows_per_program=rows, num_warps=warps)()
+        def launch(q=q, scale=scale, warps=warps):
+            w8a8_triton._prepare_quantize(x, None, q, scale, num_warps=warps)()
 
-            launch()
-            same &= torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
-            times[f"{rows}x{warps}"] = time_ms(launch, graph=True)
+        launch()
+        same &= torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+        times[warps] = time_ms(launch, graph=True)
     return times, same
 
 
 def main() -> int:
     parser = arg_parser(__doc__)
-    parser.add_argument("--sweep", action="store_true",
-                        help="also time every (rows per program, warps) pair (GPU time)")
+    parser.add_argument("--sweep-warps", action="store_true", help="also time every warp count (GPU time)")
     args = parser.parse_args()
     require_cuda("bench_quantize_rows")
     import_kernels()
@@ -87,12 +81,11 @@ def main() -> int:
         total_ms += ms * calls
         case = {"m": m, "k": k, "calls_per_step": calls, "ms": ms, "graph_ms": graph_ms, "GBps": gbps,
                 "matches_reference": exact}
-        if args.sweep:
-            case["graph_ms_by_rows_x_warps"], same = _sweep(x, q_ref, scale_ref)
+        if args.sweep_warps:
+            case["graph_ms_by_warps"], same = _sweep_warps(x, q_ref, scale_ref)
             status |= not same
-            best = min(case["graph_ms_by_rows_x_warps"], key=case["graph_ms_by_rows_x_warps"].get)
-            print(f"  M={m} K={k} graph us by rows x warps (best {best}): " + ", ".join(
-                f"{w}: {t * 1e3:.1f}" for w, t in case["graph_ms_by_rows_x_warps"].items()), flush=True)
+            print(f"  M={m} K={k} graph us by warps: " + ", ".join(
+                f"{w}: {t * 1e3:.1f}" for w, t in case["graph_ms_by_warps"].items()), flush=True)
         results["cases"].append(case)
         rows.append([m, k, calls, f"{ms * 1e3:.1f}", f"{graph_ms * 1e3:.1f}", f"{gbps:.0f}",
                      f"{ms * calls:.2f}", "yes" if exact else "NO"])

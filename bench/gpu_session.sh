@@ -3,7 +3,7 @@
 # result files under $OUT (and bench/results/). Wheels carried in .whl/ (comfy-kitchen, the per-layer
 # benchmark's community reference) are installed first.
 #
-#   bash bench/gpu_session.sh "tests" "python bench/bench_quantize_rows.py --sweep" ...
+#   bash bench/gpu_session.sh "tests" "python bench/bench_quantize_rows.py --sweep-warps" ...
 #
 # "tests" runs the W8A8 kernel tests natively (GPU_TESTS=... names other files or pytest arguments); any other
 # argument is a command run as is, with --out $OUT appended. Each step gets STEP_TIMEOUT_S seconds (default

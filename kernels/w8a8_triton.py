@@ -1,6 +1,6 @@
 """Triton kernels of the INT8 W8A8 linear (see w8a8_reference.py for the exact math they reproduce).
 
-- ``_quantize_rows_kernel``: per-row amax, fp32 scale and int8 row (a few rows per program);
+- ``_quantize_rows_kernel``: per-row amax, fp32 scale and int8 row (one program per row);
 - ``_w8a8_gemm_kernel``: tiled int8 tensor-core GEMM, int32 accumulation, fused epilogue (row scale x
   column scale (+ bias) -> output dtype); in its QUANTIZE_A mode it takes the float activation and
   quantizes it on load instead (one launch, for small M);
@@ -67,49 +67,45 @@ def _row_scale(amax):
 
 
 @triton.jit
-def _load_smoothed(ptrs, smooth_ptrs, mask, col_mask, HAS_SMOOTH: tl.constexpr):
-    """Rows [BLOCK_M, BLOCK_K] as fp32, divided by the smoothing row [1, BLOCK_K] where HAS_SMOOTH."""
+def _load_smoothed(ptrs, smooth_ptrs, mask, HAS_SMOOTH: tl.constexpr):
     xs = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_SMOOTH:
-        xs = tl.math.div_rn(xs, tl.load(smooth_ptrs, mask=col_mask, other=1.0))
+        xs = tl.math.div_rn(xs, tl.load(smooth_ptrs, mask=mask, other=1.0))
     return xs
 
 
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, smooth_ptr, q_ptr, scale_ptr,
-    M, K, stride_xm, stride_qm,
-    HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
-    LAUNCH_DEPENDENTS: tl.constexpr,
+    K, stride_xm, stride_qm,
+    HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
 ):
-    """BLOCK_M rows per program: amax over each row, then its fp32 scale and the int8 row. ONE_TILE
-    (K <= BLOCK_K) keeps the rows in registers; otherwise each row is read twice (the second time from
-    L2). LAUNCH_DEPENDENTS lets a GEMM launched with programmatic dependent launch start (and wait)
-    while the last programs here still run."""
+    """One program per row: amax over the row, then its fp32 scale and the int8 row. ONE_TILE (K <=
+    BLOCK_K) keeps the row in registers; otherwise the row is read twice (the second time from L2).
+    LAUNCH_DEPENDENTS lets a GEMM launched with programmatic dependent launch start (and wait) while
+    the last programs here still run. (Several rows per program measured slower: run 11 of the log.)"""
     if LAUNCH_DEPENDENTS:
         gdc_launch_dependents()
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = (rows < M)[:, None]
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
-    q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qm
-    offs = tl.arange(0, BLOCK_K)[None, :]
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * stride_qm
+    offs = tl.arange(0, BLOCK_K)
     if ONE_TILE:
-        mask = row_mask & (offs < K)
-        xs = _load_smoothed(x_rows + offs, smooth_ptr + offs, mask, offs < K, HAS_SMOOTH)
-        scale, inverse = _row_scale(tl.max(tl.abs(xs), axis=1))
-        tl.store(q_rows + offs, _round_clamp_int8(xs * inverse[:, None]), mask=mask)
+        mask = offs < K
+        xs = _load_smoothed(x_row + offs, smooth_ptr + offs, mask, HAS_SMOOTH)
+        scale, inverse = _row_scale(tl.max(tl.abs(xs), axis=0))
+        tl.store(q_row + offs, _round_clamp_int8(xs * inverse), mask=mask)
     else:
-        amax = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+        amax = tl.zeros((BLOCK_K,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            mask = row_mask & (k0 + offs < K)
-            xs = _load_smoothed(x_rows + k0 + offs, smooth_ptr + k0 + offs, mask, k0 + offs < K, HAS_SMOOTH)
+            xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, k0 + offs < K, HAS_SMOOTH)
             amax = tl.maximum(amax, tl.abs(xs))
-        scale, inverse = _row_scale(tl.max(amax, axis=1))
+        scale, inverse = _row_scale(tl.max(amax, axis=0))
         for k0 in range(0, K, BLOCK_K):
-            mask = row_mask & (k0 + offs < K)
-            xs = _load_smoothed(x_rows + k0 + offs, smooth_ptr + k0 + offs, mask, k0 + offs < K, HAS_SMOOTH)
-            tl.store(q_rows + k0 + offs, _round_clamp_int8(xs * inverse[:, None]), mask=mask)
-    tl.store(scale_ptr + rows, scale, mask=rows < M)
+            mask = k0 + offs < K
+            xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, mask, HAS_SMOOTH)
+            tl.store(q_row + k0 + offs, _round_clamp_int8(xs * inverse), mask=mask)
+    tl.store(scale_ptr + row, scale)
 
 
 @triton.jit
@@ -464,36 +460,26 @@ def _quantized_outputs(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             torch.empty((m,), dtype=torch.float32, device=x2d.device))
 
 
-def _prepare_quantize(x2d, smooth, q, scale, rows_per_program: int | None = None,
-                      num_warps: int | None = None) -> Callable[[], None]:
-    """The quantize kernel's launch; ``rows_per_program`` and ``num_warps`` override the rule below (the
-    benchmark's sweep)."""
+def _prepare_quantize(x2d, smooth, q, scale, num_warps: int | None = None) -> Callable[[], None]:
+    """The quantize kernel's launch; ``num_warps`` overrides the rule below (the benchmark's sweep)."""
     m, k = x2d.shape
     block_k = min(triton.next_power_of_2(k), QUANT_ONE_TILE_MAX_K)
-    rule_rows, rule_warps = quantize_launch_shape(block_k)
-    rows_per_program = rows_per_program or rule_rows
+    # 8 warps for long rows: 4608x15360 ran 58 us against 65 us with 4 (H200, bench_quantize_rows
+    # --sweep-warps); rows up to 4096 are as fast with 2 or 4 warps and slower with more.
+    if num_warps is None:
+        num_warps = 8 if block_k >= 8192 else 4
     return _quantize_rows_launcher.prepare(
-        (triton.cdiv(m, rows_per_program),),
-        (x2d, smooth if smooth is not None else scale, q, scale, m, k, x2d.stride(0), k),
-        _quantize_constants(smooth is not None, rows_per_program, block_k, k <= block_k,
-                            num_warps or rule_warps, uses_pdl(x2d.device)),
+        (m,), (x2d, smooth if smooth is not None else scale, q, scale, k, x2d.stride(0), k),
+        _quantize_constants(smooth is not None, block_k, k <= block_k, num_warps, uses_pdl(x2d.device)),
     )
 
 
-def quantize_launch_shape(block_k: int) -> tuple[int, int]:
-    """(rows per program, warps) of the quantize kernel for rows read in ``block_k``-element tiles."""
-    # 8 warps for long rows: 4608x15360 ran 58 us against 65 us with 4 (H200, bench_quantize_rows
-    # --sweep); rows up to 4096 are as fast with 2 or 4 warps and slower with more.
-    return 1, 8 if block_k >= 8192 else 4
-
-
 @functools.cache
-def _quantize_constants(has_smooth: bool, rows_per_program: int, block_k: int, one_tile: bool, num_warps: int,
+def _quantize_constants(has_smooth: bool, block_k: int, one_tile: bool, num_warps: int,
                         launch_dependents: bool) -> tuple:
     # enable_fp_fusion=False: x * inverse must round before the rounding trick's add, as in torch
-    return (("HAS_SMOOTH", has_smooth), ("BLOCK_M", rows_per_program), ("BLOCK_K", block_k),
-            ("ONE_TILE", one_tile), ("LAUNCH_DEPENDENTS", launch_dependents), ("num_warps", num_warps),
-            ("enable_fp_fusion", False))
+    return (("HAS_SMOOTH", has_smooth), ("BLOCK_K", block_k), ("ONE_TILE", one_tile),
+            ("LAUNCH_DEPENDENTS", launch_dependents), ("num_warps", num_warps), ("enable_fp_fusion", False))
 
 
 def _tile_constants(config: GemmConfig) -> tuple:
