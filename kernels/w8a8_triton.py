@@ -30,12 +30,13 @@ from .triton_launch import CachedLauncher, TensorDescriptor
 # triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-try:  # grid dependency control, for programmatic dependent launch (Triton >= 3.5; sm_90+ at run time)
+try:  # programmatic dependent launch: the kernel-side calls and the launch option (sm_90+ at run time)
+    from triton.backends.nvidia.compiler import CUDAOptions
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-    HAS_GRID_DEPENDENCY_CONTROL = True
+    HAS_PDL = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 except ImportError:
-    HAS_GRID_DEPENDENCY_CONTROL = False
+    HAS_PDL = False
 
     @triton.jit
     def gdc_wait():
@@ -427,8 +428,8 @@ def uses_pdl(device: torch.device) -> bool:
     """Whether GEMMs on ``device`` are launched with programmatic dependent launch: the GPU schedules
     them while the kernel before (the activation quantization) still runs, and they wait for its
     results in ``gdc_wait``, which hides the launch gap between the two. Needs sm_90+, a Triton with
-    grid dependency control and no interpreter; DIT_QUANT_PDL=0 switches it off."""
-    return (USE_PDL and HAS_GRID_DEPENDENCY_CONTROL and not INTERPRETED and device.type == "cuda"
+    ``launch_pdl`` and no interpreter; DIT_QUANT_PDL=0 switches it off."""
+    return (USE_PDL and HAS_PDL and not INTERPRETED and device.type == "cuda"
             and _properties(device).major >= 9)
 
 
