@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .dit_fusions_reference import GELU_TANH_COEFF, SQRT_2_OVER_PI
-from .triton_launch import CachedLauncher
+from .triton_launch import CachedLauncher, next_power_of_2
 from .w8a8_triton import _check_launchable, _round_clamp_int8, _row_scale
 
 _GELU_C = tl.constexpr(GELU_TANH_COEFF)
@@ -180,7 +180,7 @@ def layernorm_modulate_triton(
             (x, scale, shift, smooth if smooth is not None else row_scale, out, row_scale,
              k, length, x.stride(0), x.stride(1), scale.stride(0), shift.stride(0), eps),
             (("QUANTIZE", quantize), ("HAS_SMOOTH", smooth is not None),
-             ("BLOCK_K", triton.next_power_of_2(k)), ("num_warps", _row_warps(k))),
+             ("BLOCK_K", next_power_of_2(k)), ("num_warps", _row_warps(k))),
         )
     return (out, row_scale) if quantize else out.view(b, length, k)
 
@@ -209,7 +209,7 @@ def qk_norm_rope_triton(
         (qkv, q_weight, k_weight, pe if pe is not None else q_weight, q_out, k_out, v_out,
          length, heads, offset, qkv.stride(0), qkv.stride(1), *pe_strides,
          q_out.stride(0), q_out.stride(1), q_out.stride(2), eps),
-        (("HAS_PE", pe is not None), ("HEAD_DIM", head_dim), ("BLOCK_H", triton.next_power_of_2(heads)),
+        (("HAS_PE", pe is not None), ("HEAD_DIM", head_dim), ("BLOCK_H", next_power_of_2(heads)),
          ("num_warps", 4)),
     )
 
@@ -241,7 +241,7 @@ def gelu_concat_triton(
              length, ka, kb, *attn_strides, *mlp_strides),
             (("HAS_ATTN", attn is not None), ("HAS_MLP", mlp is not None), ("QUANTIZE", quantize),
              ("HAS_SMOOTH", smooth is not None), ("HEAD_DIM", attn.shape[3] if attn is not None else 1),
-             ("BLOCK_A", triton.next_power_of_2(max(ka, 1))), ("BLOCK_B", triton.next_power_of_2(max(kb, 1))),
+             ("BLOCK_A", next_power_of_2(max(ka, 1))), ("BLOCK_B", next_power_of_2(max(kb, 1))),
              ("num_warps", _row_warps(ka + kb))),
         )
     return (out, row_scale) if quantize else out.view(b, length, ka + kb)

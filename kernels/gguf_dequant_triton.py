@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .gguf_dequant_reference import BLOCK_LAYOUT, IQ4_NL_VALUES, tensor_blocks
+from .triton_launch import ceil_div
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_TYPES = (
@@ -332,7 +333,7 @@ def dequantize_triton(
     src = raw.contiguous().view(-1)
     out = torch.empty(n_blocks * block_size, dtype=dtype, device=raw.device)
     blocks = _BLOCKS_PER_PROGRAM[qtype]
-    grid = (triton.cdiv(n_blocks, blocks),)
+    grid = (ceil_div(n_blocks, blocks),)
     if raw.device not in _CODEBOOKS:
         _CODEBOOKS[raw.device] = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=raw.device)
     _dequantize_kernel[grid](

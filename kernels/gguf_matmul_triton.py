@@ -31,7 +31,7 @@ import triton.language as tl
 from .dispatch import last_dim_contiguous
 from .gguf_dequant_reference import BLOCK_LAYOUT
 from .gguf_dequant_triton import INTERPRETED, k_scale_min, load_f16, round_to_bf16
-from .triton_launch import CachedLauncher
+from .triton_launch import CachedLauncher, ceil_div, next_power_of_2
 
 FUSED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 _QTYPE_ID = {name: i for i, name in enumerate(FUSED_TYPES)}
@@ -367,10 +367,10 @@ def _launch(
     autotuned tile (DIT_QUANT_GGUF_AUTOTUNE=1), else :func:`default_config`; the interpreter always gets a
     fixed 32x32 tile."""
     m, n = out.shape
-    m_bucket = min(triton.next_power_of_2(max(m, 1)), 4096)  # autotuning key: once per size class, not per M
+    m_bucket = min(next_power_of_2(max(m, 1)), 4096)  # autotuning key: once per size class, not per M
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return (ceil_div(m, meta["BLOCK_M"]) * ceil_div(n, meta["BLOCK_N"]),)
 
     if INTERPRETED:
         config = TileConfig(32, 32, 4, 1)

@@ -39,6 +39,17 @@ try:
 except ImportError:  # Triton < 3.4 has no host-side TMA descriptors
     TensorDescriptor = None
 
+def ceil_div(a: int, b: int) -> int:
+    """Host-side ``triton.cdiv``: the latter is a Triton constexpr function, a few µs per call from
+    Python, and launches compute several of these."""
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    """Host-side ``triton.next_power_of_2`` (same reason as ``ceil_div``), for n >= 0."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 # Read per call, so benchmarks and tests can compare both paths in one process.
 DIRECT_LAUNCH = os.environ.get("DIT_QUANT_DIRECT_LAUNCH", "1") != "0"
 

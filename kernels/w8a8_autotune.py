@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import triton
 
+from .triton_launch import next_power_of_2
 from .w8a8_triton import (
     INTERPRETED,
     INTERPRETER_CONFIGS,
@@ -56,7 +57,7 @@ def cache_path() -> Path:
 
 def m_bucket(m: int) -> int:
     """Rows -> tuning bucket: the next power of two (1, 2, 4, ..., capped at 16384)."""
-    return min(triton.next_power_of_2(max(m, 1)), 16384)
+    return min(next_power_of_2(max(m, 1)), 16384)
 
 
 def _load_disk_cache() -> dict[str, GemmConfig]:

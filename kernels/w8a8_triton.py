@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 # TensorDescriptor is None on Triton < 3.4 (no host-side TMA descriptors): "tma" configs are never listed.
-from .triton_launch import CachedLauncher, TensorDescriptor
+from .triton_launch import CachedLauncher, TensorDescriptor, ceil_div, next_power_of_2
 
 # triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -396,8 +396,8 @@ def tail_start_row(m: int, n: int, config: GemmConfig, slots: int) -> int:
     """
     if config.tail is None:
         return m
-    tiles_n = triton.cdiv(n, config.block_n)
-    full_wave_tiles = triton.cdiv(m, config.block_m) * tiles_n // slots * slots
+    tiles_n = ceil_div(n, config.block_n)
+    full_wave_tiles = ceil_div(m, config.block_m) * tiles_n // slots * slots
     return min(m, full_wave_tiles // tiles_n * config.block_m)
 
 
@@ -464,7 +464,7 @@ def _quantized_outputs(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _prepare_quantize(x2d, smooth, q, scale, num_warps: int | None = None) -> Callable[[], None]:
     """The quantize kernel's launch; ``num_warps`` overrides the rule below (the benchmark's sweep)."""
     m, k = x2d.shape
-    block_k = min(triton.next_power_of_2(k), QUANT_ONE_TILE_MAX_K)
+    block_k = min(next_power_of_2(k), QUANT_ONE_TILE_MAX_K)
     # 8 warps for long rows: 4608x15360 ran 58 us against 65 us with 4 (H200, bench_quantize_rows
     # --sweep-warps); rows up to 4096 are as fast with 2 or 4 warps and slower with more.
     if num_warps is None:
@@ -517,7 +517,7 @@ def _prepare_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth
     m, k = a.shape
     n = weight.shape[0]
     return _pointer_gemm_launcher.prepare(
-        (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),),
+        (ceil_div(m, config.block_m) * ceil_div(n, config.block_n),),
         (a, weight, a_scale if a_scale is not None else weight_scale, weight_scale,
          bias if bias is not None else weight_scale, smooth if smooth is not None else weight_scale, out,
          m, n, k, a.stride(0), weight.stride(0), out.stride(0)),
@@ -531,7 +531,7 @@ def _prepare_tma_gemm(config, q, a_scale, weight, weight_scale, bias, out) -> Ca
     m, k = q.shape
     n = weight.shape[0]
     out_block_n = config.block_n // 2 if config.split_epilogue else config.block_n
-    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    tiles = ceil_div(m, config.block_m) * ceil_div(n, config.block_n)
     num_programs = min(tiles, program_slots(q.device))
     return _tma_gemm_launcher.prepare(
         (num_programs,),

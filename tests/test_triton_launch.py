@@ -6,7 +6,13 @@ import torch
 import triton
 import triton.language as tl
 from dit_quant.kernels import triton_launch, w8a8_linear, w8a8_triton
-from dit_quant.kernels.triton_launch import CachedLauncher, TensorDescriptor, specialization_key
+from dit_quant.kernels.triton_launch import (
+    CachedLauncher,
+    TensorDescriptor,
+    ceil_div,
+    next_power_of_2,
+    specialization_key,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -30,6 +36,14 @@ def _affine(launcher: CachedLauncher, x: torch.Tensor, alpha: float, add_one: bo
 
 def _affine_reference(x: torch.Tensor, alpha: float, add_one: bool) -> torch.Tensor:
     return (x.double() * alpha + (1.0 if add_one else 0.0)).to(x.dtype)
+
+
+def test_host_integer_helpers_match_triton():
+    """ceil_div / next_power_of_2 (plain Python, for launch arithmetic) agree with Triton's own."""
+    for a in [*range(0, 70), 4095, 4096, 4097, 12288, 15360, 2**31 - 1]:
+        assert next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in (1, 3, 16, 64, 128, 256):
+            assert ceil_div(a, b) == triton.cdiv(a, b), (a, b)
 
 
 def test_specialization_key_follows_triton_rules():
