@@ -23,6 +23,11 @@ def _check_vector(name: str, t: torch.Tensor | None, length: int, what: str) -> 
         raise ValueError(f"DiT Quant: {name} must have shape [{length}] ({what}), got {tuple(t.shape)}")
 
 
+def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    # the dtype test first: .float() of an fp32 tensor still costs a dispatcher round trip per call
+    return t if t is None or t.dtype == torch.float32 else t.float()
+
+
 def w8a8_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -53,8 +58,7 @@ def w8a8_linear(
     for name, t in (("weight", weight), ("weight_scale", weight_scale), ("bias", bias), ("smooth", smooth)):
         if t is not None and t.device != x.device:
             raise ValueError(f"DiT Quant: w8a8_linear {name} is on {t.device} but the input is on {x.device}")
-    return call_w8a8_linear(x, weight, weight_scale.float(), bias, None if smooth is None else smooth.float(),
-                            backend)
+    return call_w8a8_linear(x, weight, _fp32(weight_scale), bias, _fp32(smooth), backend)
 
 
 def quantize_rows(
@@ -68,4 +72,4 @@ def quantize_rows(
         raise ValueError(f"DiT Quant: quantize_rows needs a 2-D float tensor, got {x2d.dtype} "
                          f"{tuple(x2d.shape)}")
     _check_vector("smooth", smooth, x2d.shape[1], "one fp32 divisor per input channel")
-    return call_quantize_rows(x2d, None if smooth is None else smooth.float(), backend)
+    return call_quantize_rows(x2d, _fp32(smooth), backend)
