@@ -52,11 +52,11 @@ def _without_pdl(fn):
     from dit_quant.kernels import w8a8_triton
 
     def run():
-        w8a8_triton.USE_PDL = False
+        before, w8a8_triton.USE_PDL = w8a8_triton.USE_PDL, False
         try:
             return fn()
         finally:
-            w8a8_triton.USE_PDL = True
+            w8a8_triton.USE_PDL = before
 
     return run
 

@@ -39,6 +39,7 @@ try:
 except ImportError:  # Triton < 3.4 has no host-side TMA descriptors
     TensorDescriptor = None
 
+
 def ceil_div(a: int, b: int) -> int:
     """Host-side ``triton.cdiv``: the latter is a Triton constexpr function, a few µs per call from
     Python, and launches compute several of these."""

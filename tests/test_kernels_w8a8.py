@@ -219,7 +219,7 @@ def test_programmatic_dependent_launch_gives_the_same_bits(monkeypatch):
     from dit_quant.kernels import w8a8_triton
 
     if not w8a8_triton.uses_pdl(DEVICE):
-        pytest.skip("programmatic dependent launch needs sm_90+ and a Triton with grid dependency control")
+        pytest.skip("programmatic dependent launch needs sm_90+ and a Triton with launch_pdl")
     x, weight, weight_scale, bias, _ = _inputs((4608,), 3072, 3072, torch.bfloat16, True, False, seed=17)
     outputs = {}
     for pdl in (False, True):
