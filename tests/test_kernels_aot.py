@@ -1,8 +1,11 @@
 """Ahead-of-time compile of the Triton W8A8 kernels for sm_80/86/89/90 without a GPU.
 
 Proves, on a CPU-only CI machine, that every config the dispatcher may pick on an architecture builds
-(PTX and ptxas cubin), lowers the int8 dot to the int8 tensor-core instruction, and fits the
-architecture's shared memory. Needs a Triton that carries ptxas (the 3.9 wheel does).
+(PTX and ptxas cubin), lowers the int8 dot to the int8 tensor-core instruction, fits the
+architecture's shared memory and keeps its values in registers (no spills to local memory, read from the
+cubin with cuobjdump). Needs a Triton that carries ptxas and cuobjdump (the 3.9 wheel does). The
+kernels are compiled with the 16-byte alignment hints the JIT gives real aligned tensors: without them
+Triton cannot pipeline the loads through shared memory and the large tiles spill.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -30,6 +34,21 @@ POINTER_TYPES = {"a_ptr": "*i8", "b_ptr": "*i8", "a_scale_ptr": "*fp32", "b_scal
                  "bias_ptr": "*bf16", "smooth_ptr": "*fp32", "out_ptr": "*bf16"}
 
 
+def _resource_usage(cubin: bytes) -> dict[str, int] | None:
+    """Registers per thread and stack bytes per thread (spills) of a cubin, read with the cuobjdump that
+    the Triton wheel carries; None where this Triton has none."""
+    tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        report = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                                check=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    return {"registers": int(match.group(1)), "stack_bytes": int(match.group(2))}
+
+
 def _compile(fn, signature, constexprs, cc, num_warps, num_stages):
     for name in constexprs:
         signature[name] = "constexpr"
@@ -45,7 +64,7 @@ def _compile(fn, signature, constexprs, cc, num_warps, num_stages):
             "div_rn": "div.rn.f32" in ptx, "shared": kernel.metadata.shared,
             "gdc_wait": "griddepcontrol.wait" in ptx,
             "gdc_launch_dependents": "griddepcontrol.launch_dependents" in ptx,
-            "cubin_bytes": len(kernel.asm["cubin"])}
+            "cubin_bytes": len(kernel.asm["cubin"]), "resources": _resource_usage(kernel.asm["cubin"])}
 
 
 def _case_id(cc, config):
@@ -127,6 +146,15 @@ def test_gemm_compiles_to_int8_tensor_cores(compiled, cc, config):
         f"{result['shared']} B of shared memory > {SMEM_LIMIT_KB[cc]} KB on sm_{cc}")
     # Hopper waits for the quantize kernel in the GEMM (programmatic dependent launch)
     assert result["gdc_wait"] == (cc >= 90 and config.kind != "fused" and w8a8_triton.HAS_PDL)
+    _assert_no_spills(result, cc)
+
+
+def _assert_no_spills(result: dict, cc: int) -> None:
+    """Register spills (stack memory per thread) would put local-memory traffic in the inner loop."""
+    if result["resources"] is None:
+        pytest.skip("this Triton carries no cuobjdump to read the cubin's register use")
+    assert result["resources"]["stack_bytes"] == 0, f"sm_{cc}: spills {result['resources']}"
+    assert result["resources"]["registers"] <= 255
 
 
 @pytest.mark.parametrize("one_tile", [True, False])
@@ -136,3 +164,4 @@ def test_quantize_rows_kernel_compiles(compiled, cc, one_tile):
     assert result["cubin_bytes"] > 0
     assert result["div_rn"]  # IEEE division, so the quantized ints match torch's
     assert result["gdc_launch_dependents"] == (cc >= 90 and w8a8_triton.HAS_PDL)
+    _assert_no_spills(result, cc)
