@@ -1,7 +1,8 @@
 """Host (CPU) cost per call of each layer of the W8A8 stack, on a GPU, at a shape whose GPU time is tiny
 (so a loop of calls is bound by the host): F.linear for scale, an empty Triton launch, each of our
-kernels launched directly, the config lookup, the custom op and the public function. Then a cProfile of
-the public function. Writes host_overhead_w8a8.{json,md} to bench/results/ and --out ($OUT).
+kernels launched directly, the config lookup, the custom op and the public functions (also without
+launch plans and through Triton's own launch path). Then a cProfile of the public function.
+Writes host_overhead_w8a8.{json,md} to bench/results/ and --out ($OUT).
 
     python bench/host_overhead_w8a8.py [--out DIR]
 """
@@ -46,6 +47,8 @@ def host_us(fn, calls: int = 300) -> float:
 
 # Steps also timed with the cached launcher off (every launch through kernel[grid](...)).
 THROUGH_TRITON = ("quantize_rows kernel (direct)", "GEMM kernel launch only", "w8a8_linear (public)")
+# Steps also timed without launch plans (DIT_QUANT_LAUNCH_PLANS=0: key, lookup and preparation per launch).
+WITHOUT_PLANS = ("w8a8_linear (public)", "int8_gemm (public)")
 
 
 def _steps(kernels, t: dict, layer: tuple, config) -> dict:
@@ -80,6 +83,8 @@ def _steps(kernels, t: dict, layer: tuple, config) -> dict:
         "resolve_backend": lambda: dispatch.resolve_backend(torch.device("cuda:0"), "triton"),
         "torch.ops.dit_quant.w8a8_linear": lambda: torch.ops.dit_quant.w8a8_linear(*layer, None, "triton"),
         "w8a8_linear (public)": lambda: kernels.w8a8_linear(*layer, backend="triton"),
+        "int8_gemm (public)": lambda: kernels.int8_gemm(q, scale, *layer[1:], torch.bfloat16,
+                                                        backend="triton"),
     }
 
 
@@ -88,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     require_cuda("host_overhead_w8a8")
     kernels = import_kernels()
-    from dit_quant.kernels import triton_launch
+    from dit_quant.kernels import dispatch, triton_launch
     from dit_quant.kernels.w8a8_autotune import choose_config
 
     env = environment()
@@ -105,6 +110,10 @@ def main() -> None:
                 triton_launch.DIRECT_LAUNCH = False
                 host[f"{name}, Triton's launch path"] = host_us(fn)
                 triton_launch.DIRECT_LAUNCH = True
+            if name in WITHOUT_PLANS:
+                dispatch.USE_PLANS = False
+                host[f"{name}, without launch plans"] = host_us(fn)
+                dispatch.USE_PLANS = True
         records[m] = {"config": str(config), "host_us": host}
         rows += [[m, name, f"{us:.1f}"] for name, us in host.items()]
         if m == 1:

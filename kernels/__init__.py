@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import available_backends, call_quantize_rows, call_w8a8_linear, resolve_backend
+from .dispatch import as_fp32, available_backends, call_quantize_rows, call_w8a8_linear, resolve_backend
 from .dit_fusions import gelu_concat, int8_gemm, layernorm_modulate, qk_norm_rope
 
 __all__ = ["available_backends", "gelu_concat", "int8_gemm", "layernorm_modulate", "qk_norm_rope",
@@ -21,11 +21,6 @@ def _check_vector(name: str, t: torch.Tensor | None, length: int, what: str) -> 
         raise ValueError(f"DiT Quant: {name} must be a float tensor, got {t.dtype}")
     if t.dim() != 1 or t.shape[0] != length:
         raise ValueError(f"DiT Quant: {name} must have shape [{length}] ({what}), got {tuple(t.shape)}")
-
-
-def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
-    # the dtype test first: .float() of an fp32 tensor still costs a dispatcher round trip per call
-    return t if t is None or t.dtype == torch.float32 else t.float()
 
 
 def w8a8_linear(
@@ -58,7 +53,7 @@ def w8a8_linear(
     for name, t in (("weight", weight), ("weight_scale", weight_scale), ("bias", bias), ("smooth", smooth)):
         if t is not None and t.device != x.device:
             raise ValueError(f"DiT Quant: w8a8_linear {name} is on {t.device} but the input is on {x.device}")
-    return call_w8a8_linear(x, weight, _fp32(weight_scale), bias, _fp32(smooth), backend)
+    return call_w8a8_linear(x, weight, as_fp32(weight_scale), bias, as_fp32(smooth), backend)
 
 
 def quantize_rows(
@@ -72,4 +67,4 @@ def quantize_rows(
         raise ValueError(f"DiT Quant: quantize_rows needs a 2-D float tensor, got {x2d.dtype} "
                          f"{tuple(x2d.shape)}")
     _check_vector("smooth", smooth, x2d.shape[1], "one fp32 divisor per input channel")
-    return call_quantize_rows(x2d, _fp32(smooth), backend)
+    return call_quantize_rows(x2d, as_fp32(smooth), backend)

@@ -14,6 +14,7 @@ process, with one warning.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Hashable
 from typing import NamedTuple
@@ -74,19 +75,74 @@ register_backend("torch", Backend(
 
 try:
     from .dit_fusions_triton import gelu_concat_triton, layernorm_modulate_triton, qk_norm_rope_triton
+    from .triton_launch import current_stream
     from .w8a8_autotune import choose_config, choose_gemm_config
     from .w8a8_triton import INTERPRETED as _TRITON_INTERPRETED
-    from .w8a8_triton import int8_gemm_triton, quantize_rows_triton, w8a8_linear_triton
+    from .w8a8_triton import (
+        build_gemm_plan,
+        build_linear_plan,
+        gemm_plan_key,
+        int8_gemm_triton,
+        linear_plan_key,
+        quantize_rows_triton,
+        w8a8_linear_triton,
+    )
+
+    # plan key -> LaunchPlan, or False where none could be bound (not retried); plans hold no tensors,
+    # the bound only limits growth where weights move between calls (new addresses, new keys)
+    _linear_plans: dict = {}
+    _gemm_plans: dict = {}
+    MAX_PLANS = 4096
+    # Read per call (the host benchmark compares both): DIT_QUANT_LAUNCH_PLANS=0 takes the general path.
+    USE_PLANS = os.environ.get("DIT_QUANT_LAUNCH_PLANS", "1") != "0"
+
+    def _plan_for(plans: dict, key) -> tuple:
+        """(plan or None/False, stream) where the plan serves the current device; else (it, None)."""
+        plan = plans.get(key)
+        if plan:
+            device, stream = current_stream()
+            if device == plan.device_index:
+                return plan, stream
+        return plan, None
+
+    def _remember(plans: dict, key, build) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            return  # the config of a call under capture was not tuned: plan after the capture
+        if len(plans) >= MAX_PLANS:
+            plans.clear()
+        try:
+            plans[key] = build() or False
+        except Exception as exc:  # a plan is an optimization: the general path keeps serving these calls
+            plans[key] = False
+            log_once(("launch plan", type(exc).__name__), f"DiT Quant: no launch plan for a W8A8 call "
+                     f"({type(exc).__name__}: {exc}); it keeps the general launch path", logging.WARNING)
 
     def _triton_linear(x2d, weight, weight_scale, bias, smooth):
         if x2d.shape[0] == 0:
             return x2d.new_empty((0, weight.shape[0]))
+        key = linear_plan_key(x2d, weight, weight_scale, bias, smooth) if USE_PLANS and x2d.is_cuda else None
+        plan, stream = _plan_for(_linear_plans, key)
+        if stream is not None:
+            return plan.linear(x2d, weight, weight_scale, bias, smooth, stream)
         config = choose_config(x2d, weight, weight_scale, bias, smooth)
-        return w8a8_linear_triton(x2d, weight, weight_scale, bias, smooth, config)
+        out = w8a8_linear_triton(x2d, weight, weight_scale, bias, smooth, config)
+        if key is not None and plan is None:
+            _remember(_linear_plans, key,
+                      lambda: build_linear_plan(x2d, weight, weight_scale, bias, smooth, config))
+        return out
 
     def _triton_int8_gemm(q, scale, weight, weight_scale, bias, out_dtype):
+        planned = USE_PLANS and q.is_cuda and q.shape[0] > 0
+        key = gemm_plan_key(q, scale, weight, weight_scale, bias, out_dtype) if planned else None
+        plan, stream = _plan_for(_gemm_plans, key)
+        if stream is not None:
+            return plan.gemm(q, scale, weight, weight_scale, bias, stream)
         config = choose_gemm_config(q, scale, weight, weight_scale, bias, out_dtype)
-        return int8_gemm_triton(q, scale, weight, weight_scale, bias, out_dtype, config)
+        out = int8_gemm_triton(q, scale, weight, weight_scale, bias, out_dtype, config)
+        if key is not None and plan is None:
+            _remember(_gemm_plans, key,
+                      lambda: build_gemm_plan(q, scale, weight, weight_scale, bias, out_dtype, config))
+        return out
 
     register_backend("triton", Backend(
         _triton_linear, quantize_rows_triton, _triton_int8_gemm, layernorm_modulate_triton,
@@ -202,6 +258,12 @@ def run_op(op_name: str, device: torch.device, requested: str, *args, **kwargs):
                   f"({type(exc).__name__}: {exc}); using the torch reference path from now on",
                   logging.WARNING)
         return getattr(BACKENDS["torch"], op_name)(*args, **kwargs)
+
+
+def as_fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as fp32 (None stays None). The dtype test first: ``.float()`` of an fp32 tensor still costs a
+    dispatcher round trip per call."""
+    return t if t is None or t.dtype == torch.float32 else t.float()
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

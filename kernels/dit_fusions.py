@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import last_dim_contiguous, run_op
+from .dispatch import as_fp32, last_dim_contiguous, run_op
 
 
 def int8_gemm(
@@ -28,8 +28,8 @@ def int8_gemm(
     if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[1] != q.shape[1]:
         raise ValueError(f"DiT Quant: int8_gemm weight must be int8 [N, {q.shape[1]}], got {weight.dtype} "
                          f"{tuple(weight.shape)}")
-    return run_op("int8_gemm", q.device, backend, last_dim_contiguous(q), scale.float(),
-                  last_dim_contiguous(weight), weight_scale.float(), bias, out_dtype)
+    return run_op("int8_gemm", q.device, backend, last_dim_contiguous(q), as_fp32(scale),
+                  last_dim_contiguous(weight), as_fp32(weight_scale), bias, out_dtype)
 
 
 def layernorm_modulate(
@@ -51,7 +51,7 @@ def layernorm_modulate(
             raise ValueError(f"DiT Quant: layernorm_modulate {name} must be [{b}, {k}], got {tuple(t.shape)}")
     scale, shift = (t.expand(b, k) for t in (scale, shift))
     return run_op("layernorm_modulate", x.device, backend, last_dim_contiguous(x), scale, shift, eps,
-                  None if smooth is None else smooth.float(), quantize)
+                  as_fp32(smooth), quantize)
 
 
 def qk_norm_rope(
@@ -98,4 +98,4 @@ def gelu_concat(
     device = (attn if attn is not None else mlp).device
     return run_op("gelu_concat", device, backend, None if attn is None else last_dim_contiguous(attn),
                   None if mlp is None else last_dim_contiguous(mlp),
-                  None if smooth is None else smooth.float(), quantize, out_dtype)
+                  as_fp32(smooth), quantize, out_dtype)

@@ -129,17 +129,39 @@ class CachedLauncher:
             _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook, *launch_args,
         )
 
+    def bind(
+        self, grid: Sequence[int], args: tuple, constants: tuple[tuple[str, Any], ...]
+    ) -> BoundLaunch | None:
+        """The launch of the compiled kernel that ``args`` (an example of the arguments) specialize to, with
+        the grid and constants fixed; None until Triton's path has compiled it (or where launches always
+        take Triton's path). The caller must only pass it arguments that specialize the same way (same
+        dtypes, 16-byte alignments and integer classes; see ``specialization_key``): it skips that check."""
+        if self._current_device is None or not DIRECT_LAUNCH or self._broken:
+            return None
+        try:
+            key = (self._current_device(), _knobs.runtime.debug, constants, specialization_key(args))
+        except TypeError:
+            return None
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        compiled, constexpr_values = entry
+        return BoundLaunch(self, compiled, tuple(grid), constants, constexpr_values)
+
     def _launch_direct(self, compiled: Any, grid: Sequence[int], args: tuple, constants: tuple,
                        *run_args: Any) -> None:
         try:
             compiled.run(*run_args)
         except TypeError as exc:  # this Triton's launcher takes other arguments: use Triton's own path
-            self._current_device = None
-            self._broken = True
-            logger.warning("DiT Quant: direct launches of %s do not fit this Triton (%s: %s); launching "
-                           "through Triton from now on", getattr(self.kernel, "__name__", "a kernel"),
-                           type(exc).__name__, exc)
+            self._launch_direct_failed(exc)
             self._launch_through_triton(grid, args, constants)
+
+    def _launch_direct_failed(self, exc: TypeError) -> None:
+        self._current_device = None
+        self._broken = True
+        logger.warning("DiT Quant: direct launches of %s do not fit this Triton (%s: %s); launching "
+                       "through Triton from now on", getattr(self.kernel, "__name__", "a kernel"),
+                       type(exc).__name__, exc)
 
     def _launch_through_triton(
         self, grid: Sequence[int], args: tuple, constants: tuple, key: tuple | None = None
@@ -167,3 +189,44 @@ class CachedLauncher:
                 return
         compiled.run  # noqa: B018 (the property loads the module, which sets compiled.function)
         self._entries[key] = (compiled, tuple(named[name] for name in later_params))
+
+
+class BoundLaunch:
+    """One compiled kernel's launch with its grid and constants fixed (``CachedLauncher.bind``): a call
+    costs Triton's own launcher and nothing else (no key, no lookup)."""
+
+    __slots__ = ("_launcher", "_compiled", "_run", "_grid", "_grid_xyz", "_constants", "_constexpr_values",
+                 "_function", "_packed_metadata")
+
+    def __init__(self, launcher: CachedLauncher, compiled: Any, grid: tuple, constants: tuple,
+                 constexpr_values: tuple) -> None:
+        self._launcher, self._compiled, self._grid, self._constants = launcher, compiled, grid, constants
+        self._run = compiled.run  # the property loads the module once
+        self._grid_xyz = (*grid, 1, 1)[:3]
+        self._constexpr_values = constexpr_values
+        self._function, self._packed_metadata = compiled.function, compiled.packed_metadata
+
+    def __call__(self, stream: int, *args: Any) -> None:
+        """Launch on ``stream`` (a CUDA stream handle of the current device) with runtime ``args``."""
+        launcher = self._launcher
+        if launcher._broken or not DIRECT_LAUNCH:
+            launcher._launch_through_triton(self._grid, args, self._constants)
+            return
+        launch_args = (*args, *self._constexpr_values)
+        enter_hook = _knobs.runtime.launch_enter_hook
+        metadata = (None if enter_hook is None
+                    else self._compiled.launch_metadata(self._grid, stream, *launch_args))
+        launcher.direct_launches += 1
+        try:
+            self._run(*self._grid_xyz, stream, self._function, self._packed_metadata, metadata, enter_hook,
+                      _knobs.runtime.launch_exit_hook, *launch_args)
+        except TypeError as exc:  # as in CachedLauncher._launch_direct
+            launcher._launch_direct_failed(exc)
+            launcher._launch_through_triton(self._grid, args, self._constants)
+
+
+def current_stream() -> tuple[int, int]:
+    """(current CUDA device index, its current stream handle) as Triton's launches see them."""
+    driver = triton.runtime.driver.active
+    device = driver.get_current_device()
+    return device, driver.get_current_stream(device)

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 # TensorDescriptor is None on Triton < 3.4 (no host-side TMA descriptors): "tma" configs are never listed.
+from . import triton_launch
 from .triton_launch import CachedLauncher, TensorDescriptor, ceil_div, next_power_of_2
 
 # triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported.
@@ -463,16 +464,24 @@ def _quantized_outputs(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _prepare_quantize(x2d, smooth, q, scale, num_warps: int | None = None) -> Callable[[], None]:
     """The quantize kernel's launch; ``num_warps`` overrides the rule below (the benchmark's sweep)."""
+    return _quantize_rows_launcher.prepare(*_quantize_spec(x2d, smooth, q, scale, num_warps))
+
+
+def _quantize_spec(x2d, smooth, q, scale, num_warps: int | None = None) -> tuple:
+    """(grid, args, constants) of the quantize kernel."""
     m, k = x2d.shape
     block_k = min(next_power_of_2(k), QUANT_ONE_TILE_MAX_K)
     # 8 warps for long rows: 4608x15360 ran 58 us against 65 us with 4 (H200, bench_quantize_rows
     # --sweep-warps); rows up to 4096 are as fast with 2 or 4 warps and slower with more.
     if num_warps is None:
         num_warps = 8 if block_k >= 8192 else 4
-    return _quantize_rows_launcher.prepare(
-        (m,), (x2d, smooth if smooth is not None else scale, q, scale, k, x2d.stride(0), k),
-        _quantize_constants(smooth is not None, block_k, k <= block_k, num_warps, uses_pdl(x2d.device)),
-    )
+    return ((m,), _quantize_args(x2d, smooth, q, scale),
+            _quantize_constants(smooth is not None, block_k, k <= block_k, num_warps, uses_pdl(x2d.device)))
+
+
+def _quantize_args(x2d, smooth, q, scale) -> tuple:
+    k = x2d.shape[1]
+    return (x2d, smooth if smooth is not None else scale, q, scale, k, x2d.stride(0), k)
 
 
 @functools.cache
@@ -512,35 +521,48 @@ _pointer_gemm_launcher = CachedLauncher(_w8a8_gemm_kernel)
 _tma_gemm_launcher = CachedLauncher(_w8a8_gemm_tma_kernel)
 
 
-def _prepare_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth, out) -> Callable[[], None]:
-    """The pointer GEMM; without ``a_scale``, ``a`` is the float activation, quantized on load."""
+def _pointer_gemm_spec(config, a, a_scale, weight, weight_scale, bias, smooth, out) -> tuple:
+    """(grid, args, constants) of the pointer GEMM; without ``a_scale``, ``a`` is the float activation,
+    quantized on load."""
     m, k = a.shape
     n = weight.shape[0]
-    return _pointer_gemm_launcher.prepare(
+    return (
         (ceil_div(m, config.block_m) * ceil_div(n, config.block_n),),
-        (a, weight, a_scale if a_scale is not None else weight_scale, weight_scale,
-         bias if bias is not None else weight_scale, smooth if smooth is not None else weight_scale, out,
-         m, n, k, a.stride(0), weight.stride(0), out.stride(0)),
+        _pointer_gemm_args(a, a_scale, weight, weight_scale, bias, smooth, out),
         # quantizing on load (a_scale None): the kernel before is not ours, nothing to overlap with
         _pointer_gemm_constants(config, a_scale is None, bias is not None, smooth is not None,
                                 k % config.block_k == 0, a_scale is not None and uses_pdl(a.device)),
     )
 
 
-def _prepare_tma_gemm(config, q, a_scale, weight, weight_scale, bias, out) -> Callable[[], None]:
-    m, k = q.shape
-    n = weight.shape[0]
-    out_block_n = config.block_n // 2 if config.split_epilogue else config.block_n
-    tiles = ceil_div(m, config.block_m) * ceil_div(n, config.block_n)
+def _pointer_gemm_args(a, a_scale, weight, weight_scale, bias, smooth, out) -> tuple:
+    m, k = a.shape
+    return (a, weight, a_scale if a_scale is not None else weight_scale, weight_scale,
+            bias if bias is not None else weight_scale, smooth if smooth is not None else weight_scale, out,
+            m, weight.shape[0], k, a.stride(0), weight.stride(0), out.stride(0))
+
+
+def _tma_gemm_spec(config, q, a_scale, weight, weight_scale, bias, out) -> tuple:
+    """(grid, args, constants) of the persistent TMA GEMM."""
+    tiles = ceil_div(q.shape[0], config.block_m) * ceil_div(weight.shape[0], config.block_n)
     num_programs = min(tiles, program_slots(q.device))
-    return _tma_gemm_launcher.prepare(
-        (num_programs,),
-        (TensorDescriptor.from_tensor(q, [config.block_m, config.block_k]),
-         TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
-         TensorDescriptor.from_tensor(out, [config.block_m, out_block_n]),
-         a_scale, weight_scale, bias if bias is not None else weight_scale, m, n, k, num_programs),
-        _tma_gemm_constants(config, bias is not None, uses_pdl(q.device)),
-    )
+    args = _tma_gemm_args(config, q, a_scale, weight, weight_scale, bias, out, num_programs)
+    return (num_programs,), args, _tma_gemm_constants(config, bias is not None, uses_pdl(q.device))
+
+
+def _tma_gemm_args(config, q, a_scale, weight, weight_scale, bias, out, num_programs: int) -> tuple:
+    out_block_n = config.block_n // 2 if config.split_epilogue else config.block_n
+    return (TensorDescriptor.from_tensor(q, [config.block_m, config.block_k]),
+            TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
+            TensorDescriptor.from_tensor(out, [config.block_m, out_block_n]),
+            a_scale, weight_scale, bias if bias is not None else weight_scale,
+            q.shape[0], weight.shape[0], q.shape[1], num_programs)
+
+
+def _prepare_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth, out) -> Callable[[], None]:
+    """The pointer GEMM's launch (see ``_pointer_gemm_spec``)."""
+    return _pointer_gemm_launcher.prepare(*_pointer_gemm_spec(config, a, a_scale, weight, weight_scale, bias,
+                                                              smooth, out))
 
 
 def w8a8_linear_triton(
@@ -571,29 +593,168 @@ def w8a8_linear_triton(
     return out
 
 
+def gemm_row_parts(config: GemmConfig, m: int, n: int, slots: int, first_row: int = 0) -> list[tuple]:
+    """The GEMM launches of ``config`` over ``m`` rows: ``(config, first row, end row)`` each, the main
+    launch over the row blocks that fill whole waves of ``slots`` programs, then its tail's launches over
+    the rest (see ``tail_start_row``)."""
+    start = m if config.tail is None else tail_start_row(m, n, config, slots)
+    if start >= m:
+        return [(config, first_row, first_row + m)]
+    tail = gemm_row_parts(config.tail, m - start, n, slots, first_row + start)
+    return tail if start == 0 else [(config, first_row, first_row + start), *tail]
+
+
+def _gemm_spec(config, q, scale, weight, weight_scale, bias, out) -> tuple:
+    """(launcher, grid, args, constants) of one GEMM launch of int8 ``q`` (no tail)."""
+    if config.kind == "tma":
+        return (_tma_gemm_launcher, *_tma_gemm_spec(config, q, scale, weight, weight_scale, bias, out))
+    return (_pointer_gemm_launcher,
+            *_pointer_gemm_spec(config, q, scale, weight, weight_scale, bias, None, out))
+
+
+def _row_slices(start: int, stop: int, m: int, *tensors: torch.Tensor) -> tuple:
+    return tensors if (start, stop) == (0, m) else tuple(t[start:stop] for t in tensors)
+
+
 def _prepare_gemm(config, q, scale, weight, weight_scale, bias, out) -> Callable[[], None]:
     """The GEMM of int8 ``q`` as ``config`` runs it: one launch, or a main and a tail launch over row
-    slices (see ``tail_start_row``)."""
+    slices (see ``gemm_row_parts``)."""
     m = q.shape[0]
-    start = m if config.tail is None else tail_start_row(m, weight.shape[0], config, program_slots(q.device))
-    if start < m:
-        tail = _prepare_gemm(config.tail, q[start:], scale[start:], weight, weight_scale, bias, out[start:])
-        if start == 0:
-            return tail
-        main = _prepare_one_gemm(config, q[:start], scale[:start], weight, weight_scale, bias, out[:start])
+    launches = []
+    for part, start, stop in gemm_row_parts(config, m, weight.shape[0], program_slots(q.device)):
+        part_q, part_scale, part_out = _row_slices(start, stop, m, q, scale, out)
+        launcher, *spec = _gemm_spec(part, part_q, part_scale, weight, weight_scale, bias, part_out)
+        launches.append(launcher.prepare(*spec))
+    if len(launches) == 1:
+        return launches[0]
 
-        def main_then_tail() -> None:
-            main()
-            tail()
+    def all_parts() -> None:
+        for launch in launches:
+            launch()
 
-        return main_then_tail
-    return _prepare_one_gemm(config, q, scale, weight, weight_scale, bias, out)
+    return all_parts
 
 
-def _prepare_one_gemm(config, q, scale, weight, weight_scale, bias, out) -> Callable[[], None]:
-    if config.kind == "tma":
-        return _prepare_tma_gemm(config, q, scale, weight, weight_scale, bias, out)
-    return _prepare_pointer_gemm(config, q, scale, weight, weight_scale, bias, None, out)
+class _BoundGemm:
+    """The bound GEMM launches of one config over M rows (``gemm_row_parts``)."""
+
+    def __init__(self, parts: list) -> None:
+        self.parts = parts  # (BoundLaunch, config, first row, end row, TMA program count) per launch
+
+    @classmethod
+    def bind(cls, config, q, scale, weight, weight_scale, bias, out) -> _BoundGemm | None:
+        m = q.shape[0]
+        parts = []
+        for part, start, stop in gemm_row_parts(config, m, weight.shape[0], program_slots(q.device)):
+            part_q, part_scale, part_out = _row_slices(start, stop, m, q, scale, out)
+            launcher, grid, args, constants = _gemm_spec(part, part_q, part_scale, weight, weight_scale, bias,
+                                                         part_out)
+            launch = launcher.bind(grid, args, constants)
+            if launch is None:
+                return None
+            parts.append((launch, part, start, stop, grid[0]))
+        return cls(parts)
+
+    def arguments(self, q, scale, weight, weight_scale, bias, out) -> list[tuple]:
+        """The runtime arguments of each launch, for these tensors."""
+        m = q.shape[0]
+        arguments = []
+        for _, config, start, stop, num_programs in self.parts:
+            part_q, part_scale, part_out = _row_slices(start, stop, m, q, scale, out)
+            arguments.append(
+                _tma_gemm_args(config, part_q, part_scale, weight, weight_scale, bias, part_out, num_programs)
+                if config.kind == "tma"
+                else _pointer_gemm_args(part_q, part_scale, weight, weight_scale, bias, None, part_out))
+        return arguments
+
+    def launch(self, stream: int, arguments: list[tuple]) -> None:
+        for (launch, *_), args in zip(self.parts, arguments, strict=True):
+            launch(stream, *args)
+
+
+class LaunchPlan:
+    """The launches of one W8A8 linear (``w8a8_linear_triton``) or GEMM of quantized rows
+    (``int8_gemm_triton``) for one layer and one input signature, bound once (``CachedLauncher.bind``): a
+    call allocates the outputs, builds the argument tuples and launches, without the per-launch
+    specialization key, config lookup and launch preparation of the general path (about half the host
+    time of a call on the H200 machine's host). Holds no tensors; built by ``build_linear_plan`` /
+    ``build_gemm_plan`` and looked up by ``linear_plan_key`` / ``gemm_plan_key``."""
+
+    def __init__(self, device_index: int, out_dtype: torch.dtype, gemm: _BoundGemm, quantize=None,
+                 fused=None) -> None:
+        self.device_index, self.out_dtype = device_index, out_dtype
+        self._gemm, self._quantize, self._fused = gemm, quantize, fused
+
+    def linear(self, x2d, weight, weight_scale, bias, smooth, stream: int) -> torch.Tensor:
+        """``w8a8_linear_triton`` for tensors of the plan's key; ``stream``: the current stream of the
+        plan's device."""
+        out = torch.empty((x2d.shape[0], weight.shape[0]), dtype=self.out_dtype, device=x2d.device)
+        if self._fused is not None:
+            self._fused(stream, *_pointer_gemm_args(x2d, None, weight, weight_scale, bias, smooth, out))
+            return out
+        q, scale = _quantized_outputs(x2d)
+        arguments = self._gemm.arguments(q, scale, weight, weight_scale, bias, out)  # before: no GPU gap
+        self._quantize(stream, *_quantize_args(x2d, smooth, q, scale))
+        self._gemm.launch(stream, arguments)
+        return out
+
+    def gemm(self, q, scale, weight, weight_scale, bias, stream: int) -> torch.Tensor:
+        """``int8_gemm_triton`` for tensors of the plan's key."""
+        out = torch.empty((q.shape[0], weight.shape[0]), dtype=self.out_dtype, device=q.device)
+        self._gemm.launch(stream, self._gemm.arguments(q, scale, weight, weight_scale, bias, out))
+        return out
+
+
+def _layer_key(weight, weight_scale, bias) -> tuple:
+    # addresses (hence alignments), shapes and dtypes of the layer tensors, and the launch switches
+    return (weight.data_ptr(), weight.shape, weight.stride(0), weight_scale.data_ptr(),
+            None if bias is None else (bias.data_ptr(), bias.dtype), USE_PDL, triton_launch.DIRECT_LAUNCH)
+
+
+def linear_plan_key(x2d, weight, weight_scale, bias, smooth) -> tuple:
+    """What a linear ``LaunchPlan`` depends on: the input's shape, row stride, dtype, 16-byte alignment and
+    device, and the layer (``_layer_key``, smoothing vector). Fresh outputs are always aligned, so equal
+    keys specialize every launch the same way."""
+    return (x2d.shape, x2d.stride(0), x2d.dtype, x2d.data_ptr() % 16, x2d.get_device(),
+            None if smooth is None else smooth.data_ptr(), *_layer_key(weight, weight_scale, bias))
+
+
+def gemm_plan_key(q, scale, weight, weight_scale, bias, out_dtype) -> tuple:
+    """What a GEMM ``LaunchPlan`` depends on (as ``linear_plan_key``; the row scales are an input here)."""
+    return (q.shape, q.stride(0), q.data_ptr() % 16, scale.data_ptr() % 16, q.get_device(), out_dtype,
+            *_layer_key(weight, weight_scale, bias))
+
+
+def _can_plan(t: torch.Tensor) -> bool:
+    # during capture the config was not tuned (the first candidate serves the call)
+    return not INTERPRETED and t.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def build_linear_plan(x2d, weight, weight_scale, bias, smooth, config: GemmConfig) -> LaunchPlan | None:
+    """A plan of ``w8a8_linear_triton`` for these tensors and ``config``, once all of its launches have
+    been compiled (after one call with them); None before, in the interpreter or during graph capture."""
+    if not _can_plan(x2d):
+        return None
+    out = torch.empty((x2d.shape[0], weight.shape[0]), dtype=x2d.dtype, device=x2d.device)
+    if config.kind == "fused":
+        fused = _pointer_gemm_launcher.bind(*_pointer_gemm_spec(config, x2d, None, weight, weight_scale, bias,
+                                                                smooth, out))
+        return None if fused is None else LaunchPlan(x2d.get_device(), x2d.dtype, None, fused=fused)
+    q, scale = _quantized_outputs(x2d)
+    quantize = _quantize_rows_launcher.bind(*_quantize_spec(x2d, smooth, q, scale))
+    gemm = _BoundGemm.bind(config, q, scale, weight, weight_scale, bias, out)
+    if quantize is None or gemm is None:
+        return None
+    return LaunchPlan(x2d.get_device(), x2d.dtype, gemm, quantize=quantize)
+
+
+def build_gemm_plan(q, scale, weight, weight_scale, bias, out_dtype, config: GemmConfig) -> LaunchPlan | None:
+    """A plan of ``int8_gemm_triton``, as ``build_linear_plan``."""
+    if not _can_plan(q) or q.shape[0] == 0:
+        return None
+    out = torch.empty((q.shape[0], weight.shape[0]), dtype=out_dtype, device=q.device)
+    gemm = _BoundGemm.bind(config, q, scale, weight, weight_scale, bias, out)
+    return None if gemm is None else LaunchPlan(q.get_device(), out_dtype, gemm)
 
 
 def int8_gemm_triton(

@@ -1,6 +1,8 @@
 """The cached Triton launcher: its specialization key (CPU), and on a GPU that direct launches compute
 the same results as Triton's own launch path, including when a tensor's alignment or dtype changes."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import triton
@@ -166,3 +168,133 @@ def test_a_defaulted_constexpr_keeps_tritons_path():
         positional((triton.cdiv(300, block),), (x, out, 300, 1.5, block), (("ADD_ONE", False),))
         torch.testing.assert_close(out, x * 1.5)
     assert positional.direct_launches == 0
+
+
+def test_gemm_row_parts_cover_the_rows_as_the_tail_rule_says():
+    """Main launch over the row blocks that fill whole waves, tail launches over the rest, in order."""
+    wide = w8a8_triton.GemmConfig("tma", 128, 256, 128, 8, 8, 4, split_epilogue=True)
+    tail = w8a8_triton.GemmConfig("tma", 64, 128, 128, 8, 4, 4)
+    with_tail = replace(wide, tail=tail)
+    for m, n, slots in ((4608, 3072, 132), (1000, 3072, 132), (64, 512, 4), (4096, 3072, 132), (300, 512, 4)):
+        assert w8a8_triton.gemm_row_parts(wide, m, n, slots) == [(wide, 0, m)]
+        parts = w8a8_triton.gemm_row_parts(with_tail, m, n, slots)
+        start = w8a8_triton.tail_start_row(m, n, with_tail, slots)
+        expected = ([(with_tail, 0, m)] if start == m else [(tail, 0, m)] if start == 0
+                    else [(with_tail, 0, start), (tail, start, m)])
+        assert parts == expected, (m, n, slots)
+    # 4608x3072 outputs: 432 tiles of 128x256, 396 fill 3 waves of 132 = 33 row blocks = 4224 rows
+    rows = [part[1:] for part in w8a8_triton.gemm_row_parts(with_tail, 4608, 3072, 132)]
+    assert rows == [(0, 4224), (4224, 4608)]
+
+
+def test_linear_plan_key_separates_what_specializes_the_launches():
+    buffer = torch.randn(2 * 64 * 256 + 8, dtype=torch.bfloat16)
+    x = buffer[: 64 * 256].view(64, 256)
+    weight = torch.randint(-127, 128, (128, 256), dtype=torch.int8)
+    scale, bias = torch.rand(128), torch.randn(128, dtype=torch.bfloat16)
+    key = w8a8_triton.linear_plan_key(x, weight, scale, bias, None)
+    assert key == w8a8_triton.linear_plan_key(x.clone(), weight, scale, bias, None)  # fresh input, same plan
+    others = [
+        buffer[1 : 1 + 64 * 256].view(64, 256),  # misaligned
+        buffer[: 32 * 256].view(32, 256),  # another M
+        x.float(),  # another dtype
+    ]
+    for other in others:
+        assert w8a8_triton.linear_plan_key(other, weight, scale, bias, None) != key
+    assert w8a8_triton.linear_plan_key(x, weight.clone(), scale, bias, None) != key  # another layer
+    assert w8a8_triton.linear_plan_key(x, weight, scale, bias.float(), None) != key
+    assert w8a8_triton.linear_plan_key(x, weight, scale, None, None) != key
+    assert w8a8_triton.linear_plan_key(x, weight, scale, bias, torch.rand(256)) != key
+
+
+def _plan_configs():
+    configs = _one_config_per_kind()
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0):
+        configs.append(w8a8_triton._HOPPER_WIDE_WITH_TAILS[1])  # main + tail launch over row slices
+    return configs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", _plan_configs(), ids=str)
+def test_linear_plan_is_bit_identical_to_the_general_path(config):
+    torch.manual_seed(1)
+    launchers = (w8a8_triton._quantize_rows_launcher, w8a8_triton._pointer_gemm_launcher,
+                 w8a8_triton._tma_gemm_launcher)
+    for m, k, n in ((16, 512, 768), (300, 1024, 512), (4608, 512, 3072)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        weight = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+        scale = torch.rand(n, device="cuda") * 1e-3 + 1e-4
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        general = w8a8_triton.w8a8_linear_triton(x, weight, scale, bias, None, config)
+        plan = w8a8_triton.build_linear_plan(x, weight, scale, bias, None, config)
+        assert plan is not None
+        before = sum(launcher.direct_launches for launcher in launchers)
+        x_again = x.clone()  # another tensor of the same signature
+        planned = plan.linear(x_again, weight, scale, bias, None, triton_launch.current_stream()[1])
+        assert sum(launcher.direct_launches for launcher in launchers) > before
+        assert torch.equal(planned, general), (m, k, n)
+        q, q_scale = w8a8_triton.quantize_rows_triton(x)
+        general = w8a8_triton.int8_gemm_triton(q, q_scale, weight, scale, bias, torch.bfloat16, config)
+        plan = w8a8_triton.build_gemm_plan(q, q_scale, weight, scale, bias, torch.bfloat16, config)
+        assert plan is not None
+        stream = triton_launch.current_stream()[1]
+        planned = plan.gemm(q.clone(), q_scale.clone(), weight, scale, bias, stream)
+        assert torch.equal(planned, general), (m, k, n)
+
+
+@pytest.mark.gpu
+def test_public_linear_plans_per_signature_streams_and_graphs():
+    """The public call binds a plan after its first call per input signature; a misaligned input gets
+    its own; plans launch on the caller's stream and record into CUDA graphs."""
+    from dit_quant.kernels import dispatch
+
+    torch.manual_seed(2)
+    dispatch._linear_plans.clear()
+    m, k, n = 300, 1024, 512
+    weight = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+    scale = torch.rand(n, device="cuda") * 1e-3 + 1e-4
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    buffer = torch.randn(m * k + 8, device="cuda", dtype=torch.bfloat16)
+    for x in (buffer[: m * k].view(m, k), buffer[1 : 1 + m * k].view(m, k)):
+        reference = w8a8_linear(x, weight, scale, bias, backend="torch")
+        outs = [w8a8_linear(x, weight, scale, bias, backend="triton") for _ in range(3)]
+        plan = dispatch._linear_plans[w8a8_triton.linear_plan_key(x, weight, scale, bias, None)]
+        assert isinstance(plan, w8a8_triton.LaunchPlan)
+        for out in outs:
+            torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)
+            assert torch.equal(out, outs[0])
+    assert len(dispatch._linear_plans) == 2
+
+    from dit_quant.kernels import int8_gemm, quantize_rows
+
+    dispatch._gemm_plans.clear()
+    q, q_scale = quantize_rows(buffer[: m * k].view(m, k), backend="triton")
+    reference = int8_gemm(q, q_scale, weight, scale, bias, torch.bfloat16, backend="torch")
+    outs = [int8_gemm(q, q_scale, weight, scale, bias, torch.bfloat16, backend="triton") for _ in range(3)]
+    key = w8a8_triton.gemm_plan_key(q, q_scale, weight, scale, bias, torch.bfloat16)
+    assert isinstance(dispatch._gemm_plans[key], w8a8_triton.LaunchPlan)
+    for out in outs:
+        torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)
+        assert torch.equal(out, outs[0])
+
+    x = buffer[: m * k].view(m, k)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = w8a8_linear(x, weight, scale, bias, backend="triton")
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(on_side, outs[0])
+
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        w8a8_linear(static_x, weight, scale, bias, backend="triton")
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        static_out = w8a8_linear(static_x, weight, scale, bias, backend="triton")
+    fresh = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    static_x.copy_(fresh)
+    graph.replay()
+    torch.testing.assert_close(static_out, w8a8_linear(fresh, weight, scale, bias, backend="torch"),
+                               rtol=2e-2, atol=2e-2)
