@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from w8a8_common import (
     arg_parser,
     compare,
+    cuda_graph_of,
     environment,
     import_kernels,
     layer_inputs,
@@ -47,16 +48,7 @@ def _sample(stop: threading.Event, samples: list) -> None:
 
 def sustained(fn, flops: float, seconds: float) -> dict:
     """Replays a graph of CALLS_PER_GRAPH calls of fn for ``seconds``; TOPS and clock/power medians."""
-    fn()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS_PER_GRAPH):
-            fn()
+    graph = cuda_graph_of(fn, CALLS_PER_GRAPH)
     samples: list = []
     stop = threading.Event()
     sampler = threading.Thread(target=_sample, args=(stop, samples), daemon=True)

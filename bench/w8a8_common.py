@@ -95,16 +95,23 @@ def time_ms(fn, graph: bool = False) -> float:
 
     if not graph:
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()  # compile / tune outside the capture
+    return triton.testing.do_bench(cuda_graph_of(fn).replay, warmup=25, rep=100, return_mode="median")
+
+
+def cuda_graph_of(fn, calls: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``calls`` calls of fn, captured after a call on the current stream and one on a side
+    stream (compiling and tuning happen outside the capture)."""
+    fn()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn()
     torch.cuda.current_stream().wait_stream(stream)
-    cuda_graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(cuda_graph):
-        fn()
-    return triton.testing.do_bench(cuda_graph.replay, warmup=25, rep=100, return_mode="median")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
 
 
 def write_atomic(path: pathlib.Path, text: str) -> None:

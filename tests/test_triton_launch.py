@@ -114,6 +114,13 @@ def test_direct_launches_respecialize_on_alignment_dtype_and_constants():
     assert len(launcher._entries) == len(cases)
 
 
+def _random_layer(m: int, k: int, n: int) -> tuple:
+    """bf16 input [m, k], int8 weight [n, k], fp32 weight scales and bf16 bias [n], on the GPU."""
+    return (torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
+            torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8),
+            torch.rand(n, device="cuda") * 1e-3 + 1e-4, torch.randn(n, device="cuda", dtype=torch.bfloat16))
+
+
 def _one_config_per_kind():
     if not torch.cuda.is_available():
         return []
@@ -131,10 +138,7 @@ def test_w8a8_linear_direct_launch_is_bit_identical_to_triton_path(monkeypatch, 
     launchers = (w8a8_triton._quantize_rows_launcher, w8a8_triton._pointer_gemm_launcher,
                  w8a8_triton._tma_gemm_launcher)
     for m, k, n in ((16, 512, 768), (300, 1024, 512), (2048, 1024, 1024)):
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        weight = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
-        scale = torch.rand(n, device="cuda") * 1e-3 + 1e-4
-        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        x, weight, scale, bias = _random_layer(m, k, n)
         before = sum(launcher.direct_launches for launcher in launchers)
         direct = [w8a8_triton.w8a8_linear_triton(x, weight, scale, bias, None, config) for _ in range(3)][-1]
         assert sum(launcher.direct_launches for launcher in launchers) > before
@@ -221,10 +225,7 @@ def test_linear_plan_is_bit_identical_to_the_general_path(config):
     launchers = (w8a8_triton._quantize_rows_launcher, w8a8_triton._pointer_gemm_launcher,
                  w8a8_triton._tma_gemm_launcher)
     for m, k, n in ((16, 512, 768), (300, 1024, 512), (4608, 512, 3072)):
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        weight = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
-        scale = torch.rand(n, device="cuda") * 1e-3 + 1e-4
-        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        x, weight, scale, bias = _random_layer(m, k, n)
         general = w8a8_triton.w8a8_linear_triton(x, weight, scale, bias, None, config)
         plan = w8a8_triton.build_linear_plan(x, weight, scale, bias, None, config)
         assert plan is not None
