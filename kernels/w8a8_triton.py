@@ -6,6 +6,7 @@
   quantizes it on load instead (one launch, for small M);
 - ``_w8a8_gemm_tma_kernel``: persistent Hopper variant of the int8-A GEMM with TMA descriptors.
 Which runs is a ``GemmConfig`` (see KINDS and ``candidate_configs``), chosen by w8a8_autotune.py.
+A ``LaunchPlan`` keeps one layer's launches bound for repeated calls with the same input signature.
 
 The weight is int8 [N, K] with K contiguous (nn.Linear layout): 8-bit tensor-core operands must be
 K-major on Hopper (wgmma) and this layout keeps both operand loads contiguous along K.
@@ -26,7 +27,7 @@ import triton.language as tl
 
 # TensorDescriptor is None on Triton < 3.4 (no host-side TMA descriptors): "tma" configs are never listed.
 from . import triton_launch
-from .triton_launch import CachedLauncher, TensorDescriptor, ceil_div, next_power_of_2
+from .triton_launch import BoundLaunch, CachedLauncher, TensorDescriptor, ceil_div, next_power_of_2
 
 # triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -676,12 +677,13 @@ class LaunchPlan:
     """The launches of one W8A8 linear (``w8a8_linear_triton``) or GEMM of quantized rows
     (``int8_gemm_triton``) for one layer and one input signature, bound once (``CachedLauncher.bind``): a
     call allocates the outputs, builds the argument tuples and launches, without the per-launch
-    specialization key, config lookup and launch preparation of the general path (about half the host
-    time of a call on the H200 machine's host). Holds no tensors; built by ``build_linear_plan`` /
-    ``build_gemm_plan`` and looked up by ``linear_plan_key`` / ``gemm_plan_key``."""
+    specialization key, config lookup and launch preparation of the general path (a third of the host
+    time of a public call on the H200 machine's host, run 13 of docs/kernels.md). Holds no tensors;
+    built by ``build_linear_plan`` / ``build_gemm_plan``, looked up by ``linear_plan_key`` /
+    ``gemm_plan_key``."""
 
-    def __init__(self, device_index: int, out_dtype: torch.dtype, gemm: _BoundGemm, quantize=None,
-                 fused=None) -> None:
+    def __init__(self, device_index: int, out_dtype: torch.dtype, gemm: _BoundGemm | None,
+                 quantize: BoundLaunch | None = None, fused: BoundLaunch | None = None) -> None:
         self.device_index, self.out_dtype = device_index, out_dtype
         self._gemm, self._quantize, self._fused = gemm, quantize, fused
 
