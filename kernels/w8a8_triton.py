@@ -605,12 +605,26 @@ def gemm_row_parts(config: GemmConfig, m: int, n: int, slots: int, first_row: in
     return tail if start == 0 else [(config, first_row, first_row + start), *tail]
 
 
-def _gemm_spec(config, q, scale, weight, weight_scale, bias, out) -> tuple:
-    """(launcher, grid, args, constants) of one GEMM launch of int8 ``q`` (no tail)."""
+def _gemm_launch_specs(config, q, scale, weight, weight_scale, bias, out):
+    """Per launch of the GEMM of int8 ``q`` as ``config`` runs it (``gemm_row_parts``): the launch's
+    config, first and end row, launcher, grid, args and constants."""
+    m = q.shape[0]
+    for part, start, stop in gemm_row_parts(config, m, weight.shape[0], program_slots(q.device)):
+        part_q, part_scale, part_out = _row_slices(start, stop, m, q, scale, out)
+        if part.kind == "tma":
+            spec = _tma_gemm_launcher, *_tma_gemm_spec(part, part_q, part_scale, weight, weight_scale, bias,
+                                                       part_out)
+        else:
+            spec = _pointer_gemm_launcher, *_pointer_gemm_spec(part, part_q, part_scale, weight, weight_scale,
+                                                               bias, None, part_out)
+        yield part, start, stop, *spec
+
+
+def _gemm_args(config, q, scale, weight, weight_scale, bias, out, num_programs: int) -> tuple:
+    """The runtime arguments of one GEMM launch (``num_programs``: the TMA kernel's grid)."""
     if config.kind == "tma":
-        return (_tma_gemm_launcher, *_tma_gemm_spec(config, q, scale, weight, weight_scale, bias, out))
-    return (_pointer_gemm_launcher,
-            *_pointer_gemm_spec(config, q, scale, weight, weight_scale, bias, None, out))
+        return _tma_gemm_args(config, q, scale, weight, weight_scale, bias, out, num_programs)
+    return _pointer_gemm_args(q, scale, weight, weight_scale, bias, None, out)
 
 
 def _row_slices(start: int, stop: int, m: int, *tensors: torch.Tensor) -> tuple:
@@ -620,12 +634,8 @@ def _row_slices(start: int, stop: int, m: int, *tensors: torch.Tensor) -> tuple:
 def _prepare_gemm(config, q, scale, weight, weight_scale, bias, out) -> Callable[[], None]:
     """The GEMM of int8 ``q`` as ``config`` runs it: one launch, or a main and a tail launch over row
     slices (see ``gemm_row_parts``)."""
-    m = q.shape[0]
-    launches = []
-    for part, start, stop in gemm_row_parts(config, m, weight.shape[0], program_slots(q.device)):
-        part_q, part_scale, part_out = _row_slices(start, stop, m, q, scale, out)
-        launcher, *spec = _gemm_spec(part, part_q, part_scale, weight, weight_scale, bias, part_out)
-        launches.append(launcher.prepare(*spec))
+    launches = [launcher.prepare(grid, args, constants) for *_, launcher, grid, args, constants
+                in _gemm_launch_specs(config, q, scale, weight, weight_scale, bias, out)]
     if len(launches) == 1:
         return launches[0]
 
@@ -644,12 +654,9 @@ class _BoundGemm:
 
     @classmethod
     def bind(cls, config, q, scale, weight, weight_scale, bias, out) -> _BoundGemm | None:
-        m = q.shape[0]
         parts = []
-        for part, start, stop in gemm_row_parts(config, m, weight.shape[0], program_slots(q.device)):
-            part_q, part_scale, part_out = _row_slices(start, stop, m, q, scale, out)
-            launcher, grid, args, constants = _gemm_spec(part, part_q, part_scale, weight, weight_scale, bias,
-                                                         part_out)
+        for part, start, stop, launcher, grid, args, constants in _gemm_launch_specs(
+                config, q, scale, weight, weight_scale, bias, out):
             launch = launcher.bind(grid, args, constants)
             if launch is None:
                 return None
@@ -662,10 +669,8 @@ class _BoundGemm:
         arguments = []
         for _, config, start, stop, num_programs in self.parts:
             part_q, part_scale, part_out = _row_slices(start, stop, m, q, scale, out)
-            arguments.append(
-                _tma_gemm_args(config, part_q, part_scale, weight, weight_scale, bias, part_out, num_programs)
-                if config.kind == "tma"
-                else _pointer_gemm_args(part_q, part_scale, weight, weight_scale, bias, None, part_out))
+            arguments.append(_gemm_args(config, part_q, part_scale, weight, weight_scale, bias, part_out,
+                                        num_programs))
         return arguments
 
     def launch(self, stream: int, arguments: list[tuple]) -> None:
@@ -728,13 +733,13 @@ def gemm_plan_key(q, scale, weight, weight_scale, bias, out_dtype) -> tuple:
 
 
 def _can_plan(t: torch.Tensor) -> bool:
-    # during capture the config was not tuned (the first candidate serves the call)
-    return not INTERPRETED and t.is_cuda and not torch.cuda.is_current_stream_capturing()
+    return not INTERPRETED and t.is_cuda
 
 
 def build_linear_plan(x2d, weight, weight_scale, bias, smooth, config: GemmConfig) -> LaunchPlan | None:
     """A plan of ``w8a8_linear_triton`` for these tensors and ``config``, once all of its launches have
-    been compiled (after one call with them); None before, in the interpreter or during graph capture."""
+    been compiled (after one call with them); None before or in the interpreter. Not to be built during
+    graph capture, whose call ran the untuned first candidate (the dispatcher plans after the capture)."""
     if not _can_plan(x2d):
         return None
     out = torch.empty((x2d.shape[0], weight.shape[0]), dtype=x2d.dtype, device=x2d.device)
