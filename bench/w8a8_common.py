@@ -99,19 +99,11 @@ def time_ms(fn, graph: bool = False) -> float:
 
 
 def cuda_graph_of(fn, calls: int = 1) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of ``calls`` calls of fn, captured after a call on the current stream and one on a side
-    stream (compiling and tuning happen outside the capture)."""
-    fn()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return graph
+    """``kernels.cuda_graphs.graph_of``: a CUDA graph of ``calls`` calls of fn (compiling and tuning happen
+    outside the capture)."""
+    from dit_quant.kernels.cuda_graphs import graph_of
+
+    return graph_of(fn, calls)
 
 
 def write_atomic(path: pathlib.Path, text: str) -> None:

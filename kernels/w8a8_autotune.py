@@ -4,9 +4,10 @@ The cache is a JSON file, by default ``~/.cache/dit_quant/w8a8_autotune.json`` (
 honoured); ``DIT_QUANT_AUTOTUNE_CACHE`` names another file. ``DIT_QUANT_AUTOTUNE=0`` turns tuning off
 (the architecture's default config runs). M is bucketed to the next power of two so a new image size
 does not re-tune. Candidates are timed as CUDA-graph replays (GPU time, not Python launch cost), since
-in a model's forward the host runs ahead of the GPU. Tuning never runs while a CUDA graph is being
-captured (the default config serves that call and nothing is cached), so captured graphs contain no
-benchmark work. After the first call for a shape, the lookup is one dict access.
+in a model's forward the host runs ahead of the GPU, with L2 flushed before each (weights come from
+DRAM). Tuning never runs while a CUDA graph is being captured (the default config serves that call and
+nothing is cached), so captured graphs contain no benchmark work. After the first call for a shape, the
+lookup is one dict access.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from .w8a8_triton import (
 
 logger = logging.getLogger("dit_quant.kernels")
 
-_KEY_VERSION = "v3"  # bump when GemmConfig or the kernels change meaning
+_KEY_VERSION = "v4"  # bump when GemmConfig or the kernels change meaning
 _lock = threading.Lock()
 _disk_entries: dict[str, GemmConfig] | None = None
 _chosen: dict[tuple, GemmConfig] = {}  # fast path: call signature -> config
@@ -95,12 +96,17 @@ def _disk_key(device: torch.device, bucket: int, weight_shape: torch.Size, dtype
 
 
 def gpu_time_ms(fn, rep_ms: int = 20) -> float:
-    """Median GPU milliseconds of fn over about rep_ms of CUDA-graph replays (falls back to eager
-    timing)."""
+    """Median GPU milliseconds of fn, replayed from a CUDA graph (no Python launch cost) with the L2 cache
+    flushed before each replay: in a model's forward a layer's weights come from DRAM, while back-to-back
+    replays would find a small layer's weights in L2 and favour other tiles. Falls back to eager timing
+    where fn cannot be captured."""
+    from .cuda_graphs import graph_of  # not at the top: cuda_graphs imports dispatch, which imports us
+
     try:
-        return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
-    except (RuntimeError, AttributeError):
-        return triton.testing.do_bench(fn, warmup=5, rep=rep_ms, return_mode="median")
+        replay = graph_of(fn).replay
+    except RuntimeError:
+        replay = fn
+    return triton.testing.do_bench(replay, warmup=5, rep=rep_ms, return_mode="median")
 
 
 FINALISTS = 3  # candidates timed a second time, longer, before one is chosen

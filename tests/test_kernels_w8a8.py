@@ -394,6 +394,13 @@ def test_import_without_triton_uses_reference():
     assert "Triton is not importable" in done.stderr
 
 
+def test_triton_backend_registers_where_triton_imports():
+    """The Triton backend's imports fail quietly (Triton is optional), so an import cycle among our own
+    modules would silently leave only the reference: where Triton imports, the backend must be there."""
+    pytest.importorskip("triton", reason="Triton is not installed here")
+    assert "triton" in available_backends(), dispatch._triton_import_error
+
+
 # ---------------------------------------------------------------- GPU only
 
 
@@ -413,3 +420,4 @@ def test_cuda_graph_capture_and_replay():
     expected = w8a8_linear(fresh, weight, weight_scale, bias, smooth)
     torch.testing.assert_close(static_out, expected, rtol=0, atol=0)
     assert not torch.equal(static_out, eager)
+

@@ -21,12 +21,13 @@ def fresh_cache(tmp_path, monkeypatch):
 
 def test_configs_with_tails_survive_the_disk_cache(fresh_cache):
     tail = w8a8_triton.GemmConfig("tma", 64, 128, 128, 8, 4, 4)
+    version = w8a8_autotune._KEY_VERSION
     entries = {
-        "v3|a": w8a8_triton.GemmConfig("tma", 128, 256, 128, 8, 8, 4, True, tail),
-        "v3|b": w8a8_triton.GemmConfig("int8", 16, 32, 256, 1, 4, 4),
+        f"{version}|a": w8a8_triton.GemmConfig("tma", 128, 256, 128, 8, 8, 4, True, tail),
+        f"{version}|b": w8a8_triton.GemmConfig("int8", 16, 32, 256, 1, 4, 4),
     }
     w8a8_autotune._save_disk_cache(entries)
-    assert json.loads(fresh_cache.read_text())["v3|a"]["tail"]["block_n"] == 128
+    assert json.loads(fresh_cache.read_text())[f"{version}|a"]["tail"]["block_n"] == 128
     assert w8a8_autotune._load_disk_cache() == entries
 
 
