@@ -176,9 +176,11 @@ def main() -> None:
 
 
 def _label(config) -> str:
-    """'tma 128x256', with '+ tail 128x128' where rows past the last full wave run with smaller tiles."""
+    """'tma 128x256', with '+ tail 128x128' where rows past the last full wave run with smaller tiles;
+    'int8 16x32 + prefetch' where the GEMM prefetches weights while waiting for the quantization."""
     main, *tails = config.launches()
-    return " + tail ".join([f"{main.kind} {main.block_m}x{main.block_n}"]
+    prefetch = " + prefetch" if main.prefetch_weights else ""
+    return " + tail ".join([f"{main.kind} {main.block_m}x{main.block_n}{prefetch}"]
                            + [f"{t.block_m}x{t.block_n}" for t in tails])
 
 

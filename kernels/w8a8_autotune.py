@@ -41,7 +41,7 @@ from .w8a8_triton import (
 
 logger = logging.getLogger("dit_quant.kernels")
 
-_KEY_VERSION = "v4"  # bump when GemmConfig or the kernels change meaning
+_KEY_VERSION = "v5"  # bump when GemmConfig or the kernels change meaning
 _lock = threading.Lock()
 _disk_entries: dict[str, GemmConfig] | None = None
 _chosen: dict[tuple, GemmConfig] = {}  # fast path: call signature -> config

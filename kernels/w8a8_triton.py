@@ -143,11 +143,23 @@ def _load_a_tile(a_ptrs, smooth_ptrs, k_mask, EVEN_K: tl.constexpr, HAS_SMOOTH: 
 
 
 @triton.jit
+def _prefetch_to_l2(row_ptrs, num_bytes, LINE_BYTES: tl.constexpr, STEP_BYTES: tl.constexpr):
+    """Asks L2 for the first ``num_bytes`` of each row at ``row_ptrs`` (one int8 pointer per row), one
+    prefetch per LINE_BYTES (a hint: nothing waits for it)."""
+    cols = tl.arange(0, STEP_BYTES // LINE_BYTES) * LINE_BYTES
+    for k0 in range(0, num_bytes, STEP_BYTES):
+        addresses = (row_ptrs[:, None] + tl.minimum(k0 + cols, num_bytes - 1)[None, :]).to(tl.int64,
+                                                                                        bitcast=True)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [addresses],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _w8a8_gemm_kernel(
     a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, smooth_ptr, out_ptr,
     M, N, K, stride_am, stride_bn, stride_om,
     QUANTIZE_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr,
-    WAIT_FOR_PRODUCER: tl.constexpr,
+    WAIT_FOR_PRODUCER: tl.constexpr, PREFETCH_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[M, N] = (q(A) @ B.T) * a_scale[:, None] * b_scale[None, :] (+ bias), B int8 [N, K].
@@ -157,19 +169,23 @@ def _w8a8_gemm_kernel(
     K (smoothing included), then quantizes each A tile on load (a_scale_ptr is unused). On load it
     multiplies by the reciprocal of the row scale (one FMUL instead of an IEEE division per element),
     which can move a value sitting within one ulp of a .5 tie to the other integer.
-    WAIT_FOR_PRODUCER: launched with programmatic dependent launch; no memory access before the
-    previous kernel in the stream has finished.
+    WAIT_FOR_PRODUCER: launched with programmatic dependent launch; no access to A or its scales
+    before the previous kernel in the stream (the quantization) has finished.
+    PREFETCH_K (with WAIT_FOR_PRODUCER; 0: off): while waiting, ask L2 for this program's first
+    PREFETCH_K weight columns (what the K loop's pipeline loads first), which do not depend on the
+    producer: at small M the quantization kernel's latency otherwise comes before any weight traffic.
     """
-    if WAIT_FOR_PRODUCER:
-        gdc_wait()
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     # Out-of-range rows/columns read a valid row instead (wrapped); their results are masked at the store.
     rows_a = (offs_m % M).to(tl.int64)
     rows_b = (offs_n % N).to(tl.int64)
+    if WAIT_FOR_PRODUCER:
+        if PREFETCH_K:
+            _prefetch_to_l2(b_ptr + rows_b * stride_bn, tl.minimum(K, PREFETCH_K), 128, 1024)
+        gdc_wait()
     a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + rows_b[:, None] * stride_bn + offs_k[None, :]
     smooth_ptrs = smooth_ptr + offs_k
@@ -278,6 +294,7 @@ class GemmConfig:
     num_stages: int
     split_epilogue: bool = False
     tail: GemmConfig | None = None
+    prefetch_weights: bool = False  # "int8" with programmatic dependent launch: see _w8a8_gemm_kernel
 
     def operand_smem_bytes(self) -> int:
         """Shared memory of the pipelined operand tiles, counting a float A tile where A is quantized
@@ -320,6 +337,8 @@ _SMALL_M_CONFIGS = [  # weight streaming: narrow N tiles so that enough programs
     GemmConfig("int8", 16, 16, 256, 1, 4, 4),
     GemmConfig("int8", 32, 32, 256, 1, 4, 4),
     GemmConfig("fused", 16, 32, 256, 1, 4, 4),
+    GemmConfig("int8", 16, 64, 256, 1, 4, 4, prefetch_weights=True),
+    GemmConfig("int8", 16, 32, 256, 1, 4, 4, prefetch_weights=True),
 ]
 # The Hopper workhorse (128x256 tiles), and the same with each candidate tail: smaller tiles for the rows
 # past its last full wave (4608x3072 outputs are 432 such tiles on 132 SMs, 3.3 waves).
@@ -508,7 +527,9 @@ def _dependent_launch_constants(pdl: bool) -> tuple:
 def _pointer_gemm_constants(config: GemmConfig, quantize_a: bool, has_bias: bool, has_smooth: bool,
                             even_k: bool, pdl: bool) -> tuple:
     return (("QUANTIZE_A", quantize_a), ("HAS_BIAS", has_bias), ("HAS_SMOOTH", has_smooth),
-            ("EVEN_K", even_k), *_dependent_launch_constants(pdl), *_tile_constants(config))
+            ("EVEN_K", even_k), *_dependent_launch_constants(pdl),
+            ("PREFETCH_K", config.block_k * config.num_stages if config.prefetch_weights and pdl else 0),
+            *_tile_constants(config))
 
 
 @functools.cache

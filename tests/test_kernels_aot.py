@@ -62,14 +62,15 @@ def _compile(fn, signature, constexprs, cc, num_warps, num_stages):
     ptx = kernel.asm["ptx"]
     return {"mma_sync_s8": bool(MMA_SYNC_S8.search(ptx)), "wgmma_s8": bool(WGMMA_S8.search(ptx)),
             "div_rn": "div.rn.f32" in ptx, "shared": kernel.metadata.shared,
-            "gdc_wait": "griddepcontrol.wait" in ptx,
+            "gdc_wait": "griddepcontrol.wait" in ptx, "prefetch_l2": "prefetch.global.L2" in ptx,
             "gdc_launch_dependents": "griddepcontrol.launch_dependents" in ptx,
             "cubin_bytes": len(kernel.asm["cubin"]), "resources": _resource_usage(kernel.asm["cubin"])}
 
 
 def _case_id(cc, config):
     return (f"sm{cc}-{config.kind}-{config.block_m}x{config.block_n}x{config.block_k}-w{config.num_warps}"
-            f"-s{config.num_stages}{'-split' if config.split_epilogue else ''}")
+            f"-s{config.num_stages}{'-split' if config.split_epilogue else ''}"
+            f"{'-prefetch' if config.prefetch_weights else ''}")
 
 
 GEMM_CASES = list(dict.fromkeys((cc, launch) for cc in ARCHS for regime in ("small", "mid", "large")
@@ -100,7 +101,9 @@ def compile_all(shard: int, num_shards: int) -> dict[str, dict]:
                              stride_om="i32", a_ptr="*bf16" if quantize_a else "*i8")
             kernel = w8a8_triton._w8a8_gemm_kernel
             constexprs = dict(tiles, QUANTIZE_A=quantize_a, HAS_BIAS=True, HAS_SMOOTH=quantize_a,
-                              EVEN_K=False, WAIT_FOR_PRODUCER=cc >= 90 and not quantize_a)
+                              EVEN_K=False, WAIT_FOR_PRODUCER=cc >= 90 and not quantize_a,
+                              PREFETCH_K=(config.block_k * config.num_stages
+                                          if config.prefetch_weights and cc >= 90 else 0))
         results[_case_id(cc, config)] = _compile(kernel, signature, constexprs, cc, config.num_warps,
                                                  config.num_stages)
     for cc in ARCHS[shard::num_shards]:
@@ -146,6 +149,8 @@ def test_gemm_compiles_to_int8_tensor_cores(compiled, cc, config):
         f"{result['shared']} B of shared memory > {SMEM_LIMIT_KB[cc]} KB on sm_{cc}")
     # Hopper waits for the quantize kernel in the GEMM (programmatic dependent launch)
     assert result["gdc_wait"] == (cc >= 90 and config.kind != "fused" and w8a8_triton.HAS_PDL)
+    # the weight prefetch runs while waiting for the quantization: only with dependent launch
+    assert result["prefetch_l2"] == (config.prefetch_weights and cc >= 90)
     _assert_no_spills(result, cc)
 
 

@@ -421,3 +421,30 @@ def test_cuda_graph_capture_and_replay():
     torch.testing.assert_close(static_out, expected, rtol=0, atol=0)
     assert not torch.equal(static_out, eager)
 
+
+
+def _prefetching_configs():
+    from dit_quant.kernels import w8a8_triton
+
+    if not torch.cuda.is_available():
+        return []
+    cc = w8a8_triton.arch_key(torch.cuda.get_device_capability())
+    return [c for c in w8a8_triton.candidate_configs(cc, "small") if c.prefetch_weights]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (interpreter: no prefetch)")
+@pytest.mark.parametrize("config", _prefetching_configs(), ids=str)
+@pytest.mark.parametrize("shape", [(16, 3000, 200), (1, 640, 96)], ids=lambda s: "m{}-k{}-n{}".format(*s))
+def test_weight_prefetch_changes_no_bit(config, shape):
+    """The L2 prefetch of the first weight columns (K longer and shorter than the prefetched columns)
+    is only a hint: the same bits as the config without it."""
+    from dit_quant.kernels import w8a8_triton
+
+    m, k, n = shape
+    x, weight, weight_scale, bias, smooth = _inputs((m,), k, n, torch.bfloat16, True, True, seed=k + n)
+    out = w8a8_triton.w8a8_linear_triton(x, weight, weight_scale, bias, smooth, config)
+    plain = dataclasses.replace(config, prefetch_weights=False)
+    expected = w8a8_triton.w8a8_linear_triton(x, weight, weight_scale, bias, smooth, plain)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    _check_against_fp64(out, x, weight, weight_scale, bias, smooth, "triton")
