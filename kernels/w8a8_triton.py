@@ -397,15 +397,18 @@ def candidate_configs(cc: int, regime: str) -> list[GemmConfig]:
 
     The first entry is the default used without autotuning. All fit the architecture's shared memory.
     "tma" configs are listed for sm_90 only; callers drop them where the tensors are not TMA-aligned.
+    Weight-prefetching configs are listed where GEMMs wait for the quantization with programmatic
+    dependent launch (sm_90 with a Triton that has it): elsewhere they would repeat the plain ones.
     """
     family = "hopper" if cc >= 90 else "ampere"
     configs = {"small": _SMALL_M_CONFIGS, "mid": _MID_M_CONFIGS[family],
                "large": _LARGE_M_CONFIGS[family]}[regime]
     limit = SMEM_LIMIT_BYTES.get(cc, 99 * 1024)
+    dependent_launch = cc >= 90 and HAS_PDL
     # Leave room for the epilogue's layout-conversion scratch the compiler adds on top of the operands.
-    return [c for c in configs if all(part.operand_smem_bytes() <= limit - 16 * 1024
-                                      and (part.kind != "tma" or TensorDescriptor is not None)
-                                      for part in c.launches())]
+    return [c for c in configs if (dependent_launch or not c.prefetch_weights)
+            and all(part.operand_smem_bytes() <= limit - 16 * 1024
+                    and (part.kind != "tma" or TensorDescriptor is not None) for part in c.launches())]
 
 
 def tail_start_row(m: int, n: int, config: GemmConfig, slots: int) -> int:

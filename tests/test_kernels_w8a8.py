@@ -423,6 +423,19 @@ def test_cuda_graph_capture_and_replay():
 
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not importable here")
+def test_weight_prefetch_is_a_candidate_only_with_dependent_launch():
+    """Without programmatic dependent launch a prefetching config would compile to its plain twin."""
+    from dit_quant.kernels import w8a8_triton
+
+    for cc in (80, 86, 89, 90):
+        small = w8a8_triton.candidate_configs(cc, "small")
+        prefetching = [c for c in small if c.prefetch_weights]
+        assert bool(prefetching) == (cc >= 90 and w8a8_triton.HAS_PDL), cc
+        plain = {dataclasses.replace(c, prefetch_weights=False) for c in prefetching}
+        assert plain <= set(small), "each prefetching config has a plain twin to be tuned against"
+
+
 def _prefetching_configs():
     from dit_quant.kernels import w8a8_triton
 
