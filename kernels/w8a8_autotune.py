@@ -99,23 +99,31 @@ def gpu_time_ms(fn, rep_ms: int = 20) -> float:
     """Median GPU milliseconds of fn, replayed from a CUDA graph (no Python launch cost) with the L2 cache
     flushed before each replay: in a model's forward a layer's weights come from DRAM, while back-to-back
     replays would find a small layer's weights in L2 and favour other tiles. Falls back to eager timing
-    where fn cannot be captured."""
-    from .cuda_graphs import graph_of  # not at the top: cuda_graphs imports dispatch, which imports us
+    where fn cannot be captured, and to replays without the flush where its buffer (256 MB) does not fit
+    beside the model."""
+    # not at the top: cuda_graphs imports dispatch, which imports us
+    from .cuda_graphs import graph_of
+    from .dispatch import log_once
 
     try:
         replay = graph_of(fn).replay
     except RuntimeError:
         replay = fn
-    return triton.testing.do_bench(replay, warmup=5, rep=rep_ms, return_mode="median")
+    try:
+        return triton.testing.do_bench(replay, warmup=5, rep=rep_ms, return_mode="median")
+    except torch.cuda.OutOfMemoryError:
+        log_once("autotune without L2 flush", "DiT Quant: no GPU memory for the L2 flush while tuning the "
+                 "W8A8 GEMM; timing without it (small layers may get other tiles)", logging.WARNING)
+        return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
 
 
 FINALISTS = 3  # candidates timed a second time, longer, before one is chosen
 
 
-def _tune(candidates: list[GemmConfig], run: Callable[[GemmConfig], torch.Tensor]) -> GemmConfig:
+def _tune(candidates: list[GemmConfig], run: Callable[[GemmConfig], torch.Tensor]) -> GemmConfig | None:
     """The fastest candidate on GPU time: every candidate timed briefly, then the FINALISTS fastest
     again, longer, and the best of those second timings wins (one short timing of a sub-millisecond GEMM
-    moves by a few percent, as much as the finalists differ)."""
+    moves by a few percent, as much as the finalists differ). None where no candidate could be timed."""
     timings: dict[GemmConfig, float] = {}
     for config in candidates:
         try:
@@ -124,7 +132,7 @@ def _tune(candidates: list[GemmConfig], run: Callable[[GemmConfig], torch.Tensor
         except Exception as exc:  # a config the compiler or the GPU rejects is skipped, not fatal
             logger.debug("DiT Quant: W8A8 config %s failed while tuning: %s", config, exc)
     if not timings:
-        return candidates[0]
+        return None
     finalists = {config: gpu_time_ms(lambda c=config: run(c), rep_ms=60)
                  for config in sorted(timings, key=timings.get)[:FINALISTS]}
     return min(finalists, key=finalists.get)
@@ -172,6 +180,11 @@ def _choose(
         config = _disk_entries.get(disk_key)
     if config is None:
         config = _tune(candidates, run)
+        if config is None:  # e.g. out of memory while timing: serve the default, keep nothing on disk
+            logger.warning("DiT Quant: no W8A8 GEMM config could be timed for %s; using the default %s "
+                           "in this session", disk_key, candidates[0])
+            _chosen[signature] = candidates[0]
+            return candidates[0]
         logger.info("DiT Quant: tuned W8A8 GEMM %s -> %s", disk_key, config)
         with _lock:
             _disk_entries[disk_key] = config

@@ -90,3 +90,36 @@ def test_tuning_retimes_the_finalists_and_skips_failing_configs(monkeypatch):
     monkeypatch.setattr(w8a8_autotune, "gpu_time_ms", fake_gpu_time_ms)
     assert w8a8_autotune._tune(configs, run) == configs[1]
     assert sorted((configs.index(c), rep) for c, rep in timed if rep > 20) == [(0, 60), (1, 60), (2, 60)]
+
+
+def test_tuning_with_no_timeable_candidate_chooses_nothing():
+    """Nothing timed (every candidate failed, e.g. out of memory): no result, so nothing reaches the disk
+    cache (the caller serves its default for the session)."""
+    configs = [w8a8_triton.GemmConfig("int8", 16, 32, 256, 1, 4, 4)]
+
+    def run(config):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    assert w8a8_autotune._tune(configs, run) is None
+
+
+def test_timing_without_room_for_the_l2_flush_falls_back_to_plain_replays(monkeypatch):
+    """Fault injection at Triton's timing functions (no GPU here): do_bench's 256 MB flush buffer does
+    not fit, so the candidate is timed by flushless graph replays instead of failing the tuning."""
+    import triton.testing
+    from dit_quant.kernels import cuda_graphs
+
+    def no_capture(fn, calls=1):
+        raise RuntimeError("no CUDA graphs on this device")
+
+    def flush_does_not_fit(fn, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 MiB")
+
+    calls = []
+    monkeypatch.setattr(cuda_graphs, "graph_of", no_capture)
+    monkeypatch.setattr(triton.testing, "do_bench", flush_does_not_fit)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph",
+                        lambda fn, rep, return_mode: calls.append((rep, return_mode)) or 0.25)
+    assert w8a8_autotune.gpu_time_ms(lambda: None, rep_ms=60) == 0.25
+    assert calls == [(60, "median")]
+
