@@ -93,8 +93,7 @@ def _baselines(t: dict, kernels, compare_pdl: bool) -> dict:
     try:
         from comfy_kitchen.backends.triton.quantization import int8_linear as kitchen_int8_linear
 
-        paths[KITCHEN] = lambda: kitchen_int8_linear(x, w, ws, bias,
-                                                                         out_dtype=torch.bfloat16)
+        paths[KITCHEN] = lambda: kitchen_int8_linear(x, w, ws, bias, out_dtype=torch.bfloat16)
     except ImportError:
         pass
     paths[OURS] = lambda: kernels.w8a8_linear(x, w, ws, bias, backend="triton")

@@ -109,17 +109,15 @@ class CachedLauncher:
         host's preparation between the two."""
         if self._current_device is None or not DIRECT_LAUNCH:
             return functools.partial(self._launch_through_triton, grid, args, constants)
-        device = self._current_device()
-        try:
-            key = (device, _knobs.runtime.debug, constants, specialization_key(args))
-        except TypeError:  # an argument type without a rule here: Triton's path handles it
+        key = self._key(args, constants)
+        if key is None:  # an argument type without a rule here: Triton's path handles it
             return functools.partial(self._launch_through_triton, grid, args, constants)
         entry = self._entries.get(key)
         if entry is None:
             return functools.partial(self._launch_through_triton, grid, args, constants, key)
         compiled, constexpr_values = entry
         grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
-        stream = self._current_stream(device)
+        stream = self._current_stream(key[0])
         launch_args = (*args, *constexpr_values)
         self.direct_launches += 1
         return functools.partial(
@@ -138,15 +136,19 @@ class CachedLauncher:
         dtypes, 16-byte alignments and integer classes; see ``specialization_key``): it skips that check."""
         if self._current_device is None or not DIRECT_LAUNCH or self._broken:
             return None
-        try:
-            key = (self._current_device(), _knobs.runtime.debug, constants, specialization_key(args))
-        except TypeError:
-            return None
-        entry = self._entries.get(key)
+        entry = self._entries.get(self._key(args, constants))
         if entry is None:
             return None
         compiled, constexpr_values = entry
         return BoundLaunch(self, compiled, tuple(grid), constants, constexpr_values)
+
+    def _key(self, args: tuple, constants: tuple) -> tuple | None:
+        """The cache key of a specialization on the current device (its index first); None where an
+        argument has no rule in ``specialization_key``."""
+        try:
+            return (self._current_device(), _knobs.runtime.debug, constants, specialization_key(args))
+        except TypeError:
+            return None
 
     def _launch_direct(self, compiled: Any, grid: Sequence[int], args: tuple, constants: tuple,
                        *run_args: Any) -> None:
@@ -182,11 +184,9 @@ class CachedLauncher:
         positional_constexpr = any(index < len(args) for index in self.kernel.constexprs)
         if positional_constexpr or getattr(self.kernel, "pre_run_hooks", None):
             return
+        key = key or self._key(args, constants)
         if key is None:
-            try:
-                key = (self._current_device(), _knobs.runtime.debug, constants, specialization_key(args))
-            except TypeError:
-                return
+            return
         compiled.run  # noqa: B018 (the property loads the module, which sets compiled.function)
         self._entries[key] = (compiled, tuple(named[name] for name in later_params))
 
