@@ -117,7 +117,7 @@ def main() -> None:
     require_cuda("bench_w8a8_layers")
     kernels = import_kernels()
     from dit_quant.kernels import w8a8_triton
-    from dit_quant.kernels.w8a8_autotune import choose_config
+    from dit_quant.kernels.w8a8_autotune import applicable_configs, choose_config
 
     env = environment()
     cc = w8a8_triton.arch_key(torch.cuda.get_device_capability())
@@ -151,9 +151,10 @@ def main() -> None:
                 config = choose_config(t["x"], t["weight"], t["weight_scale"], t["bias"], None)
                 record["config"], record["config_label"] = str(config), _label(config)
                 if args.sweep:
-                    configs = w8a8_triton.candidate_configs(cc, w8a8_triton.m_regime(m))
-                    if not w8a8_triton.tma_compatible(t["weight"], torch.bfloat16):
-                        configs = [c for c in configs if c.kind != "tma"]
+                    configs = applicable_configs(
+                        w8a8_triton.candidate_configs(cc, w8a8_triton.m_regime(m)), m, n,
+                        w8a8_triton.tma_compatible(t["weight"], torch.bfloat16), False,
+                        w8a8_triton.program_slots(t["x"].device))
                     record["sweep"] = {}
                     for config in configs:
                         fn = lambda c=config, layer=layer: w8a8_triton.w8a8_linear_triton(*layer, None, c)  # noqa: E731

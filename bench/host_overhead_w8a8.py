@@ -61,8 +61,9 @@ def _steps(kernels, t: dict, layer: tuple, config) -> dict:
     out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
 
     def gemm_launch():
-        if config.kind == "fused":
-            w8a8_triton._prepare_pointer_gemm(config, layer[0], None, *layer[1:], None, out)()
+        if config.kind in w8a8_triton.ONE_LAUNCH_KINDS:
+            launcher, *spec = w8a8_triton._one_launch_spec(config, layer[0], *layer[1:], None, out)
+            launcher.prepare(*spec)()
         else:
             w8a8_triton._prepare_gemm(config, q, scale, *layer[1:], out)()
 

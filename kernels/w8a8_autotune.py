@@ -26,8 +26,10 @@ import triton
 
 from .triton_launch import next_power_of_2
 from .w8a8_triton import (
+    GEMV_MAX_M,
     INTERPRETED,
     INTERPRETER_CONFIGS,
+    ONE_LAUNCH_KINDS,
     GemmConfig,
     arch_key,
     candidate_configs,
@@ -41,7 +43,7 @@ from .w8a8_triton import (
 
 logger = logging.getLogger("dit_quant.kernels")
 
-_KEY_VERSION = "v5"  # bump when GemmConfig or the kernels change meaning
+_KEY_VERSION = "v6"  # bump when GemmConfig or the kernels change meaning
 _lock = threading.Lock()
 _disk_entries: dict[str, GemmConfig] | None = None
 _chosen: dict[tuple, GemmConfig] = {}  # fast path: call signature -> config
@@ -138,6 +140,19 @@ def _tune(candidates: list[GemmConfig], run: Callable[[GemmConfig], torch.Tensor
     return min(finalists, key=finalists.get)
 
 
+def applicable_configs(candidates: list[GemmConfig], m: int, n: int, tma_ok: bool, prequantized: bool,
+                       slots: int) -> list[GemmConfig]:
+    """The candidates that can run, and differ from the others, for M rows and N output columns:
+    "tma" only where ``tma_ok``; no one-launch kind for activations already quantized (``prequantized``);
+    "gemv" only up to GEMV_MAX_M rows; a tail only where it splits the rows (one that would run nothing,
+    or everything, repeats another candidate). ``slots``: programs that run at once."""
+    return [c for c in candidates
+            if (tma_ok or all(part.kind != "tma" for part in c.launches()))
+            and not (prequantized and c.kind in ONE_LAUNCH_KINDS)
+            and (c.kind != "gemv" or m <= GEMV_MAX_M)
+            and (c.tail is None or tail_start_row(m, n, c, slots) not in (0, m))]
+
+
 def _choose(
     device: torch.device,
     m: int,
@@ -158,16 +173,9 @@ def _choose(
     if config is not None:
         return config
     tma_ok = tma_compatible(weight, dtype)
-    candidates = candidate_configs(arch_key(torch.cuda.get_device_capability(device)), m_regime(m))
-    slots = program_slots(device)
-
-    def applicable(c: GemmConfig) -> bool:
-        # a tail that would run nothing, or everything, only repeats another candidate
-        return ((tma_ok or all(part.kind != "tma" for part in c.launches()))
-                and not (prequantized and c.kind == "fused")
-                and (c.tail is None or tail_start_row(m, weight.shape[0], c, slots) not in (0, m)))
-
-    candidates = [c for c in candidates if applicable(c)]
+    candidates = applicable_configs(candidate_configs(arch_key(torch.cuda.get_device_capability(device)),
+                                                      m_regime(m)),
+                                    m, weight.shape[0], tma_ok, prequantized, program_slots(device))
     if torch.cuda.is_current_stream_capturing():
         return candidates[0]
     if os.environ.get("DIT_QUANT_AUTOTUNE", "1") == "0":

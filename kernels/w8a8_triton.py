@@ -4,7 +4,9 @@
 - ``_w8a8_gemm_kernel``: tiled int8 tensor-core GEMM, int32 accumulation, fused epilogue (row scale x
   column scale (+ bias) -> output dtype); in its QUANTIZE_A mode it takes the float activation and
   quantizes it on load instead (one launch, for small M);
-- ``_w8a8_gemm_tma_kernel``: persistent Hopper variant of the int8-A GEMM with TMA descriptors.
+- ``_w8a8_gemm_tma_kernel``: persistent Hopper variant of the int8-A GEMM with TMA descriptors;
+- ``_w8a8_gemv_kernel``: one launch for a few rows: each program quantizes its row itself and takes the
+  integer dot products on CUDA cores (bit-identical to the two kernels above).
 Which runs is a ``GemmConfig`` (see KINDS and ``candidate_configs``), chosen by w8a8_autotune.py.
 A ``LaunchPlan`` keeps one layer's launches bound for repeated calls with the same input signature.
 
@@ -264,15 +266,58 @@ def _w8a8_gemm_tma_kernel(
             out_desc.store([off_m, off_n], out)
 
 
+@triton.jit
+def _w8a8_gemv_kernel(
+    x_ptr, b_ptr, b_scale_ptr, bias_ptr, smooth_ptr, out_ptr,
+    N, K, stride_xm, stride_bn, stride_om,
+    HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, AMAX_BLOCK: tl.constexpr, PREFETCH_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[row, cols] for one activation row (program_id(1)) and BLOCK_N weight rows (program_id(0)):
+    the row's amax, scale and int8 values exactly as ``_quantize_rows_kernel`` computes them (compiled
+    without FMA contraction, as that kernel), then int32 dot products on CUDA cores and the epilogue in
+    the reference's order. One launch and no tensor-core tile padding: for M of a few rows, where the
+    layer is weight streaming plus fixed latency. PREFETCH_K (0: off): first ask L2 for this program's
+    first PREFETCH_K weight columns, so that they stream in while the row's amax is computed."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_b = (offs_n % N).to(tl.int64)  # out-of-range columns read a valid row; not stored
+    b_rows = b_ptr + rows_b * stride_bn
+    if PREFETCH_K:
+        _prefetch_to_l2(b_rows, tl.minimum(K, PREFETCH_K), 128, 1024)
+    row = tl.program_id(1).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    offs = tl.arange(0, AMAX_BLOCK)
+    amax = tl.zeros((AMAX_BLOCK,), tl.float32)
+    for k0 in range(0, K, AMAX_BLOCK):
+        xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, k0 + offs < K, HAS_SMOOTH)
+        amax = tl.maximum(amax, tl.abs(xs))
+    scale, inverse = _row_scale(tl.max(amax, axis=0))
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N,), tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = k0 + offs_k < K
+        xs = _load_smoothed(x_row + k0 + offs_k, smooth_ptr + k0 + offs_k, k_mask, HAS_SMOOTH)
+        q = _round_clamp_int8(xs * inverse).to(tl.int32)
+        w = tl.load(b_rows[:, None] + (k0 + offs_k)[None, :], mask=k_mask[None, :], other=0)
+        acc += tl.sum(w.to(tl.int32) * q[None, :], axis=1)
+    out = acc.to(tl.float32) * scale * tl.load(b_scale_ptr + rows_b)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rows_b).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
 # How a config computes the product:
 #   "int8":  _quantize_rows_kernel writes int8 A + row scales, then the pointer GEMM (any GPU);
 #   "tma":   same quantization, then the persistent TMA GEMM (Hopper; needs 16-byte aligned rows);
 #   "fused": the pointer GEMM alone, quantizing A on load with row scales it computes itself: one launch
 #            (less host time), but every program re-reads and re-quantizes its rows, so it can only win
-#            at small M.
+#            at small M;
+#   "gemv":  _w8a8_gemv_kernel alone: one launch, CUDA-core dot products, for M <= GEMV_MAX_M rows
+#            (block_m is 1: each program takes one row).
 # (A fourth variant, a scale-only pass followed by quantize-on-load in the GEMM, measured 3.5x slower
 # than "int8" at M=4608 on the H100 and was dropped; see docs/kernels.md.)
-KINDS = ("int8", "tma", "fused")
+KINDS = ("int8", "tma", "fused", "gemv")
+ONE_LAUNCH_KINDS = ("fused", "gemv")  # no separate quantization kernel
 
 
 @dataclass(frozen=True)
@@ -294,7 +339,8 @@ class GemmConfig:
     num_stages: int
     split_epilogue: bool = False
     tail: GemmConfig | None = None
-    prefetch_weights: bool = False  # "int8" with programmatic dependent launch: see _w8a8_gemm_kernel
+    # "int8" with programmatic dependent launch, or "gemv": see _w8a8_gemm_kernel, _w8a8_gemv_kernel
+    prefetch_weights: bool = False
 
     def operand_smem_bytes(self) -> int:
         """Shared memory of the pipelined operand tiles, counting a float A tile where A is quantized
@@ -319,6 +365,7 @@ class GemmConfig:
 SMEM_LIMIT_BYTES = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 QUANT_ONE_TILE_MAX_K = 16384  # rows up to this long are quantized from registers in one pass
 SMALL_M_MAX = 64  # rows up to which weight streaming (narrow tiles) dominates
+GEMV_MAX_M = 4  # rows up to which "gemv" configs are candidates (CUDA-core work grows with M)
 MID_M_MAX = 1024  # rows up to which smaller output tiles keep all SMs busy
 
 # Interpreter (CPU tests): big tiles, one stage; its cost grows with the number of tiles, not FLOPs.
@@ -339,6 +386,11 @@ _SMALL_M_CONFIGS = [  # weight streaming: narrow N tiles so that enough programs
     GemmConfig("fused", 16, 32, 256, 1, 4, 4),
     GemmConfig("int8", 16, 64, 256, 1, 4, 4, prefetch_weights=True),
     GemmConfig("int8", 16, 32, 256, 1, 4, 4, prefetch_weights=True),
+    # block_m 1 (one row per program), block_n weight rows, K steps of block_k; for M <= GEMV_MAX_M
+    GemmConfig("gemv", 1, 16, 512, 1, 4, 2, prefetch_weights=True),
+    GemmConfig("gemv", 1, 8, 512, 1, 4, 2, prefetch_weights=True),
+    GemmConfig("gemv", 1, 32, 256, 1, 4, 2, prefetch_weights=True),
+    GemmConfig("gemv", 1, 16, 512, 1, 4, 2),
 ]
 # The Hopper workhorse (128x256 tiles), and the same with each candidate tail: smaller tiles for the rows
 # past its last full wave (4608x3072 outputs are 432 such tiles on 132 SMs, 3.3 waves).
@@ -397,8 +449,9 @@ def candidate_configs(cc: int, regime: str) -> list[GemmConfig]:
 
     The first entry is the default used without autotuning. All fit the architecture's shared memory.
     "tma" configs are listed for sm_90 only; callers drop them where the tensors are not TMA-aligned.
-    Weight-prefetching configs are listed where GEMMs wait for the quantization with programmatic
+    Weight-prefetching "int8" configs are listed where GEMMs wait for the quantization with programmatic
     dependent launch (sm_90 with a Triton that has it): elsewhere they would repeat the plain ones.
+    "gemv" configs are listed for every architecture; they only serve M <= GEMV_MAX_M.
     """
     family = "hopper" if cc >= 90 else "ampere"
     configs = {"small": _SMALL_M_CONFIGS, "mid": _MID_M_CONFIGS[family],
@@ -406,7 +459,7 @@ def candidate_configs(cc: int, regime: str) -> list[GemmConfig]:
     limit = SMEM_LIMIT_BYTES.get(cc, 99 * 1024)
     dependent_launch = cc >= 90 and HAS_PDL
     # Leave room for the epilogue's layout-conversion scratch the compiler adds on top of the operands.
-    return [c for c in configs if (dependent_launch or not c.prefetch_weights)
+    return [c for c in configs if (dependent_launch or not c.prefetch_weights or c.kind == "gemv")
             and all(part.operand_smem_bytes() <= limit - 16 * 1024
                     and (part.kind != "tma" or TensorDescriptor is not None) for part in c.launches())]
 
@@ -541,9 +594,23 @@ def _tma_gemm_constants(config: GemmConfig, has_bias: bool, pdl: bool) -> tuple:
             *_dependent_launch_constants(pdl), *_tile_constants(config))
 
 
+@functools.cache
+def _gemv_constants(config: GemmConfig, has_bias: bool, has_smooth: bool, amax_block: int) -> tuple:
+    # enable_fp_fusion=False: quantized values as _quantize_rows_kernel's, the epilogue as the reference's;
+    # no prefetch in the interpreter (no inline assembly there)
+    prefetch = config.prefetch_weights and not INTERPRETED
+    return (("HAS_BIAS", has_bias), ("HAS_SMOOTH", has_smooth), ("AMAX_BLOCK", amax_block),
+            ("PREFETCH_K", config.block_k * config.num_stages if prefetch else 0),
+            ("BLOCK_N", config.block_n), ("BLOCK_K", config.block_k), ("num_warps", config.num_warps),
+            ("num_stages", config.num_stages), ("enable_fp_fusion", False))
+
+
 _quantize_rows_launcher = CachedLauncher(_quantize_rows_kernel)
 _pointer_gemm_launcher = CachedLauncher(_w8a8_gemm_kernel)
 _tma_gemm_launcher = CachedLauncher(_w8a8_gemm_tma_kernel)
+_gemv_launcher = CachedLauncher(_w8a8_gemv_kernel)
+
+GEMV_AMAX_BLOCK = 4096  # row elements per amax step of the gemv kernel (32 fp32 per thread with 4 warps)
 
 
 def _pointer_gemm_spec(config, a, a_scale, weight, weight_scale, bias, smooth, out) -> tuple:
@@ -584,10 +651,30 @@ def _tma_gemm_args(config, q, a_scale, weight, weight_scale, bias, out, num_prog
             q.shape[0], weight.shape[0], q.shape[1], num_programs)
 
 
-def _prepare_pointer_gemm(config, a, a_scale, weight, weight_scale, bias, smooth, out) -> Callable[[], None]:
-    """The pointer GEMM's launch (see ``_pointer_gemm_spec``)."""
-    return _pointer_gemm_launcher.prepare(*_pointer_gemm_spec(config, a, a_scale, weight, weight_scale, bias,
-                                                              smooth, out))
+def _gemv_args(x2d, weight, weight_scale, bias, smooth, out) -> tuple:
+    return (x2d, weight, weight_scale, bias if bias is not None else weight_scale,
+            smooth if smooth is not None else weight_scale, out,
+            weight.shape[0], x2d.shape[1], x2d.stride(0), weight.stride(0), out.stride(0))
+
+
+def _one_launch_spec(config, x2d, weight, weight_scale, bias, smooth, out) -> tuple:
+    """(launcher, grid, args, constants) of a ONE_LAUNCH_KINDS config's single kernel."""
+    if config.kind == "gemv":
+        m, k = x2d.shape
+        n = weight.shape[0]
+        constants = _gemv_constants(config, bias is not None, smooth is not None,
+                                    min(next_power_of_2(k), GEMV_AMAX_BLOCK))
+        return (_gemv_launcher, (ceil_div(n, config.block_n), m),
+                _gemv_args(x2d, weight, weight_scale, bias, smooth, out), constants)
+    return (_pointer_gemm_launcher,
+            *_pointer_gemm_spec(config, x2d, None, weight, weight_scale, bias, smooth, out))
+
+
+def _one_launch_args(kind: str, x2d, weight, weight_scale, bias, smooth, out) -> tuple:
+    """The runtime arguments of a ONE_LAUNCH_KINDS kernel (as ``_one_launch_spec``'s)."""
+    if kind == "gemv":
+        return _gemv_args(x2d, weight, weight_scale, bias, smooth, out)
+    return _pointer_gemm_args(x2d, None, weight, weight_scale, bias, smooth, out)
 
 
 def w8a8_linear_triton(
@@ -608,8 +695,9 @@ def w8a8_linear_triton(
     out = torch.empty((x2d.shape[0], weight.shape[0]), dtype=x2d.dtype, device=x2d.device)
     if x2d.shape[0] == 0:
         return out
-    if config.kind == "fused":
-        _prepare_pointer_gemm(config, x2d, None, weight, weight_scale, bias, smooth, out)()
+    if config.kind in ONE_LAUNCH_KINDS:
+        launcher, *spec = _one_launch_spec(config, x2d, weight, weight_scale, bias, smooth, out)
+        launcher.prepare(*spec)()
         return out
     q, scale = _quantized_outputs(x2d)
     gemm = _prepare_gemm(config, q, scale, weight, weight_scale, bias, out)  # before quantizing: no gap
@@ -712,16 +800,20 @@ class LaunchPlan:
     ``gemm_plan_key``."""
 
     def __init__(self, device_index: int, out_dtype: torch.dtype, gemm: _BoundGemm | None,
-                 quantize: BoundLaunch | None = None, fused: BoundLaunch | None = None) -> None:
+                 quantize: BoundLaunch | None = None,
+                 one_launch: tuple[str, BoundLaunch] | None = None) -> None:
+        """``one_launch``: (kind, launch) of a ONE_LAUNCH_KINDS config, which runs instead of the
+        quantize and GEMM launches."""
         self.device_index, self.out_dtype = device_index, out_dtype
-        self._gemm, self._quantize, self._fused = gemm, quantize, fused
+        self._gemm, self._quantize, self._one_launch = gemm, quantize, one_launch
 
     def linear(self, x2d, weight, weight_scale, bias, smooth, stream: int) -> torch.Tensor:
         """``w8a8_linear_triton`` for tensors of the plan's key; ``stream``: the current stream of the
         plan's device."""
         out = torch.empty((x2d.shape[0], weight.shape[0]), dtype=self.out_dtype, device=x2d.device)
-        if self._fused is not None:
-            self._fused(stream, *_pointer_gemm_args(x2d, None, weight, weight_scale, bias, smooth, out))
+        if self._one_launch is not None:
+            kind, launch = self._one_launch
+            launch(stream, *_one_launch_args(kind, x2d, weight, weight_scale, bias, smooth, out))
             return out
         q, scale = _quantized_outputs(x2d)
         arguments = self._gemm.arguments(q, scale, weight, weight_scale, bias, out)  # before: no GPU gap
@@ -767,10 +859,11 @@ def build_linear_plan(x2d, weight, weight_scale, bias, smooth, config: GemmConfi
     if not _can_plan(x2d):
         return None
     out = torch.empty((x2d.shape[0], weight.shape[0]), dtype=x2d.dtype, device=x2d.device)
-    if config.kind == "fused":
-        fused = _pointer_gemm_launcher.bind(*_pointer_gemm_spec(config, x2d, None, weight, weight_scale, bias,
-                                                                smooth, out))
-        return None if fused is None else LaunchPlan(x2d.get_device(), x2d.dtype, None, fused=fused)
+    if config.kind in ONE_LAUNCH_KINDS:
+        launcher, *spec = _one_launch_spec(config, x2d, weight, weight_scale, bias, smooth, out)
+        launch = launcher.bind(*spec)
+        return None if launch is None else LaunchPlan(x2d.get_device(), x2d.dtype, None,
+                                                      one_launch=(config.kind, launch))
     q, scale = _quantized_outputs(x2d)
     quantize = _quantize_rows_launcher.bind(*_quantize_spec(x2d, smooth, q, scale))
     gemm = _BoundGemm.bind(config, q, scale, weight, weight_scale, bias, out)
@@ -799,7 +892,11 @@ def int8_gemm_triton(
 ) -> torch.Tensor:
     """The GEMM of the W8A8 linear for activations already quantized (by ``quantize_rows_triton`` or a
     fused producer): int8 q [M, K] (K contiguous) with fp32 row scales [M], int8 weight [N, K], fp32
-    weight_scale [N], bias [N] or None -> [M, N] out_dtype. A "fused" config runs its tile as "int8"."""
+    weight_scale [N], bias [N] or None -> [M, N] out_dtype. A "fused" config runs its tile as "int8"; a
+    "gemv" config, which quantizes its rows itself, is refused (ValueError)."""
+    if config.kind == "gemv":
+        raise ValueError(f"DiT Quant: {config} quantizes its own activation rows; the GEMM of quantized "
+                         "rows takes an \"int8\", \"tma\" or \"fused\" config")
     _check_launchable(q)
     out = torch.empty((q.shape[0], weight.shape[0]), dtype=out_dtype, device=q.device)
     if q.shape[0]:

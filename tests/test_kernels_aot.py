@@ -49,7 +49,7 @@ def _resource_usage(cubin: bytes) -> dict[str, int] | None:
     return {"registers": int(match.group(1)), "stack_bytes": int(match.group(2))}
 
 
-def _compile(fn, signature, constexprs, cc, num_warps, num_stages):
+def _compile(fn, signature, constexprs, cc, num_warps, num_stages, **options):
     for name in constexprs:
         signature[name] = "constexpr"
     # The JIT marks 16-byte aligned pointers and multiple-of-16 ints the same way for real tensors.
@@ -58,7 +58,7 @@ def _compile(fn, signature, constexprs, cc, num_warps, num_stages):
                and not signature[name].startswith("tensordesc")}
     source = triton.compiler.ASTSource(fn, signature, constexprs, aligned)
     kernel = triton.compile(source, target=GPUTarget("cuda", cc, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+                            options={"num_warps": num_warps, "num_stages": num_stages, **options})
     ptx = kernel.asm["ptx"]
     return {"mma_sync_s8": bool(MMA_SYNC_S8.search(ptx)), "wgmma_s8": bool(WGMMA_S8.search(ptx)),
             "div_rn": "div.rn.f32" in ptx, "shared": kernel.metadata.shared,
@@ -73,19 +73,36 @@ def _case_id(cc, config):
             f"{'-prefetch' if config.prefetch_weights else ''}")
 
 
-GEMM_CASES = list(dict.fromkeys((cc, launch) for cc in ARCHS for regime in ("small", "mid", "large")
-                                for config in w8a8_triton.candidate_configs(cc, regime)
-                                for launch in config.launches()))
+ALL_CASES = list(dict.fromkeys((cc, launch) for cc in ARCHS for regime in ("small", "mid", "large")
+                               for config in w8a8_triton.candidate_configs(cc, regime)
+                               for launch in config.launches()))
+GEMM_CASES = [(cc, config) for cc, config in ALL_CASES if config.kind != "gemv"]
+GEMV_CASES = [(cc, config) for cc, config in ALL_CASES if config.kind == "gemv"]
+
+
+def _compile_gemv(cc: int, config) -> dict:
+    signature = dict(POINTER_TYPES, x_ptr="*bf16", N="i32", K="i32", stride_xm="i32", stride_bn="i32",
+                     stride_om="i32")
+    for name in ("a_ptr", "a_scale_ptr"):
+        del signature[name]
+    constexprs = {"HAS_BIAS": True, "HAS_SMOOTH": True, "AMAX_BLOCK": w8a8_triton.GEMV_AMAX_BLOCK,
+                  "PREFETCH_K": config.block_k * config.num_stages if config.prefetch_weights else 0,
+                  "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
+    return _compile(w8a8_triton._w8a8_gemv_kernel, signature, constexprs, cc, config.num_warps,
+                    config.num_stages, enable_fp_fusion=False)
 
 
 def compile_all(shard: int, num_shards: int) -> dict[str, dict]:
     """Compile one shard of the cases; runs in a subprocess where TRITON_INTERPRET is unset (the
     interpreter's kernel objects cannot be compiled)."""
     results = {}
-    for cc, config in GEMM_CASES[shard::num_shards]:
+    for cc, config in ALL_CASES[shard::num_shards]:
         # programmatic dependent launch as on a GPU of this architecture (w8a8_triton.uses_pdl)
         tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
                  "GROUP_M": config.group_m, "WAIT_FOR_PRODUCER": cc >= 90}
+        if config.kind == "gemv":
+            results[_case_id(cc, config)] = _compile_gemv(cc, config)
+            continue
         if config.kind == "tma":
             out_n = config.block_n // 2 if config.split_epilogue else config.block_n
             signature = {"a_desc": f"tensordesc<i8[{config.block_m}, {config.block_k}]>",
@@ -150,6 +167,18 @@ def test_gemm_compiles_to_int8_tensor_cores(compiled, cc, config):
     assert result["gdc_wait"] == (cc >= 90 and config.kind != "fused" and w8a8_triton.HAS_PDL)
     # the weight prefetch runs while waiting for the quantization: only with dependent launch
     assert result["prefetch_l2"] == config.prefetch_weights  # listed only where it runs (sm_90)
+    _assert_no_spills(result, cc)
+
+
+@pytest.mark.parametrize(("cc", "config"), GEMV_CASES, ids=[_case_id(cc, c) for cc, c in GEMV_CASES])
+def test_gemv_compiles_without_spills(compiled, cc, config):
+    """The one-launch kernel for a few rows: CUDA-core dot products, its own IEEE-divided row scales, no
+    producer to wait for; the weight prefetch where the config asks for it."""
+    result = compiled[_case_id(cc, config)]
+    assert result["cubin_bytes"] > 0 and result["div_rn"] and not result["gdc_wait"]
+    assert not result["mma_sync_s8"] and not result["wgmma_s8"]
+    assert result["prefetch_l2"] == config.prefetch_weights
+    assert result["shared"] <= SMEM_LIMIT_KB[cc] * 1024
     _assert_no_spills(result, cc)
 
 

@@ -99,8 +99,9 @@ def _kind_configs():
     from dit_quant.kernels import w8a8_triton
 
     if DEVICE.type == "cpu":
-        return [w8a8_triton.GemmConfig(kind, 16 if kind == "fused" else 64, 64, 64, 8, 4, 1, split)
-                for kind, split in [("int8", False), ("fused", False), ("tma", False), ("tma", True)]]
+        return [*(w8a8_triton.GemmConfig(kind, 16 if kind == "fused" else 64, 64, 64, 8, 4, 1, split)
+                  for kind, split in [("int8", False), ("fused", False), ("tma", False), ("tma", True)]),
+                w8a8_triton.GemmConfig("gemv", 1, 32, 64, 1, 4, 1)]
     cc = w8a8_triton.arch_key(torch.cuda.get_device_capability())
     return list(dict.fromkeys(c for regime in ("small", "mid", "large")
                               for c in w8a8_triton.candidate_configs(cc, regime)))
@@ -424,16 +425,38 @@ def test_cuda_graph_capture_and_replay():
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not importable here")
-def test_weight_prefetch_is_a_candidate_only_with_dependent_launch():
-    """Without programmatic dependent launch a prefetching config would compile to its plain twin."""
+def test_weight_prefetch_candidates():
+    """Without programmatic dependent launch a prefetching "int8" config would compile to its plain twin;
+    "gemv" prefetches before its amax pass on every architecture."""
     from dit_quant.kernels import w8a8_triton
 
     for cc in (80, 86, 89, 90):
         small = w8a8_triton.candidate_configs(cc, "small")
-        prefetching = [c for c in small if c.prefetch_weights]
+        prefetching = [c for c in small if c.prefetch_weights and c.kind == "int8"]
         assert bool(prefetching) == (cc >= 90 and w8a8_triton.HAS_PDL), cc
         plain = {dataclasses.replace(c, prefetch_weights=False) for c in prefetching}
         assert plain <= set(small), "each prefetching config has a plain twin to be tuned against"
+        gemv = [c for c in small if c.kind == "gemv"]
+        assert any(c.prefetch_weights for c in gemv) and not all(c.prefetch_weights for c in gemv), cc
+        assert all(c.block_m == 1 for c in gemv)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not importable here")
+def test_gemv_serves_only_a_few_rows_of_unquantized_activations():
+    from dit_quant.kernels import w8a8_triton
+    from dit_quant.kernels.w8a8_autotune import applicable_configs
+
+    small = w8a8_triton.candidate_configs(90, "small")
+    for m in (1, 2, w8a8_triton.GEMV_MAX_M, w8a8_triton.GEMV_MAX_M + 1, 16):
+        kinds = {c.kind for c in applicable_configs(small, m, 3072, True, False, 132)}
+        assert ("gemv" in kinds) == (m <= w8a8_triton.GEMV_MAX_M) and "int8" in kinds, m
+        prequantized = {c.kind for c in applicable_configs(small, m, 3072, True, True, 132)}
+        assert prequantized.isdisjoint(w8a8_triton.ONE_LAUNCH_KINDS), m
+    x, weight, weight_scale, bias, _ = _inputs((2,), 64, 32, torch.bfloat16, True, False, seed=3)
+    q, scale = quantize_rows(x, backend="triton")
+    with pytest.raises(ValueError, match="quantizes its own activation rows"):
+        w8a8_triton.int8_gemm_triton(q, scale, weight, weight_scale, bias, torch.bfloat16,
+                                     w8a8_triton.GemmConfig("gemv", 1, 16, 64, 1, 4, 1))
 
 
 def _prefetching_configs():
