@@ -270,20 +270,21 @@ def _w8a8_gemm_tma_kernel(
 def _w8a8_gemv_kernel(
     x_ptr, b_ptr, b_scale_ptr, bias_ptr, smooth_ptr, out_ptr,
     N, K, stride_xm, stride_bn, stride_om,
-    HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, AMAX_BLOCK: tl.constexpr, PREFETCH_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, AMAX_BLOCK: tl.constexpr,
+    PREFETCH_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[row, cols] for one activation row (program_id(1)) and BLOCK_N weight rows (program_id(0)):
     the row's amax, scale and int8 values exactly as ``_quantize_rows_kernel`` computes them (compiled
     without FMA contraction, as that kernel), then int32 dot products on CUDA cores and the epilogue in
     the reference's order. One launch and no tensor-core tile padding: for M of a few rows, where the
-    layer is weight streaming plus fixed latency. PREFETCH_K (0: off): first ask L2 for this program's
-    first PREFETCH_K weight columns, so that they stream in while the row's amax is computed."""
+    layer is weight streaming plus fixed latency. PREFETCH_WEIGHTS: first ask L2 for this program's whole
+    weight slice, so that it streams in while the row's amax is computed (the K loop's loads are not
+    pipelined)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_b = (offs_n % N).to(tl.int64)  # out-of-range columns read a valid row; not stored
     b_rows = b_ptr + rows_b * stride_bn
-    if PREFETCH_K:
-        _prefetch_to_l2(b_rows, tl.minimum(K, PREFETCH_K), 128, 1024)
+    if PREFETCH_WEIGHTS:
+        _prefetch_to_l2(b_rows, K, 128, 1024)
     row = tl.program_id(1).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     offs = tl.arange(0, AMAX_BLOCK)
@@ -390,6 +391,7 @@ _SMALL_M_CONFIGS = [  # weight streaming: narrow N tiles so that enough programs
     GemmConfig("gemv", 1, 16, 512, 1, 4, 2, prefetch_weights=True),
     GemmConfig("gemv", 1, 8, 512, 1, 4, 2, prefetch_weights=True),
     GemmConfig("gemv", 1, 32, 256, 1, 4, 2, prefetch_weights=True),
+    GemmConfig("gemv", 1, 16, 1024, 1, 8, 2, prefetch_weights=True),
     GemmConfig("gemv", 1, 16, 512, 1, 4, 2),
 ]
 # The Hopper workhorse (128x256 tiles), and the same with each candidate tail: smaller tiles for the rows
@@ -598,9 +600,8 @@ def _tma_gemm_constants(config: GemmConfig, has_bias: bool, pdl: bool) -> tuple:
 def _gemv_constants(config: GemmConfig, has_bias: bool, has_smooth: bool, amax_block: int) -> tuple:
     # enable_fp_fusion=False: quantized values as _quantize_rows_kernel's, the epilogue as the reference's;
     # no prefetch in the interpreter (no inline assembly there)
-    prefetch = config.prefetch_weights and not INTERPRETED
     return (("HAS_BIAS", has_bias), ("HAS_SMOOTH", has_smooth), ("AMAX_BLOCK", amax_block),
-            ("PREFETCH_K", config.block_k * config.num_stages if prefetch else 0),
+            ("PREFETCH_WEIGHTS", config.prefetch_weights and not INTERPRETED),
             ("BLOCK_N", config.block_n), ("BLOCK_K", config.block_k), ("num_warps", config.num_warps),
             ("num_stages", config.num_stages), ("enable_fp_fusion", False))
 

@@ -86,8 +86,8 @@ def _compile_gemv(cc: int, config) -> dict:
     for name in ("a_ptr", "a_scale_ptr"):
         del signature[name]
     constexprs = {"HAS_BIAS": True, "HAS_SMOOTH": True, "AMAX_BLOCK": w8a8_triton.GEMV_AMAX_BLOCK,
-                  "PREFETCH_K": config.block_k * config.num_stages if config.prefetch_weights else 0,
-                  "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
+                  "PREFETCH_WEIGHTS": config.prefetch_weights, "BLOCK_N": config.block_n,
+                  "BLOCK_K": config.block_k}
     return _compile(w8a8_triton._w8a8_gemv_kernel, signature, constexprs, cc, config.num_warps,
                     config.num_stages, enable_fp_fusion=False)
 
