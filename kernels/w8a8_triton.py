@@ -285,6 +285,11 @@ def _w8a8_gemv_kernel(
     b_rows = b_ptr + rows_b * stride_bn
     if PREFETCH_WEIGHTS:
         _prefetch_to_l2(b_rows, K, 128, 1024)
+    # Two weight tiles in flight (the compiler does not pipeline this loop): the first is loaded before
+    # the amax pass, which it does not depend on, and each step loads the next tile before using its own.
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = b_rows[:, None] + offs_k[None, :]
+    w_next = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0)
     row = tl.program_id(1).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     offs = tl.arange(0, AMAX_BLOCK)
@@ -293,13 +298,13 @@ def _w8a8_gemv_kernel(
         xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, k0 + offs < K, HAS_SMOOTH)
         amax = tl.maximum(amax, tl.abs(xs))
     scale, inverse = _row_scale(tl.max(amax, axis=0))
-    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N,), tl.int32)
     for k0 in range(0, K, BLOCK_K):
+        w = w_next
+        w_next = tl.load(w_ptrs + (k0 + BLOCK_K), mask=(k0 + BLOCK_K + offs_k < K)[None, :], other=0)
         k_mask = k0 + offs_k < K
         xs = _load_smoothed(x_row + k0 + offs_k, smooth_ptr + k0 + offs_k, k_mask, HAS_SMOOTH)
         q = _round_clamp_int8(xs * inverse).to(tl.int32)
-        w = tl.load(b_rows[:, None] + (k0 + offs_k)[None, :], mask=k_mask[None, :], other=0)
         acc += tl.sum(w.to(tl.int32) * q[None, :], axis=1)
     out = acc.to(tl.float32) * scale * tl.load(b_scale_ptr + rows_b)
     if HAS_BIAS:
@@ -388,11 +393,12 @@ _SMALL_M_CONFIGS = [  # weight streaming: narrow N tiles so that enough programs
     GemmConfig("int8", 16, 64, 256, 1, 4, 4, prefetch_weights=True),
     GemmConfig("int8", 16, 32, 256, 1, 4, 4, prefetch_weights=True),
     # block_m 1 (one row per program), block_n weight rows, K steps of block_k; for M <= GEMV_MAX_M
-    GemmConfig("gemv", 1, 16, 512, 1, 4, 2, prefetch_weights=True),
-    GemmConfig("gemv", 1, 8, 512, 1, 4, 2, prefetch_weights=True),
-    GemmConfig("gemv", 1, 32, 256, 1, 4, 2, prefetch_weights=True),
-    GemmConfig("gemv", 1, 16, 1024, 1, 8, 2, prefetch_weights=True),
-    GemmConfig("gemv", 1, 16, 512, 1, 4, 2),
+    GemmConfig("gemv", 1, 4, 2048, 1, 4, 1, prefetch_weights=True),
+    GemmConfig("gemv", 1, 8, 1024, 1, 4, 1, prefetch_weights=True),
+    GemmConfig("gemv", 1, 8, 2048, 1, 8, 1, prefetch_weights=True),
+    GemmConfig("gemv", 1, 16, 1024, 1, 8, 1, prefetch_weights=True),
+    GemmConfig("gemv", 1, 16, 512, 1, 4, 1, prefetch_weights=True),
+    GemmConfig("gemv", 1, 8, 1024, 1, 4, 1),
 ]
 # The Hopper workhorse (128x256 tiles), and the same with each candidate tail: smaller tiles for the rows
 # past its last full wave (4608x3072 outputs are 432 such tiles on 132 SMs, 3.3 waves).
