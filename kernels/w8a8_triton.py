@@ -392,13 +392,13 @@ _SMALL_M_CONFIGS = [  # weight streaming: narrow N tiles so that enough programs
     GemmConfig("fused", 16, 32, 256, 1, 4, 4),
     GemmConfig("int8", 16, 64, 256, 1, 4, 4, prefetch_weights=True),
     GemmConfig("int8", 16, 32, 256, 1, 4, 4, prefetch_weights=True),
-    # block_m 1 (one row per program), block_n weight rows, K steps of block_k; for M <= GEMV_MAX_M
-    GemmConfig("gemv", 1, 4, 2048, 1, 4, 1, prefetch_weights=True),
-    GemmConfig("gemv", 1, 8, 1024, 1, 4, 1, prefetch_weights=True),
-    GemmConfig("gemv", 1, 8, 2048, 1, 8, 1, prefetch_weights=True),
-    GemmConfig("gemv", 1, 16, 1024, 1, 8, 1, prefetch_weights=True),
-    GemmConfig("gemv", 1, 16, 512, 1, 4, 1, prefetch_weights=True),
+    # block_m 1 (one row per program), block_n weight rows, K steps of block_k; for M <= GEMV_MAX_M. The
+    # H200 sweep (bench_w8a8_layers_m1_gemv2_run15) had 8x1024 best on 12 of 15 layers at M = 1, the
+    # prefetching 16x512 on one; 4x2048, 8x2048 and 16x1024 (more bytes per step) lost everywhere.
     GemmConfig("gemv", 1, 8, 1024, 1, 4, 1),
+    GemmConfig("gemv", 1, 16, 512, 1, 4, 1, prefetch_weights=True),
+    GemmConfig("gemv", 1, 16, 512, 1, 4, 1),
+    GemmConfig("gemv", 1, 8, 512, 1, 4, 1),
 ]
 # The Hopper workhorse (128x256 tiles), and the same with each candidate tail: smaller tiles for the rows
 # past its last full wave (4608x3072 outputs are 432 such tiles on 132 SMs, 3.3 waves).
