@@ -278,8 +278,7 @@ def _w8a8_gemv_kernel(
     without FMA contraction, as that kernel), then int32 dot products on CUDA cores and the epilogue in
     the reference's order. One launch and no tensor-core tile padding: for M of a few rows, where the
     layer is weight streaming plus fixed latency. PREFETCH_WEIGHTS: first ask L2 for this program's whole
-    weight slice, so that it streams in while the row's amax is computed (the K loop's loads are not
-    pipelined)."""
+    weight slice, so that it streams in while the row's amax is computed."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_b = (offs_n % N).to(tl.int64)  # out-of-range columns read a valid row; not stored
     b_rows = b_ptr + rows_b * stride_bn
@@ -372,6 +371,7 @@ SMEM_LIMIT_BYTES = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024
 QUANT_ONE_TILE_MAX_K = 16384  # rows up to this long are quantized from registers in one pass
 SMALL_M_MAX = 64  # rows up to which weight streaming (narrow tiles) dominates
 GEMV_MAX_M = 4  # rows up to which "gemv" configs are candidates (CUDA-core work grows with M)
+GEMV_AMAX_BLOCK = 4096  # row elements per amax step of the gemv kernel (32 fp32 per thread with 4 warps)
 MID_M_MAX = 1024  # rows up to which smaller output tiles keep all SMs busy
 
 # Interpreter (CPU tests): big tiles, one stage; its cost grows with the number of tiles, not FLOPs.
@@ -617,8 +617,6 @@ _pointer_gemm_launcher = CachedLauncher(_w8a8_gemm_kernel)
 _tma_gemm_launcher = CachedLauncher(_w8a8_gemm_tma_kernel)
 _gemv_launcher = CachedLauncher(_w8a8_gemv_kernel)
 
-GEMV_AMAX_BLOCK = 4096  # row elements per amax step of the gemv kernel (32 fp32 per thread with 4 warps)
-
 
 def _pointer_gemm_spec(config, a, a_scale, weight, weight_scale, bias, smooth, out) -> tuple:
     """(grid, args, constants) of the pointer GEMM; without ``a_scale``, ``a`` is the float activation,
@@ -658,30 +656,25 @@ def _tma_gemm_args(config, q, a_scale, weight, weight_scale, bias, out, num_prog
             q.shape[0], weight.shape[0], q.shape[1], num_programs)
 
 
-def _gemv_args(x2d, weight, weight_scale, bias, smooth, out) -> tuple:
-    return (x2d, weight, weight_scale, bias if bias is not None else weight_scale,
-            smooth if smooth is not None else weight_scale, out,
-            weight.shape[0], x2d.shape[1], x2d.stride(0), weight.stride(0), out.stride(0))
+def _one_launch_args(kind: str, x2d, weight, weight_scale, bias, smooth, out) -> tuple:
+    """The runtime arguments of a ONE_LAUNCH_KINDS kernel."""
+    if kind == "gemv":
+        return (x2d, weight, weight_scale, bias if bias is not None else weight_scale,
+                smooth if smooth is not None else weight_scale, out,
+                weight.shape[0], x2d.shape[1], x2d.stride(0), weight.stride(0), out.stride(0))
+    return _pointer_gemm_args(x2d, None, weight, weight_scale, bias, smooth, out)
 
 
 def _one_launch_spec(config, x2d, weight, weight_scale, bias, smooth, out) -> tuple:
     """(launcher, grid, args, constants) of a ONE_LAUNCH_KINDS config's single kernel."""
-    if config.kind == "gemv":
-        m, k = x2d.shape
-        n = weight.shape[0]
-        constants = _gemv_constants(config, bias is not None, smooth is not None,
-                                    min(next_power_of_2(k), GEMV_AMAX_BLOCK))
-        return (_gemv_launcher, (ceil_div(n, config.block_n), m),
-                _gemv_args(x2d, weight, weight_scale, bias, smooth, out), constants)
-    return (_pointer_gemm_launcher,
-            *_pointer_gemm_spec(config, x2d, None, weight, weight_scale, bias, smooth, out))
-
-
-def _one_launch_args(kind: str, x2d, weight, weight_scale, bias, smooth, out) -> tuple:
-    """The runtime arguments of a ONE_LAUNCH_KINDS kernel (as ``_one_launch_spec``'s)."""
-    if kind == "gemv":
-        return _gemv_args(x2d, weight, weight_scale, bias, smooth, out)
-    return _pointer_gemm_args(x2d, None, weight, weight_scale, bias, smooth, out)
+    if config.kind != "gemv":
+        return (_pointer_gemm_launcher,
+                *_pointer_gemm_spec(config, x2d, None, weight, weight_scale, bias, smooth, out))
+    m, k = x2d.shape
+    constants = _gemv_constants(config, bias is not None, smooth is not None,
+                                min(next_power_of_2(k), GEMV_AMAX_BLOCK))
+    return (_gemv_launcher, (ceil_div(weight.shape[0], config.block_n), m),
+            _one_launch_args("gemv", x2d, weight, weight_scale, bias, smooth, out), constants)
 
 
 def w8a8_linear_triton(
