@@ -62,8 +62,7 @@ def _steps(kernels, t: dict, layer: tuple, config) -> dict:
 
     def gemm_launch():
         if config.kind in w8a8_triton.ONE_LAUNCH_KINDS:
-            launcher, *spec = w8a8_triton._one_launch_spec(config, layer[0], *layer[1:], None, out,
-                                                           w8a8_triton._launch_stream(out.device))
+            launcher, *spec = w8a8_triton._one_launch_spec(config, layer[0], *layer[1:], None, out)
             launcher.prepare(*spec)()
         else:
             w8a8_triton._prepare_gemm(config, q, scale, *layer[1:], out)()

@@ -80,11 +80,18 @@ def _load_smoothed(ptrs, smooth_ptrs, mask, HAS_SMOOTH: tl.constexpr):
 
 
 @triton.jit
-def _quantize_row(row, x_ptr, smooth_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
-                  HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr):
-    """Row ``row`` (int64) of x: its amax, fp32 scale (stored at scale_ptr + row) and int8 values (q row).
-    ONE_TILE (K <= BLOCK_K) keeps the row in registers; otherwise the row is read twice (the second time
-    from L2)."""
+def _quantize_rows_kernel(
+    x_ptr, smooth_ptr, q_ptr, scale_ptr,
+    K, stride_xm, stride_qm,
+    HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
+):
+    """One program per row: amax over the row, then its fp32 scale and the int8 row. ONE_TILE (K <=
+    BLOCK_K) keeps the row in registers; otherwise the row is read twice (the second time from L2).
+    LAUNCH_DEPENDENTS lets a GEMM launched with programmatic dependent launch start (and wait) while
+    the last programs here still run. (Several rows per program measured slower: run 11 of the log.)"""
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
+    row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * stride_qm
     offs = tl.arange(0, BLOCK_K)
@@ -104,21 +111,6 @@ def _quantize_row(row, x_ptr, smooth_ptr, q_ptr, scale_ptr, K, stride_xm, stride
             xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, mask, HAS_SMOOTH)
             tl.store(q_row + k0 + offs, _round_clamp_int8(xs * inverse), mask=mask)
     tl.store(scale_ptr + row, scale)
-
-
-@triton.jit
-def _quantize_rows_kernel(
-    x_ptr, smooth_ptr, q_ptr, scale_ptr,
-    K, stride_xm, stride_qm,
-    HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
-):
-    """One program per row (``_quantize_row``). LAUNCH_DEPENDENTS lets a GEMM launched with programmatic
-    dependent launch start (and wait) while the last programs here still run. (Several rows per program
-    measured slower: run 11 of the log.)"""
-    if LAUNCH_DEPENDENTS:
-        gdc_launch_dependents()
-    _quantize_row(tl.program_id(0).to(tl.int64), x_ptr, smooth_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
-                  HAS_SMOOTH, BLOCK_K, ONE_TILE)
 
 
 @triton.jit
@@ -172,8 +164,7 @@ def _w8a8_gemm_kernel(
     WAIT_FOR_PRODUCER: tl.constexpr, PREFETCH_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """out[M, N] = (q(A) @ B.T) * a_scale[:, None] * b_scale[None, :] (+ bias), B int8 [N, K]; one output
-    tile per program (``_gemm_tile``).
+    """out[M, N] = (q(A) @ B.T) * a_scale[:, None] * b_scale[None, :] (+ bias), B int8 [N, K].
 
     QUANTIZE_A=False: A is int8 [M, K] and a_scale its fp32 row scales.
     QUANTIZE_A=True: A is the float activation; this program computes its rows' scales over the whole
@@ -187,36 +178,16 @@ def _w8a8_gemm_kernel(
     producer: at small M the quantization kernel's latency otherwise comes before any weight traffic.
     """
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    if WAIT_FOR_PRODUCER:
-        if PREFETCH_K:
-            _prefetch_weight_rows(b_ptr, pid_n, N, K, stride_bn, BLOCK_N, PREFETCH_K)
-        gdc_wait()
-    _gemm_tile(pid_m, pid_n, a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, smooth_ptr, out_ptr,
-               M, N, K, stride_am, stride_bn, stride_om, QUANTIZE_A, HAS_BIAS, HAS_SMOOTH, EVEN_K,
-               BLOCK_M, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def _prefetch_weight_rows(b_ptr, pid_n, N, K, stride_bn, BLOCK_N: tl.constexpr, PREFETCH_K: tl.constexpr):
-    """Asks L2 for the first PREFETCH_K columns of column block pid_n's weight rows."""
-    rows_b = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
-    _prefetch_to_l2(b_ptr + rows_b * stride_bn, tl.minimum(K, PREFETCH_K), 128, 1024)
-
-
-@triton.jit
-def _gemm_tile(
-    pid_m, pid_n, a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, smooth_ptr, out_ptr,
-    M, N, K, stride_am, stride_bn, stride_om,
-    QUANTIZE_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Output tile (pid_m, pid_n) of the pointer GEMM (see ``_w8a8_gemm_kernel``)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     # Out-of-range rows/columns read a valid row instead (wrapped); their results are masked at the store.
     rows_a = (offs_m % M).to(tl.int64)
     rows_b = (offs_n % N).to(tl.int64)
+    if WAIT_FOR_PRODUCER:
+        if PREFETCH_K:
+            _prefetch_to_l2(b_ptr + rows_b * stride_bn, tl.minimum(K, PREFETCH_K), 128, 1024)
+        gdc_wait()
     a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + rows_b[:, None] * stride_bn + offs_k[None, :]
     smooth_ptrs = smooth_ptr + offs_k
@@ -256,52 +227,6 @@ def _gemm_tile(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.jit
-def _w8a8_handoff_kernel(
-    x_ptr, b_ptr, b_scale_ptr, bias_ptr, smooth_ptr, out_ptr, workspace_ptr, sync_ptr,
-    M, N, K, stride_xm, stride_bn, stride_om, scale_offset,
-    HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr, QUANT_BLOCK_K: tl.constexpr,
-    QUANT_ONE_TILE: tl.constexpr, PREFETCH_K: tl.constexpr, TRAP_AFTER_POLLS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """The W8A8 linear in one launch of M + (output tiles) programs: quantization and GEMM hand off
-    through memory instead of a kernel boundary.
-
-    Each program takes a ticket (``sync[0]``, atomic). The first M tickets quantize one row each as
-    ``_quantize_rows_kernel`` does (int8 rows at ``workspace``, fp32 scales ``scale_offset`` bytes
-    after it) and count it in ``sync[1]`` (release). The others are the pointer GEMM's output tiles:
-    each asks L2 for its first weight columns (PREFETCH_K), waits until ``sync[1]`` reaches M (acquire)
-    and runs ``_gemm_tile``. A program that holds a ticket is running, and quantizing programs wait for
-    nothing, so the wait ends whatever order the GPU schedules programs in. The last program to finish
-    (``sync[2]``) zeroes the three counters for the next launch on the stream: launches that share a
-    ``sync`` must not run concurrently. TRAP_AFTER_POLLS (0: off): abort the kernel (a CUDA error)
-    instead of waiting forever if that rule is broken.
-    """
-    ticket = tl.atomic_add(sync_ptr, 1)
-    if ticket < M:
-        _quantize_row(ticket.to(tl.int64), x_ptr, smooth_ptr, workspace_ptr,
-                      (workspace_ptr + scale_offset).to(tl.pointer_type(tl.float32)), K, stride_xm, K,
-                      HAS_SMOOTH, QUANT_BLOCK_K, QUANT_ONE_TILE)
-        tl.atomic_add(sync_ptr + 1, 1, sem="release")
-    else:
-        pid_m, pid_n = _tile_coords(ticket - M, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        if PREFETCH_K:
-            _prefetch_weight_rows(b_ptr, pid_n, N, K, stride_bn, BLOCK_N, PREFETCH_K)
-        polls = 0
-        while tl.atomic_add(sync_ptr + 1, 0, sem="acquire") < M:
-            polls += 1
-            if TRAP_AFTER_POLLS:
-                if polls > TRAP_AFTER_POLLS:
-                    tl.inline_asm_elementwise("trap;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                                              is_pure=False, pack=1)
-        _gemm_tile(pid_m, pid_n, workspace_ptr, b_ptr,
-                   (workspace_ptr + scale_offset).to(tl.pointer_type(tl.float32)), b_scale_ptr, bias_ptr,
-                   smooth_ptr, out_ptr, M, N, K, K, stride_bn, stride_om, False, HAS_BIAS, False, EVEN_K,
-                   BLOCK_M, BLOCK_N, BLOCK_K)
-    if tl.atomic_add(sync_ptr + 2, 1) == tl.num_programs(0) - 1:
-        tl.store(sync_ptr, 0)
-        tl.store(sync_ptr + 1, 0)
-        tl.store(sync_ptr + 2, 0)
 
 
 @triton.jit
@@ -393,13 +318,11 @@ def _w8a8_gemv_kernel(
 #            (less host time), but every program re-reads and re-quantizes its rows, so it can only win
 #            at small M;
 #   "gemv":  _w8a8_gemv_kernel alone: one launch, CUDA-core dot products, for M <= GEMV_MAX_M rows
-#            (block_m is 1: each program takes one row);
-#   "handoff": _w8a8_handoff_kernel alone: one launch whose first M programs quantize the rows and whose
-#            other programs run the pointer GEMM's tiles once the rows are in memory (small M).
+#            (block_m is 1: each program takes one row).
 # (A fourth variant, a scale-only pass followed by quantize-on-load in the GEMM, measured 3.5x slower
 # than "int8" at M=4608 on the H100 and was dropped; see docs/kernels.md.)
-KINDS = ("int8", "tma", "fused", "gemv", "handoff")
-ONE_LAUNCH_KINDS = ("fused", "gemv", "handoff")  # no separate quantization kernel
+KINDS = ("int8", "tma", "fused", "gemv")
+ONE_LAUNCH_KINDS = ("fused", "gemv")  # no separate quantization kernel
 
 
 @dataclass(frozen=True)
@@ -421,7 +344,7 @@ class GemmConfig:
     num_stages: int
     split_epilogue: bool = False
     tail: GemmConfig | None = None
-    # "int8" with programmatic dependent launch, "gemv" or "handoff": see their kernels
+    # "int8" with programmatic dependent launch, or "gemv": see _w8a8_gemm_kernel, _w8a8_gemv_kernel
     prefetch_weights: bool = False
 
     def operand_smem_bytes(self) -> int:
@@ -448,8 +371,7 @@ SMEM_LIMIT_BYTES = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024
 QUANT_ONE_TILE_MAX_K = 16384  # rows up to this long are quantized from registers in one pass
 SMALL_M_MAX = 64  # rows up to which weight streaming (narrow tiles) dominates
 GEMV_MAX_M = 4  # rows up to which "gemv" configs are candidates (CUDA-core work grows with M)
-ROW_BLOCK_4_WARPS = 4096  # row elements per step of a 4-warp program's pass over a row (32 fp32 per thread)
-HANDOFF_TRAP_POLLS = 1 << 24  # polls (~10 s) after which a waiting "handoff" program aborts the kernel
+GEMV_AMAX_BLOCK = 4096  # row elements per amax step of the gemv kernel (32 fp32 per thread with 4 warps)
 MID_M_MAX = 1024  # rows up to which smaller output tiles keep all SMs busy
 
 # Interpreter (CPU tests): big tiles, one stage; its cost grows with the number of tiles, not FLOPs.
@@ -477,11 +399,6 @@ _SMALL_M_CONFIGS = [  # weight streaming: narrow N tiles so that enough programs
     GemmConfig("gemv", 1, 16, 512, 1, 4, 1, prefetch_weights=True),
     GemmConfig("gemv", 1, 16, 512, 1, 4, 1),
     GemmConfig("gemv", 1, 8, 512, 1, 4, 1),
-    # one launch, quantization handed to the GEMM tiles through memory (_w8a8_handoff_kernel)
-    GemmConfig("handoff", 16, 64, 256, 1, 4, 4, prefetch_weights=True),
-    GemmConfig("handoff", 16, 32, 256, 1, 4, 4, prefetch_weights=True),
-    GemmConfig("handoff", 16, 16, 256, 1, 4, 4, prefetch_weights=True),
-    GemmConfig("handoff", 16, 32, 256, 1, 4, 4),
 ]
 # The Hopper workhorse (128x256 tiles), and the same with each candidate tail: smaller tiles for the rows
 # past its last full wave (4608x3072 outputs are 432 such tiles on 132 SMs, 3.3 waves).
@@ -542,8 +459,7 @@ def candidate_configs(cc: int, regime: str) -> list[GemmConfig]:
     "tma" configs are listed for sm_90 only; callers drop them where the tensors are not TMA-aligned.
     Weight-prefetching "int8" configs are listed where GEMMs wait for the quantization with programmatic
     dependent launch (sm_90 with a Triton that has it): elsewhere they would repeat the plain ones.
-    "gemv" configs are listed for every architecture; they only serve M <= GEMV_MAX_M. "gemv" and
-    "handoff" configs prefetch on every architecture (they wait inside their own launch).
+    "gemv" configs are listed for every architecture; they only serve M <= GEMV_MAX_M.
     """
     family = "hopper" if cc >= 90 else "ampere"
     configs = {"small": _SMALL_M_CONFIGS, "mid": _MID_M_CONFIGS[family],
@@ -551,7 +467,7 @@ def candidate_configs(cc: int, regime: str) -> list[GemmConfig]:
     limit = SMEM_LIMIT_BYTES.get(cc, 99 * 1024)
     dependent_launch = cc >= 90 and HAS_PDL
     # Leave room for the epilogue's layout-conversion scratch the compiler adds on top of the operands.
-    return [c for c in configs if (dependent_launch or not c.prefetch_weights or c.kind != "int8")
+    return [c for c in configs if (dependent_launch or not c.prefetch_weights or c.kind == "gemv")
             and all(part.operand_smem_bytes() <= limit - 16 * 1024
                     and (part.kind != "tma" or TensorDescriptor is not None) for part in c.launches())]
 
@@ -696,24 +612,10 @@ def _gemv_constants(config: GemmConfig, has_bias: bool, has_smooth: bool, amax_b
             ("num_stages", config.num_stages), ("enable_fp_fusion", False))
 
 
-@functools.cache
-def _handoff_constants(config: GemmConfig, has_bias: bool, has_smooth: bool, k: int) -> tuple:
-    # enable_fp_fusion=False: quantized values as _quantize_rows_kernel's; no prefetch and no trap in the
-    # interpreter (no inline assembly there)
-    quant_block_k = min(next_power_of_2(k), ROW_BLOCK_4_WARPS)
-    return (("HAS_BIAS", has_bias), ("HAS_SMOOTH", has_smooth), ("EVEN_K", k % config.block_k == 0),
-            ("QUANT_BLOCK_K", quant_block_k), ("QUANT_ONE_TILE", k <= quant_block_k),
-            ("PREFETCH_K", config.block_k * config.num_stages if config.prefetch_weights and not INTERPRETED
-             else 0),
-            ("TRAP_AFTER_POLLS", 0 if INTERPRETED else HANDOFF_TRAP_POLLS), *_tile_constants(config),
-            ("enable_fp_fusion", False))
-
-
 _quantize_rows_launcher = CachedLauncher(_quantize_rows_kernel)
 _pointer_gemm_launcher = CachedLauncher(_w8a8_gemm_kernel)
 _tma_gemm_launcher = CachedLauncher(_w8a8_gemm_tma_kernel)
 _gemv_launcher = CachedLauncher(_w8a8_gemv_kernel)
-_handoff_launcher = CachedLauncher(_w8a8_handoff_kernel)
 
 
 def _pointer_gemm_spec(config, a, a_scale, weight, weight_scale, bias, smooth, out) -> tuple:
@@ -754,76 +656,25 @@ def _tma_gemm_args(config, q, a_scale, weight, weight_scale, bias, out, num_prog
             q.shape[0], weight.shape[0], q.shape[1], num_programs)
 
 
-SYNC_INTS = 4  # counters of one "handoff" sync slot (ticket, rows quantized, programs done; padding)
-_SYNC_BLOCK_SLOTS = 64
-_sync_slots: dict[tuple, torch.Tensor] = {}  # (device type, index, stream) -> its slot, never freed
-_free_sync_slots: dict[tuple, list[torch.Tensor]] = {}
-
-
-def handoff_sync(device: torch.device, stream: int) -> torch.Tensor:
-    """The int32 [SYNC_INTS] counters that "handoff" launches on ``stream`` (a CUDA stream handle; any
-    value on CPU) of ``device`` share. They are zero between launches (each launch's last program
-    resets them), so one slot per stream serves every layer; a CUDA graph keeps using the slot of the
-    stream it was captured on. Slots come from zeroed blocks made outside graph capture; during a
-    capture with no free slot left, the call gets its own counters, zeroed in the graph."""
-    key = (device.type, device.index, stream)
-    sync = _sync_slots.get(key)
-    if sync is None:
-        free = _free_sync_slots.setdefault(key[:2], [])
-        if not free:
-            zeros = torch.zeros((_SYNC_BLOCK_SLOTS, SYNC_INTS), dtype=torch.int32)
-            if device.type == "cuda":
-                if torch.cuda.is_current_stream_capturing():
-                    return torch.zeros(SYNC_INTS, dtype=torch.int32, device=device)
-                zeros = zeros.to(device)  # a synchronous copy: zero for every stream from here on
-            free.extend(zeros.unbind(0))
-        sync = _sync_slots[key] = free.pop()
-    return sync
-
-
-def _handoff_workspace(x2d) -> tuple[torch.Tensor, int]:
-    """One allocation for the "handoff" kernel's int8 rows [M, K] and, 16-byte aligned after them, their
-    fp32 scales [M]: (workspace, byte offset of the scales)."""
-    m, k = x2d.shape
-    scale_offset = ceil_div(m * k, 16) * 16
-    return torch.empty(scale_offset + 4 * m, dtype=torch.int8, device=x2d.device), scale_offset
-
-
-def _one_launch_args(kind: str, x2d, weight, weight_scale, bias, smooth, out, stream: int) -> tuple:
-    """The runtime arguments of a ONE_LAUNCH_KINDS kernel launched on ``stream`` (a handle)."""
-    bias_arg = bias if bias is not None else weight_scale
-    smooth_arg = smooth if smooth is not None else weight_scale
+def _one_launch_args(kind: str, x2d, weight, weight_scale, bias, smooth, out) -> tuple:
+    """The runtime arguments of a ONE_LAUNCH_KINDS kernel."""
     if kind == "gemv":
-        return (x2d, weight, weight_scale, bias_arg, smooth_arg, out,
+        return (x2d, weight, weight_scale, bias if bias is not None else weight_scale,
+                smooth if smooth is not None else weight_scale, out,
                 weight.shape[0], x2d.shape[1], x2d.stride(0), weight.stride(0), out.stride(0))
-    if kind == "handoff":
-        workspace, scale_offset = _handoff_workspace(x2d)
-        return (x2d, weight, weight_scale, bias_arg, smooth_arg, out, workspace,
-                handoff_sync(x2d.device, stream), x2d.shape[0], weight.shape[0], x2d.shape[1], x2d.stride(0),
-                weight.stride(0), out.stride(0), scale_offset)
     return _pointer_gemm_args(x2d, None, weight, weight_scale, bias, smooth, out)
 
 
-def _one_launch_spec(config, x2d, weight, weight_scale, bias, smooth, out, stream: int) -> tuple:
+def _one_launch_spec(config, x2d, weight, weight_scale, bias, smooth, out) -> tuple:
     """(launcher, grid, args, constants) of a ONE_LAUNCH_KINDS config's single kernel."""
-    m, k = x2d.shape
-    n = weight.shape[0]
-    if config.kind == "fused":
+    if config.kind != "gemv":
         return (_pointer_gemm_launcher,
                 *_pointer_gemm_spec(config, x2d, None, weight, weight_scale, bias, smooth, out))
-    args = _one_launch_args(config.kind, x2d, weight, weight_scale, bias, smooth, out, stream)
-    if config.kind == "gemv":
-        constants = _gemv_constants(config, bias is not None, smooth is not None,
-                                    min(next_power_of_2(k), ROW_BLOCK_4_WARPS))
-        return _gemv_launcher, (ceil_div(n, config.block_n), m), args, constants
-    tiles = ceil_div(m, config.block_m) * ceil_div(n, config.block_n)
-    return (_handoff_launcher, (m + tiles,), args,
-            _handoff_constants(config, bias is not None, smooth is not None, k))
-
-
-def _launch_stream(device: torch.device) -> int:
-    """The handle of the stream the next launch on ``device`` goes to (0 on CPU)."""
-    return triton_launch.current_stream()[1] if device.type == "cuda" else 0
+    m, k = x2d.shape
+    constants = _gemv_constants(config, bias is not None, smooth is not None,
+                                min(next_power_of_2(k), GEMV_AMAX_BLOCK))
+    return (_gemv_launcher, (ceil_div(weight.shape[0], config.block_n), m),
+            _one_launch_args("gemv", x2d, weight, weight_scale, bias, smooth, out), constants)
 
 
 def w8a8_linear_triton(
@@ -845,8 +696,7 @@ def w8a8_linear_triton(
     if x2d.shape[0] == 0:
         return out
     if config.kind in ONE_LAUNCH_KINDS:
-        launcher, *spec = _one_launch_spec(config, x2d, weight, weight_scale, bias, smooth, out,
-                                           _launch_stream(x2d.device))
+        launcher, *spec = _one_launch_spec(config, x2d, weight, weight_scale, bias, smooth, out)
         launcher.prepare(*spec)()
         return out
     q, scale = _quantized_outputs(x2d)
@@ -963,7 +813,7 @@ class LaunchPlan:
         out = torch.empty((x2d.shape[0], weight.shape[0]), dtype=self.out_dtype, device=x2d.device)
         if self._one_launch is not None:
             kind, launch = self._one_launch
-            launch(stream, *_one_launch_args(kind, x2d, weight, weight_scale, bias, smooth, out, stream))
+            launch(stream, *_one_launch_args(kind, x2d, weight, weight_scale, bias, smooth, out))
             return out
         q, scale = _quantized_outputs(x2d)
         arguments = self._gemm.arguments(q, scale, weight, weight_scale, bias, out)  # before: no GPU gap
@@ -1010,8 +860,7 @@ def build_linear_plan(x2d, weight, weight_scale, bias, smooth, config: GemmConfi
         return None
     out = torch.empty((x2d.shape[0], weight.shape[0]), dtype=x2d.dtype, device=x2d.device)
     if config.kind in ONE_LAUNCH_KINDS:
-        launcher, *spec = _one_launch_spec(config, x2d, weight, weight_scale, bias, smooth, out,
-                                           _launch_stream(x2d.device))
+        launcher, *spec = _one_launch_spec(config, x2d, weight, weight_scale, bias, smooth, out)
         launch = launcher.bind(*spec)
         return None if launch is None else LaunchPlan(x2d.get_device(), x2d.dtype, None,
                                                       one_launch=(config.kind, launch))
@@ -1043,11 +892,11 @@ def int8_gemm_triton(
 ) -> torch.Tensor:
     """The GEMM of the W8A8 linear for activations already quantized (by ``quantize_rows_triton`` or a
     fused producer): int8 q [M, K] (K contiguous) with fp32 row scales [M], int8 weight [N, K], fp32
-    weight_scale [N], bias [N] or None -> [M, N] out_dtype. A "fused" or "handoff" config runs its tile as
-    "int8"; a "gemv" config, which quantizes its rows itself, is refused (ValueError)."""
+    weight_scale [N], bias [N] or None -> [M, N] out_dtype. A "fused" config runs its tile as "int8"; a
+    "gemv" config, which quantizes its rows itself, is refused (ValueError)."""
     if config.kind == "gemv":
         raise ValueError(f"DiT Quant: {config} quantizes its own activation rows; the GEMM of quantized "
-                         "rows takes an \"int8\", \"tma\", \"fused\" or \"handoff\" config")
+                         "rows takes an \"int8\", \"tma\" or \"fused\" config")
     _check_launchable(q)
     out = torch.empty((q.shape[0], weight.shape[0]), dtype=out_dtype, device=q.device)
     if q.shape[0]:

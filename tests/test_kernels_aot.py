@@ -63,9 +63,7 @@ def _compile(fn, signature, constexprs, cc, num_warps, num_stages, **options):
     return {"mma_sync_s8": bool(MMA_SYNC_S8.search(ptx)), "wgmma_s8": bool(WGMMA_S8.search(ptx)),
             "div_rn": "div.rn.f32" in ptx, "shared": kernel.metadata.shared,
             "gdc_wait": "griddepcontrol.wait" in ptx, "prefetch_l2": "prefetch.global.L2" in ptx,
-            "gdc_launch_dependents": "griddepcontrol.launch_dependents" in ptx, "trap": "trap;" in ptx,
-            "release_add": "red.global.gpu.release.add" in ptx,
-            "acquire_load": "ld.global.gpu.acquire" in ptx,
+            "gdc_launch_dependents": "griddepcontrol.launch_dependents" in ptx,
             "cubin_bytes": len(kernel.asm["cubin"]), "resources": _resource_usage(kernel.asm["cubin"])}
 
 
@@ -78,9 +76,8 @@ def _case_id(cc, config):
 ALL_CASES = list(dict.fromkeys((cc, launch) for cc in ARCHS for regime in ("small", "mid", "large")
                                for config in w8a8_triton.candidate_configs(cc, regime)
                                for launch in config.launches()))
-GEMM_CASES = [(cc, config) for cc, config in ALL_CASES if config.kind not in ("gemv", "handoff")]
+GEMM_CASES = [(cc, config) for cc, config in ALL_CASES if config.kind != "gemv"]
 GEMV_CASES = [(cc, config) for cc, config in ALL_CASES if config.kind == "gemv"]
-HANDOFF_CASES = [(cc, config) for cc, config in ALL_CASES if config.kind == "handoff"]
 
 
 def _compile_gemv(cc: int, config) -> dict:
@@ -88,25 +85,10 @@ def _compile_gemv(cc: int, config) -> dict:
                      stride_om="i32")
     for name in ("a_ptr", "a_scale_ptr"):
         del signature[name]
-    constexprs = {"HAS_BIAS": True, "HAS_SMOOTH": True, "AMAX_BLOCK": w8a8_triton.ROW_BLOCK_4_WARPS,
+    constexprs = {"HAS_BIAS": True, "HAS_SMOOTH": True, "AMAX_BLOCK": w8a8_triton.GEMV_AMAX_BLOCK,
                   "PREFETCH_WEIGHTS": config.prefetch_weights, "BLOCK_N": config.block_n,
                   "BLOCK_K": config.block_k}
     return _compile(w8a8_triton._w8a8_gemv_kernel, signature, constexprs, cc, config.num_warps,
-                    config.num_stages, enable_fp_fusion=False)
-
-
-def _compile_handoff(cc: int, config) -> dict:
-    """The one-launch quantize-and-GEMM kernel, with the two-pass quantization of long rows and the trap."""
-    signature = dict(POINTER_TYPES, x_ptr="*bf16", workspace_ptr="*i8", sync_ptr="*i32", M="i32", N="i32",
-                     K="i32", stride_xm="i32", stride_bn="i32", stride_om="i32", scale_offset="i32")
-    for name in ("a_ptr", "a_scale_ptr"):
-        del signature[name]
-    constexprs = {"HAS_BIAS": True, "HAS_SMOOTH": True, "EVEN_K": False,
-                  "QUANT_BLOCK_K": w8a8_triton.ROW_BLOCK_4_WARPS, "QUANT_ONE_TILE": False,
-                  "PREFETCH_K": config.block_k * config.num_stages if config.prefetch_weights else 0,
-                  "TRAP_AFTER_POLLS": w8a8_triton.HANDOFF_TRAP_POLLS, "BLOCK_M": config.block_m,
-                  "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "GROUP_M": config.group_m}
-    return _compile(w8a8_triton._w8a8_handoff_kernel, signature, constexprs, cc, config.num_warps,
                     config.num_stages, enable_fp_fusion=False)
 
 
@@ -118,9 +100,8 @@ def compile_all(shard: int, num_shards: int) -> dict[str, dict]:
         # programmatic dependent launch as on a GPU of this architecture (w8a8_triton.uses_pdl)
         tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
                  "GROUP_M": config.group_m, "WAIT_FOR_PRODUCER": cc >= 90}
-        if config.kind in ("gemv", "handoff"):
-            compile_one = _compile_gemv if config.kind == "gemv" else _compile_handoff
-            results[_case_id(cc, config)] = compile_one(cc, config)
+        if config.kind == "gemv":
+            results[_case_id(cc, config)] = _compile_gemv(cc, config)
             continue
         if config.kind == "tma":
             out_n = config.block_n // 2 if config.split_epilogue else config.block_n
@@ -196,20 +177,6 @@ def test_gemv_compiles_without_spills(compiled, cc, config):
     result = compiled[_case_id(cc, config)]
     assert result["cubin_bytes"] > 0 and result["div_rn"] and not result["gdc_wait"]
     assert not result["mma_sync_s8"] and not result["wgmma_s8"]
-    assert result["prefetch_l2"] == config.prefetch_weights
-    assert result["shared"] <= SMEM_LIMIT_KB[cc] * 1024
-    _assert_no_spills(result, cc)
-
-
-@pytest.mark.parametrize(("cc", "config"), HANDOFF_CASES, ids=[_case_id(cc, c) for cc, c in HANDOFF_CASES])
-def test_handoff_compiles_to_int8_tensor_cores_with_its_memory_handoff(compiled, cc, config):
-    """The one-launch quantize-and-GEMM kernel: IEEE-divided row scales, the int8 mma, the rows counted
-    with a gpu-scope release and awaited with an acquire, the trap that ends a wait gone wrong, no
-    programmatic dependent launch; the weight prefetch where the config asks for it."""
-    result = compiled[_case_id(cc, config)]
-    assert result["cubin_bytes"] > 0 and result["div_rn"] and result["mma_sync_s8"]
-    assert result["release_add"] and result["acquire_load"] and result["trap"]
-    assert not result["gdc_wait"] and not result["gdc_launch_dependents"]
     assert result["prefetch_l2"] == config.prefetch_weights
     assert result["shared"] <= SMEM_LIMIT_KB[cc] * 1024
     _assert_no_spills(result, cc)

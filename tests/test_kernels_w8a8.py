@@ -101,8 +101,7 @@ def _kind_configs():
     if DEVICE.type == "cpu":
         return [*(w8a8_triton.GemmConfig(kind, 16 if kind == "fused" else 64, 64, 64, 8, 4, 1, split)
                   for kind, split in [("int8", False), ("fused", False), ("tma", False), ("tma", True)]),
-                w8a8_triton.GemmConfig("gemv", 1, 32, 64, 1, 4, 1),
-                w8a8_triton.GemmConfig("handoff", 16, 64, 64, 8, 4, 1)]
+                w8a8_triton.GemmConfig("gemv", 1, 32, 64, 1, 4, 1)]
     cc = w8a8_triton.arch_key(torch.cuda.get_device_capability())
     return list(dict.fromkeys(c for regime in ("small", "mid", "large")
                               for c in w8a8_triton.candidate_configs(cc, regime)))
@@ -458,102 +457,6 @@ def test_gemv_serves_only_a_few_rows_of_unquantized_activations():
     with pytest.raises(ValueError, match="quantizes its own activation rows"):
         w8a8_triton.int8_gemm_triton(q, scale, weight, weight_scale, bias, torch.bfloat16,
                                      w8a8_triton.GemmConfig("gemv", 1, 16, 64, 1, 4, 1))
-
-
-def _handoff_configs():
-    """The "handoff" candidates of this GPU, or one with the interpreter's tiles on CPU."""
-    from dit_quant.kernels import w8a8_triton
-
-    if not torch.cuda.is_available():
-        return [w8a8_triton.GemmConfig("handoff", 16, 32, 64, 1, 4, 1)]
-    cc = w8a8_triton.arch_key(torch.cuda.get_device_capability())
-    return [c for c in w8a8_triton.candidate_configs(cc, "small") if c.kind == "handoff"]
-
-
-def _run_handoff(config, x, weight, weight_scale, bias, smooth):
-    """One "handoff" launch: (output, the int8 rows and fp32 scales it left in its workspace)."""
-    from dit_quant.kernels import w8a8_triton
-
-    m, k = x.shape
-    out = torch.empty((m, weight.shape[0]), dtype=x.dtype, device=x.device)
-    launcher, grid, args, constants = w8a8_triton._one_launch_spec(
-        config, x, weight, weight_scale, bias, smooth, out, w8a8_triton._launch_stream(x.device))
-    launcher.prepare(grid, args, constants)()
-    workspace, scale_offset = args[6], args[-1]
-    return out, workspace[: m * k].view(m, k), workspace[scale_offset:].view(torch.float32)
-
-
-@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not importable here")
-@pytest.mark.parametrize("config", _handoff_configs() if "triton" in BACKENDS else [], ids=str)
-@pytest.mark.parametrize("shape", [(16, 5000, 72), (70, 192, 40), (1, 256, 24)],
-                         ids=lambda s: "m{}-k{}-n{}".format(*s))
-def test_handoff_quantizes_as_the_quantize_kernel_and_resets_its_counters(config, shape):
-    """One launch whose first M programs quantize the rows and whose other programs run the GEMM tiles
-    once the rows are counted: its int8 rows and scales are the quantize kernel's bit for bit (rows
-    longer than one 4096-element step take two passes), its output matches float64 on them, a repeat
-    gives the same bits, and the stream's counters are zero after every launch (several row blocks;
-    one row)."""
-    from dit_quant.kernels import w8a8_triton
-
-    m, k, n = shape
-    x, weight, weight_scale, bias, smooth = _inputs((m,), k, n, torch.bfloat16, True, True, seed=m + k)
-    expected_q, expected_scale = w8a8_triton.quantize_rows_triton(x, smooth)
-    sync = w8a8_triton.handoff_sync(x.device, w8a8_triton._launch_stream(x.device))
-    first = None
-    for _ in range(2):
-        out, q, scale = _run_handoff(config, x, weight, weight_scale, bias, smooth)
-        assert torch.equal(q, expected_q) and torch.equal(scale, expected_scale)
-        assert not sync.any(), sync
-        first = out if first is None else first
-        assert torch.equal(out, first)
-    _check_against_fp64(out, x, weight, weight_scale, bias, smooth, "triton")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_handoff_on_two_streams_and_in_cuda_graphs(monkeypatch):
-    """Each stream has its own counters; a captured "handoff" replays with the same bits as an eager
-    call, again and again (the counters reset in every replay), also when the capture found no free
-    counters and zeroed its own inside the graph."""
-    from dit_quant.kernels import w8a8_triton
-    from dit_quant.kernels.cuda_graphs import graph_of
-
-    config = _handoff_configs()[0]
-    x, weight, weight_scale, bias, _ = _inputs((16,), 1024, 768, torch.bfloat16, True, False, seed=23)
-    eager = w8a8_triton.w8a8_linear_triton(x, weight, weight_scale, bias, None, config)
-    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
-    outs = []
-    for stream in streams:
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            outs.append(w8a8_triton.w8a8_linear_triton(x, weight, weight_scale, bias, None, config))
-        torch.cuda.current_stream().wait_stream(stream)
-    assert all(torch.equal(out, eager) for out in outs)
-    slots = [w8a8_triton.handoff_sync(DEVICE, stream.cuda_stream) for stream in streams]
-    assert slots[0].data_ptr() != slots[1].data_ptr()
-
-    for no_free_counters in (False, True):
-        if no_free_counters:  # graph_of's two eager calls (two streams) take both slots of a new block
-            monkeypatch.setattr(w8a8_triton, "_sync_slots", {})
-            monkeypatch.setattr(w8a8_triton, "_free_sync_slots", {})
-            monkeypatch.setattr(w8a8_triton, "_SYNC_BLOCK_SLOTS", 2)
-        static_x = x.clone()
-        result = {}
-
-        def linear(static_x=static_x, result=result):
-            result["out"] = w8a8_triton.w8a8_linear_triton(static_x, weight, weight_scale, bias, None, config)
-
-        graph = graph_of(linear)
-        for i in range(3):
-            fresh = torch.randn_like(x) * (i + 1)
-            static_x.copy_(fresh)
-            graph.replay()
-            expected = w8a8_triton.w8a8_linear_triton(fresh, weight, weight_scale, bias, None, config)
-            assert torch.equal(result["out"], expected), (no_free_counters, i)
-        if no_free_counters:
-            assert len(w8a8_triton._sync_slots) == 2  # the capture zeroed counters of its own
-    torch.cuda.synchronize()
-    assert not any(slot.any() for slot in w8a8_triton._sync_slots.values())
 
 
 def _prefetching_configs():
