@@ -2,10 +2,9 @@
 its share of a step: µs and GB/s (bf16 read + int8 written) per shape, summed with each shape's calls per
 step. Checked against the torch reference first (bit-identical int8 rows and scales).
 
-    python bench/bench_quantize_rows.py [--out DIR] [--sweep-warps] [--sweep-programs]
+    python bench/bench_quantize_rows.py [--out DIR] [--sweep-warps]
 
---sweep-warps also times the kernel with every warp count as CUDA-graph replays (GPU time);
---sweep-programs with grids of one program per row and of 1-16 row-looping programs per SM.
+--sweep-warps also times the kernel with every warp count as CUDA-graph replays (GPU time).
 
 Writes bench_quantize_rows.{json,md} to bench/results/ and --out ($OUT).
 """
@@ -39,39 +38,28 @@ FLUX_CASES = [
 ]
 
 
-def _sweep(x: torch.Tensor, q_ref: torch.Tensor, scale_ref: torch.Tensor,
-           variants: dict) -> tuple[dict, bool]:
-    """GPU ms of the quantize kernel for each variant (name -> ``_prepare_quantize`` keyword overrides;
-    timed as graph replays), and whether every variant wrote the reference's bits into poisoned outputs."""
+def _sweep_warps(x: torch.Tensor, q_ref: torch.Tensor, scale_ref: torch.Tensor) -> tuple[dict, bool]:
+    """GPU ms of the quantize kernel with each warp count (timed as graph replays), and whether every
+    variant wrote the reference's bits into poisoned outputs."""
     from dit_quant.kernels import w8a8_triton
 
     times, same = {}, True
-    for name, overrides in variants.items():
+    for warps in (1, 2, 4, 8, 16, 32):
         q = torch.full_like(q_ref, 99)
         scale = torch.full_like(scale_ref, float("nan"))
 
-        def launch(q=q, scale=scale, overrides=overrides):
-            w8a8_triton._prepare_quantize(x, None, q, scale, **overrides)()
+        def launch(q=q, scale=scale, warps=warps):
+            w8a8_triton._prepare_quantize(x, None, q, scale, num_warps=warps)()
 
         launch()
         same &= torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
-        times[name] = time_ms(launch, graph=True)
+        times[warps] = time_ms(launch, graph=True)
     return times, same
-
-
-def _program_variants(m: int) -> dict:
-    """Grids of the --sweep-programs option: one program per row, and 1-16 programs per SM."""
-    slots = torch.cuda.get_device_properties(0).multi_processor_count
-    variants = {"per row": {"programs": m}}
-    variants.update({f"{n}/SM": {"programs": min(m, n * slots)} for n in (1, 2, 4, 8, 16)})
-    return variants
 
 
 def main() -> int:
     parser = arg_parser(__doc__)
     parser.add_argument("--sweep-warps", action="store_true", help="also time every warp count (GPU time)")
-    parser.add_argument("--sweep-programs", action="store_true",
-                        help="also time grids of one program per row and of 1-16 programs per SM (GPU time)")
     args = parser.parse_args()
     require_cuda("bench_quantize_rows")
     import_kernels()
@@ -93,15 +81,11 @@ def main() -> int:
         total_ms += ms * calls
         case = {"m": m, "k": k, "calls_per_step": calls, "ms": ms, "graph_ms": graph_ms, "GBps": gbps,
                 "matches_reference": exact}
-        sweeps = {"warps": {warps: {"num_warps": warps} for warps in (1, 2, 4, 8, 16, 32)} if args.sweep_warps
-                  else None, "programs": _program_variants(m) if args.sweep_programs else None}
-        for what, variants in sweeps.items():
-            if variants is None:
-                continue
-            case[f"graph_ms_by_{what}"], same = _sweep(x, q_ref, scale_ref, variants)
+        if args.sweep_warps:
+            case["graph_ms_by_warps"], same = _sweep_warps(x, q_ref, scale_ref)
             status |= not same
-            print(f"  M={m} K={k} graph us by {what}: " + ", ".join(
-                f"{w}: {t * 1e3:.1f}" for w, t in case[f"graph_ms_by_{what}"].items()), flush=True)
+            print(f"  M={m} K={k} graph us by warps: " + ", ".join(
+                f"{w}: {t * 1e3:.1f}" for w, t in case["graph_ms_by_warps"].items()), flush=True)
         results["cases"].append(case)
         rows.append([m, k, calls, f"{ms * 1e3:.1f}", f"{graph_ms * 1e3:.1f}", f"{gbps:.0f}",
                      f"{ms * calls:.2f}", "yes" if exact else "NO"])

@@ -82,48 +82,35 @@ def _load_smoothed(ptrs, smooth_ptrs, mask, HAS_SMOOTH: tl.constexpr):
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, smooth_ptr, q_ptr, scale_ptr,
-    M, K, stride_xm, stride_qm,
+    K, stride_xm, stride_qm,
     HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
 ):
-    """Rows program_id, program_id + num_programs, ...: each row's amax, fp32 scale and int8 row.
-    ONE_TILE (K <= BLOCK_K) keeps a row in registers and loads the program's next row before quantizing
-    the current one (two rows in flight: Triton does not pipeline a loop without ``tl.dot``); otherwise
-    each row is read twice (the second time from L2). LAUNCH_DEPENDENTS lets a GEMM launched with
-    programmatic dependent launch start (and wait) while the last programs here still run."""
+    """One program per row: amax over the row, then its fp32 scale and the int8 row. ONE_TILE (K <=
+    BLOCK_K) keeps the row in registers; otherwise the row is read twice (the second time from L2).
+    LAUNCH_DEPENDENTS lets a GEMM launched with programmatic dependent launch start (and wait) while
+    the last programs here still run. (Several rows per program measured slower: run 11 of the log.)"""
     if LAUNCH_DEPENDENTS:
         gdc_launch_dependents()
-    first = tl.program_id(0).to(tl.int64)
-    step = tl.num_programs(0).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * stride_qm
     offs = tl.arange(0, BLOCK_K)
     if ONE_TILE:
         mask = offs < K
-        if HAS_SMOOTH:
-            smooth = tl.load(smooth_ptr + offs, mask=mask, other=1.0)
-        x_next = tl.load(x_ptr + first * stride_xm + offs, mask=mask, other=0.0)
-        for row in range(first, M, step):
-            xs = x_next.to(tl.float32)
-            next_row = row + step
-            next_k = tl.where(next_row < M, K, 0)  # columns of the next row to load: none past the last
-            x_next = tl.load(x_ptr + next_row * stride_xm + offs, mask=offs < next_k, other=0.0)
-            if HAS_SMOOTH:
-                xs = tl.math.div_rn(xs, smooth)
-            scale, inverse = _row_scale(tl.max(tl.abs(xs), axis=0))
-            tl.store(q_ptr + row * stride_qm + offs, _round_clamp_int8(xs * inverse), mask=mask)
-            tl.store(scale_ptr + row, scale)
+        xs = _load_smoothed(x_row + offs, smooth_ptr + offs, mask, HAS_SMOOTH)
+        scale, inverse = _row_scale(tl.max(tl.abs(xs), axis=0))
+        tl.store(q_row + offs, _round_clamp_int8(xs * inverse), mask=mask)
     else:
-        for row in range(first, M, step):
-            x_row = x_ptr + row * stride_xm
-            q_row = q_ptr + row * stride_qm
-            amax = tl.zeros((BLOCK_K,), tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, k0 + offs < K, HAS_SMOOTH)
-                amax = tl.maximum(amax, tl.abs(xs))
-            scale, inverse = _row_scale(tl.max(amax, axis=0))
-            for k0 in range(0, K, BLOCK_K):
-                k_mask = k0 + offs < K
-                xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, k_mask, HAS_SMOOTH)
-                tl.store(q_row + k0 + offs, _round_clamp_int8(xs * inverse), mask=k_mask)
-            tl.store(scale_ptr + row, scale)
+        amax = tl.zeros((BLOCK_K,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, k0 + offs < K, HAS_SMOOTH)
+            amax = tl.maximum(amax, tl.abs(xs))
+        scale, inverse = _row_scale(tl.max(amax, axis=0))
+        for k0 in range(0, K, BLOCK_K):
+            mask = k0 + offs < K
+            xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, mask, HAS_SMOOTH)
+            tl.store(q_row + k0 + offs, _round_clamp_int8(xs * inverse), mask=mask)
+    tl.store(scale_ptr + row, scale)
 
 
 @triton.jit
@@ -382,9 +369,6 @@ class GemmConfig:
 # Shared memory per block that Triton may use (opt-in maximum), by compute capability.
 SMEM_LIMIT_BYTES = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 QUANT_ONE_TILE_MAX_K = 16384  # rows up to this long are quantized from registers in one pass
-# Threads per SM of the quantize kernel's grid: its programs loop over the rows, so a grid that fits the
-# GPU at once has no partly filled last wave.
-QUANT_THREADS_PER_SM = 1024
 SMALL_M_MAX = 64  # rows up to which weight streaming (narrow tiles) dominates
 GEMV_MAX_M = 4  # rows up to which "gemv" configs are candidates (CUDA-core work grows with M)
 GEMV_AMAX_BLOCK = 4096  # row elements per amax step of the gemv kernel (32 fp32 per thread with 4 warps)
@@ -562,14 +546,12 @@ def _quantized_outputs(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             torch.empty((m,), dtype=torch.float32, device=x2d.device))
 
 
-def _prepare_quantize(x2d, smooth, q, scale, num_warps: int | None = None,
-                      programs: int | None = None) -> Callable[[], None]:
-    """The quantize kernel's launch; ``num_warps`` and ``programs`` override the rules below (the
-    benchmark's sweeps)."""
-    return _quantize_rows_launcher.prepare(*_quantize_spec(x2d, smooth, q, scale, num_warps, programs))
+def _prepare_quantize(x2d, smooth, q, scale, num_warps: int | None = None) -> Callable[[], None]:
+    """The quantize kernel's launch; ``num_warps`` overrides the rule below (the benchmark's sweep)."""
+    return _quantize_rows_launcher.prepare(*_quantize_spec(x2d, smooth, q, scale, num_warps))
 
 
-def _quantize_spec(x2d, smooth, q, scale, num_warps: int | None = None, programs: int | None = None) -> tuple:
+def _quantize_spec(x2d, smooth, q, scale, num_warps: int | None = None) -> tuple:
     """(grid, args, constants) of the quantize kernel."""
     m, k = x2d.shape
     block_k = min(next_power_of_2(k), QUANT_ONE_TILE_MAX_K)
@@ -577,15 +559,13 @@ def _quantize_spec(x2d, smooth, q, scale, num_warps: int | None = None, programs
     # --sweep-warps); rows up to 4096 are as fast with 2 or 4 warps and slower with more.
     if num_warps is None:
         num_warps = 8 if block_k >= 8192 else 4
-    if programs is None:
-        programs = min(m, program_slots(x2d.device) * QUANT_THREADS_PER_SM // (32 * num_warps))
-    return ((programs,), _quantize_args(x2d, smooth, q, scale),
+    return ((m,), _quantize_args(x2d, smooth, q, scale),
             _quantize_constants(smooth is not None, block_k, k <= block_k, num_warps, uses_pdl(x2d.device)))
 
 
 def _quantize_args(x2d, smooth, q, scale) -> tuple:
-    m, k = x2d.shape
-    return (x2d, smooth if smooth is not None else scale, q, scale, m, k, x2d.stride(0), k)
+    k = x2d.shape[1]
+    return (x2d, smooth if smooth is not None else scale, q, scale, k, x2d.stride(0), k)
 
 
 @functools.cache

@@ -124,7 +124,7 @@ def compile_all(shard: int, num_shards: int) -> dict[str, dict]:
                                                  config.num_stages)
     for cc in ARCHS[shard::num_shards]:
         signature = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "q_ptr": "*i8", "scale_ptr": "*fp32",
-                     "M": "i32", "K": "i32", "stride_xm": "i32", "stride_qm": "i32"}
+                     "K": "i32", "stride_xm": "i32", "stride_qm": "i32"}
         for one_tile in (True, False):  # rows in registers (K <= 16384) / two passes over longer rows
             constexprs = {"HAS_SMOOTH": True, "BLOCK_K": w8a8_triton.QUANT_ONE_TILE_MAX_K,
                           "ONE_TILE": one_tile, "LAUNCH_DEPENDENTS": cc >= 90}

@@ -211,24 +211,6 @@ def test_quantize_rows_two_pass_for_long_rows(monkeypatch):
     assert torch.equal(q, one_pass[0]) and torch.equal(scale, one_pass[1])
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not importable here")
-@pytest.mark.parametrize("one_tile_max_k", [16384, 64], ids=["one-pass", "two-pass"])
-def test_quantize_rows_programs_loop_over_rows(monkeypatch, one_tile_max_k):
-    """Programs that loop over several rows (the next row loaded while the current one is quantized)
-    write the same bits as one program per row, for every grid size, in one and in two passes."""
-    from dit_quant.kernels import w8a8_triton
-
-    monkeypatch.setattr(w8a8_triton, "QUANT_ONE_TILE_MAX_K", one_tile_max_k)
-    x, _, _, _, smooth = _inputs((11,), 200, 8, torch.bfloat16, False, True, seed=19)
-    per_row = w8a8_triton.quantize_rows_triton(x, smooth)
-    _check_quantized(*per_row, x, smooth)
-    for programs in (11, 4, 3, 1):
-        q = torch.full_like(per_row[0], 99)
-        scale = torch.full_like(per_row[1], float("nan"))
-        w8a8_triton._prepare_quantize(x, smooth, q, scale, programs=programs)()
-        assert torch.equal(q, per_row[0]) and torch.equal(scale, per_row[1]), programs
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_programmatic_dependent_launch_gives_the_same_bits(monkeypatch):
