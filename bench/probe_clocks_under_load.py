@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from w8a8_common import (
     arg_parser,
     compare,
-    cuda_graph_of,
     environment,
     import_kernels,
     layer_inputs,
@@ -48,7 +47,9 @@ def _sample(stop: threading.Event, samples: list) -> None:
 
 def sustained(fn, flops: float, seconds: float) -> dict:
     """Replays a graph of CALLS_PER_GRAPH calls of fn for ``seconds``; TOPS and clock/power medians."""
-    graph = cuda_graph_of(fn, CALLS_PER_GRAPH)
+    from dit_quant.kernels.cuda_graphs import graph_of  # importable once main() has run import_kernels()
+
+    graph = graph_of(fn, CALLS_PER_GRAPH)
     samples: list = []
     stop = threading.Event()
     sampler = threading.Thread(target=_sample, args=(stop, samples), daemon=True)

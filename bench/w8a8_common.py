@@ -95,15 +95,9 @@ def time_ms(fn, graph: bool = False) -> float:
 
     if not graph:
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    return triton.testing.do_bench(cuda_graph_of(fn).replay, warmup=25, rep=100, return_mode="median")
+    from dit_quant.kernels.cuda_graphs import graph_of  # importable once import_kernels() has run
 
-
-def cuda_graph_of(fn, calls: int = 1) -> torch.cuda.CUDAGraph:
-    """``kernels.cuda_graphs.graph_of``: a CUDA graph of ``calls`` calls of fn (compiling and tuning happen
-    outside the capture)."""
-    from dit_quant.kernels.cuda_graphs import graph_of
-
-    return graph_of(fn, calls)
+    return triton.testing.do_bench(graph_of(fn).replay, warmup=25, rep=100, return_mode="median")
 
 
 def write_atomic(path: pathlib.Path, text: str) -> None:

@@ -80,6 +80,18 @@ def _load_smoothed(ptrs, smooth_ptrs, mask, HAS_SMOOTH: tl.constexpr):
 
 
 @triton.jit
+def _row_scale_of(x_row, smooth_ptr, K, HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (scale, reciprocal) of the row at ``x_row`` (``_row_scale`` of its smoothed amax), reading it in
+    steps of BLOCK_K elements."""
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, k0 + offs < K, HAS_SMOOTH)
+        amax = tl.maximum(amax, tl.abs(xs))
+    return _row_scale(tl.max(amax, axis=0))
+
+
+@triton.jit
 def _quantize_rows_kernel(
     x_ptr, smooth_ptr, q_ptr, scale_ptr,
     K, stride_xm, stride_qm,
@@ -101,11 +113,7 @@ def _quantize_rows_kernel(
         scale, inverse = _row_scale(tl.max(tl.abs(xs), axis=0))
         tl.store(q_row + offs, _round_clamp_int8(xs * inverse), mask=mask)
     else:
-        amax = tl.zeros((BLOCK_K,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, k0 + offs < K, HAS_SMOOTH)
-            amax = tl.maximum(amax, tl.abs(xs))
-        scale, inverse = _row_scale(tl.max(amax, axis=0))
+        scale, inverse = _row_scale_of(x_row, smooth_ptr, K, HAS_SMOOTH, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + offs < K
             xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, mask, HAS_SMOOTH)
@@ -291,12 +299,7 @@ def _w8a8_gemv_kernel(
     w_next = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0)
     row = tl.program_id(1).to(tl.int64)
     x_row = x_ptr + row * stride_xm
-    offs = tl.arange(0, AMAX_BLOCK)
-    amax = tl.zeros((AMAX_BLOCK,), tl.float32)
-    for k0 in range(0, K, AMAX_BLOCK):
-        xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, k0 + offs < K, HAS_SMOOTH)
-        amax = tl.maximum(amax, tl.abs(xs))
-    scale, inverse = _row_scale(tl.max(amax, axis=0))
+    scale, inverse = _row_scale_of(x_row, smooth_ptr, K, HAS_SMOOTH, AMAX_BLOCK)
     acc = tl.zeros((BLOCK_N,), tl.int32)
     for k0 in range(0, K, BLOCK_K):
         w = w_next

@@ -423,7 +423,6 @@ def test_cuda_graph_capture_and_replay():
     assert not torch.equal(static_out, eager)
 
 
-
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not importable here")
 def test_weight_prefetch_candidates():
     """Without programmatic dependent launch a prefetching "int8" config would compile to its plain twin;
