@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import pathlib
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,16 +90,46 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
             "finite": bool(torch.isfinite(out).all().item())}
 
 
-def time_ms(fn, graph: bool = False) -> float:
+def time_ms(fn, graph: bool = False, produced: torch.Tensor | None = None) -> float:
     """Median milliseconds of fn (triton.testing.do_bench: L2 flushed between runs, warm-up first);
-    graph=True times the replay of a CUDA graph of fn instead (no Python/launch overhead)."""
+    graph=True times the replay of a CUDA graph of fn instead (no Python/launch overhead).
+
+    ``produced`` (fn's input activation) times fn in a model's cache state instead: before each run the
+    L2 is emptied by *reading* 256 MB (clean lines; do_bench's flush writes zeros, so its dirty lines are
+    written back to memory during the timed run) and then ``produced`` is rewritten, as the op before a
+    linear layer leaves its output in L2."""
     import triton
 
-    if not graph:
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    from dit_quant.kernels.cuda_graphs import graph_of  # importable once import_kernels() has run
+    run = fn
+    if graph:
+        from dit_quant.kernels.cuda_graphs import graph_of  # importable once import_kernels() has run
 
-    return triton.testing.do_bench(graph_of(fn).replay, warmup=25, rep=100, return_mode="median")
+        run = graph_of(fn).replay
+    if produced is None:
+        return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+    return _time_after_producer(run, produced)
+
+
+@functools.cache
+def _eviction_buffer(device: torch.device) -> torch.Tensor:
+    return torch.ones(64 << 20, device=device, dtype=torch.int32)  # 256 MB, 5x the H100/H200 L2
+
+
+def _time_after_producer(run, produced: torch.Tensor, repeats: int = 50) -> float:
+    source = produced.clone()
+    evict = _eviction_buffer(produced.device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(repeats)]
+    for _ in range(5):
+        run()
+    for start, end in events:
+        evict.max()
+        produced.copy_(source)
+        start.record()
+        run()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def write_atomic(path: pathlib.Path, text: str) -> None:

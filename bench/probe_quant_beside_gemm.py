@@ -1,0 +1,132 @@
+"""Probe: can activation quantization run on a few SMs beside the GEMM on the others, for less than it
+costs as a separate full-GPU pass? (GPU time, CUDA-graph replays, L2 flushed.)
+
+For each layer shape it times, without any dependency between the two (an upper bound on what a
+flag-synchronized version could reach):
+- today's path: the quantize kernel over all SMs, then the persistent TMA GEMM on all SMs;
+- the GEMM alone on all SMs, and on ``slots - S`` SMs;
+- a persistent quantize kernel on S programs alone (GB/s per program);
+- both at once on two streams: the quantize kernel on S programs and the GEMM on ``slots - S``.
+
+    python bench/probe_quant_beside_gemm.py [--out DIR]
+
+Writes probe_quant_beside_gemm.{json,md} to bench/results/ and --out ($OUT).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from w8a8_common import (
+    arg_parser,
+    environment,
+    import_kernels,
+    markdown_table,
+    require_cuda,
+    save_results,
+    time_ms,
+)
+
+SHAPES = [(4608, 3072, 3072), (4608, 15360, 3072), (9216, 3072, 3072), (4096, 12288, 3072),
+          (4608, 3072, 12288)]
+SIDE_PROGRAMS = (4, 8, 16, 24)
+
+
+@triton.jit
+def _quantize_rows_persistent_kernel(x_ptr, q_ptr, scale_ptr, M, K, num_programs,
+                                     ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """ROWS rows per step, programs striding over row groups; same math as _quantize_rows_kernel."""
+    offs_r = tl.arange(0, ROWS)
+    offs_k = tl.arange(0, BLOCK_K)
+    for first in range(tl.program_id(0) * ROWS, M, num_programs * ROWS):
+        rows = (first + offs_r).to(tl.int64)
+        mask = (rows < M)[:, None] & (offs_k < K)[None, :]
+        xs = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(xs), axis=1), 1e-12), 127.0)
+        inverse = tl.math.div_rn(1.0, scale)
+        v = (xs * inverse[:, None] + 12582912.0) - 12582912.0
+        tl.store(q_ptr + rows[:, None] * K + offs_k[None, :],
+                 tl.minimum(tl.maximum(v, -127.0), 127.0).to(tl.int8), mask=mask)
+        tl.store(scale_ptr + rows, scale, mask=rows < M)
+
+
+def probe_shape(m: int, k: int, n: int, slots: int, side: torch.cuda.Stream) -> dict:
+    """Timings (ms) of one layer shape; see the module docstring."""
+    from dit_quant.kernels import w8a8_triton as wt
+    from dit_quant.kernels.w8a8_reference import quantize_rows_reference
+
+    config = wt._HOPPER_WIDE
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(m, k, device="cuda", generator=g) * 3).bfloat16()
+    x2 = x.clone()
+    weight = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8, generator=g)
+    weight_scale = torch.rand(n, device="cuda", generator=g) * 0.01 + 1e-3
+    q, scale = wt.quantize_rows_triton(x)
+    q2, scale2 = torch.empty_like(q), torch.empty_like(scale)
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    block_k = triton.next_power_of_2(k)
+
+    def gemm(programs):
+        args = wt._tma_gemm_args(config, q, scale, weight, weight_scale, None, out, programs)
+        wt._tma_gemm_launcher.prepare((programs,), args, wt._tma_gemm_constants(config, False, False))()
+
+    def side_quantize(programs):
+        _quantize_rows_persistent_kernel[(programs,)](x2, q2, scale2, m, k, programs,
+                                                      ROWS=max(1, 32768 // block_k), BLOCK_K=block_k,
+                                                      num_warps=32, enable_fp_fusion=False)
+
+    side_quantize(8)
+    q_ref, scale_ref = quantize_rows_reference(x)
+    row = {"m": m, "k": k, "n": n, "exact": torch.equal(q2, q_ref) and torch.equal(scale2, scale_ref),
+           "today_ms": time_ms(lambda: wt.w8a8_linear_triton(x, weight, weight_scale, None, None, config),
+                               graph=True),
+           "quant_full_ms": time_ms(lambda: wt.quantize_rows_triton(x), graph=True),
+           "gemm_full_ms": time_ms(lambda: gemm(slots), graph=True), "side": {}}
+    for s in SIDE_PROGRAMS:
+        def both(s=s):
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                side_quantize(s)
+            gemm(slots - s)
+            torch.cuda.current_stream().wait_stream(side)
+
+        quant_side = time_ms(lambda s=s: side_quantize(s), graph=True)
+        row["side"][s] = {"quant_ms": quant_side, "gb_s_per_program": m * k * 3 / quant_side / 1e6 / s,
+                          "gemm_rest_ms": time_ms(lambda s=s: gemm(slots - s), graph=True),
+                          "together_ms": time_ms(both, graph=True)}
+    return row
+
+
+def main() -> int:
+    args = arg_parser(__doc__).parse_args()
+    require_cuda("probe_quant_beside_gemm")
+    import_kernels()
+    from dit_quant.kernels import w8a8_triton as wt
+
+    slots = wt.program_slots(torch.device("cuda"))
+    side = torch.cuda.Stream()
+    results, table = [], []
+    for m, k, n in SHAPES:
+        row = probe_shape(m, k, n, slots, side)
+        results.append(row)
+        for s, t in row["side"].items():
+            table.append([f"{m}x{k}->{n}", s] + [f"{v * 1e3:.1f}" for v in (
+                row["today_ms"], row["quant_full_ms"], row["gemm_full_ms"], t["gemm_rest_ms"], t["quant_ms"])]
+                + [f"{t['gb_s_per_program']:.0f}", f"{t['together_ms'] * 1e3:.1f}",
+                   f"{row['today_ms'] / t['together_ms']:.3f}", "yes" if row["exact"] else "NO"])
+            print(table[-1], flush=True)
+    headers = ["layer", "S", "today µs", "quant µs", "GEMM µs", f"GEMM on {slots}-S µs", "quant on S µs",
+               "GB/s per program", "both at once µs", "today / both", "= ref"]
+    env = environment()
+    markdown = "\n".join([
+        f"# Quantization beside the GEMM ({env['gpu']}, torch {env['torch']}, triton {env['triton']})", "",
+        f"Command: `{env['command']}` ({env['date_utc']})", "", __doc__.split("\n\n")[0], "",
+        markdown_table(headers, table), ""])
+    save_results("probe_quant_beside_gemm", {"environment": env, "results": results}, markdown, args.out)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
