@@ -5,7 +5,8 @@ For each layer shape it times, without any dependency between the two (an upper 
 flag-synchronized version could reach):
 - today's path: the quantize kernel over all SMs, then the persistent TMA GEMM on all SMs;
 - the GEMM alone on all SMs, and on ``slots - S`` SMs;
-- a persistent quantize kernel on S programs alone (GB/s per program);
+- a persistent quantize kernel on S programs alone (GB/s per program; with one or two row groups in
+  flight per program);
 - both at once on two streams: the quantize kernel on S programs and the GEMM on ``slots - S``.
 
     python bench/probe_quant_beside_gemm.py [--out DIR]
@@ -30,19 +31,34 @@ from w8a8_common import (
 
 SHAPES = [(4608, 3072, 3072), (4608, 15360, 3072), (9216, 3072, 3072), (4096, 12288, 3072),
           (4608, 3072, 12288)]
-SIDE_PROGRAMS = (4, 8, 16, 24)
+SIDE_PROGRAMS = (8, 16, 24, 32)
+
+
+@triton.jit
+def _load_rows(x_ptr, first, M, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = (first + tl.arange(0, ROWS)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask = (rows < M)[:, None] & (offs_k < K)[None, :]
+    return tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
 def _quantize_rows_persistent_kernel(x_ptr, q_ptr, scale_ptr, M, K, num_programs,
-                                     ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """ROWS rows per step, programs striding over row groups; same math as _quantize_rows_kernel."""
-    offs_r = tl.arange(0, ROWS)
+                                     ROWS: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+    """ROWS rows per step, programs striding over row groups; same math as _quantize_rows_kernel.
+    PREFETCH: load the next row group before quantizing the current one (two groups in flight)."""
     offs_k = tl.arange(0, BLOCK_K)
-    for first in range(tl.program_id(0) * ROWS, M, num_programs * ROWS):
-        rows = (first + offs_r).to(tl.int64)
+    step = num_programs * ROWS
+    if PREFETCH:
+        x_next = _load_rows(x_ptr, tl.program_id(0) * ROWS, M, K, ROWS, BLOCK_K)
+    for first in range(tl.program_id(0) * ROWS, M, step):
+        if PREFETCH:
+            xs = x_next.to(tl.float32)
+            x_next = _load_rows(x_ptr, first + step, M, K, ROWS, BLOCK_K)
+        else:
+            xs = _load_rows(x_ptr, first, M, K, ROWS, BLOCK_K).to(tl.float32)
+        rows = (first + tl.arange(0, ROWS)).to(tl.int64)
         mask = (rows < M)[:, None] & (offs_k < K)[None, :]
-        xs = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
         scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(xs), axis=1), 1e-12), 127.0)
         inverse = tl.math.div_rn(1.0, scale)
         v = (xs * inverse[:, None] + 12582912.0) - 12582912.0
@@ -71,14 +87,19 @@ def probe_shape(m: int, k: int, n: int, slots: int, side: torch.cuda.Stream) -> 
         args = wt._tma_gemm_args(config, q, scale, weight, weight_scale, None, out, programs)
         wt._tma_gemm_launcher.prepare((programs,), args, wt._tma_gemm_constants(config, False, False))()
 
-    def side_quantize(programs):
+    def side_quantize(programs, prefetch=True):
         _quantize_rows_persistent_kernel[(programs,)](x2, q2, scale2, m, k, programs,
                                                       ROWS=max(1, 32768 // block_k), BLOCK_K=block_k,
-                                                      num_warps=32, enable_fp_fusion=False)
+                                                      PREFETCH=prefetch, num_warps=32, enable_fp_fusion=False)
 
-    side_quantize(8)
     q_ref, scale_ref = quantize_rows_reference(x)
-    row = {"m": m, "k": k, "n": n, "exact": torch.equal(q2, q_ref) and torch.equal(scale2, scale_ref),
+    exact = True
+    for prefetch in (False, True):
+        q2.fill_(99)
+        scale2.fill_(float("nan"))
+        side_quantize(8, prefetch)
+        exact &= torch.equal(q2, q_ref) and torch.equal(scale2, scale_ref)
+    row = {"m": m, "k": k, "n": n, "exact": exact,
            "today_ms": time_ms(lambda: wt.w8a8_linear_triton(x, weight, weight_scale, None, None, config),
                                graph=True),
            "quant_full_ms": time_ms(lambda: wt.quantize_rows_triton(x), graph=True),
@@ -92,7 +113,9 @@ def probe_shape(m: int, k: int, n: int, slots: int, side: torch.cuda.Stream) -> 
             torch.cuda.current_stream().wait_stream(side)
 
         quant_side = time_ms(lambda s=s: side_quantize(s), graph=True)
+        quant_plain = time_ms(lambda s=s: side_quantize(s, False), graph=True)
         row["side"][s] = {"quant_ms": quant_side, "gb_s_per_program": m * k * 3 / quant_side / 1e6 / s,
+                          "gb_s_per_program_without_prefetch": m * k * 3 / quant_plain / 1e6 / s,
                           "gemm_rest_ms": time_ms(lambda s=s: gemm(slots - s), graph=True),
                           "together_ms": time_ms(both, graph=True)}
     return row
@@ -113,11 +136,13 @@ def main() -> int:
         for s, t in row["side"].items():
             table.append([f"{m}x{k}->{n}", s] + [f"{v * 1e3:.1f}" for v in (
                 row["today_ms"], row["quant_full_ms"], row["gemm_full_ms"], t["gemm_rest_ms"], t["quant_ms"])]
-                + [f"{t['gb_s_per_program']:.0f}", f"{t['together_ms'] * 1e3:.1f}",
+                + [f"{t['gb_s_per_program_without_prefetch']:.0f}", f"{t['gb_s_per_program']:.0f}",
+                   f"{t['together_ms'] * 1e3:.1f}",
                    f"{row['today_ms'] / t['together_ms']:.3f}", "yes" if row["exact"] else "NO"])
             print(table[-1], flush=True)
     headers = ["layer", "S", "today µs", "quant µs", "GEMM µs", f"GEMM on {slots}-S µs", "quant on S µs",
-               "GB/s per program", "both at once µs", "today / both", "= ref"]
+               "GB/s per program, one group in flight", "two groups in flight", "both at once µs",
+               "today / both", "= ref"]
     env = environment()
     markdown = "\n".join([
         f"# Quantization beside the GEMM ({env['gpu']}, torch {env['torch']}, triton {env['triton']})", "",
