@@ -29,25 +29,33 @@ from w8a8_common import (
     time_ms,
 )
 
+# The jit helpers below are called from this file's kernel, so the pack is imported before it is defined.
+import_kernels()
+from dit_quant.kernels.w8a8_triton import _round_clamp_int8, _row_scale  # noqa: E402
+
 SHAPES = [(4608, 3072, 3072), (4608, 15360, 3072), (9216, 3072, 3072), (4096, 12288, 3072),
           (4608, 3072, 12288)]
 SIDE_PROGRAMS = (8, 16, 24, 32)
 
 
 @triton.jit
-def _load_rows(x_ptr, first, M, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _row_group(first, M, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows first .. first + ROWS - 1 (int64) and the in-range mask of their [ROWS, BLOCK_K] tile."""
     rows = (first + tl.arange(0, ROWS)).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask = (rows < M)[:, None] & (offs_k < K)[None, :]
-    return tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
+    return rows, (rows < M)[:, None] & (tl.arange(0, BLOCK_K) < K)[None, :]
+
+
+@triton.jit
+def _load_rows(x_ptr, first, M, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows, mask = _row_group(first, M, K, ROWS, BLOCK_K)
+    return tl.load(x_ptr + rows[:, None] * K + tl.arange(0, BLOCK_K)[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
 def _quantize_rows_persistent_kernel(x_ptr, q_ptr, scale_ptr, M, K, num_programs,
                                      ROWS: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
-    """ROWS rows per step, programs striding over row groups; same math as _quantize_rows_kernel.
+    """ROWS rows per step, programs striding over row groups; the math of _quantize_rows_kernel.
     PREFETCH: load the next row group before quantizing the current one (two groups in flight)."""
-    offs_k = tl.arange(0, BLOCK_K)
     step = num_programs * ROWS
     if PREFETCH:
         x_next = _load_rows(x_ptr, tl.program_id(0) * ROWS, M, K, ROWS, BLOCK_K)
@@ -57,13 +65,10 @@ def _quantize_rows_persistent_kernel(x_ptr, q_ptr, scale_ptr, M, K, num_programs
             x_next = _load_rows(x_ptr, first + step, M, K, ROWS, BLOCK_K)
         else:
             xs = _load_rows(x_ptr, first, M, K, ROWS, BLOCK_K).to(tl.float32)
-        rows = (first + tl.arange(0, ROWS)).to(tl.int64)
-        mask = (rows < M)[:, None] & (offs_k < K)[None, :]
-        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(xs), axis=1), 1e-12), 127.0)
-        inverse = tl.math.div_rn(1.0, scale)
-        v = (xs * inverse[:, None] + 12582912.0) - 12582912.0
-        tl.store(q_ptr + rows[:, None] * K + offs_k[None, :],
-                 tl.minimum(tl.maximum(v, -127.0), 127.0).to(tl.int8), mask=mask)
+        rows, mask = _row_group(first, M, K, ROWS, BLOCK_K)
+        scale, inverse = _row_scale(tl.max(tl.abs(xs), axis=1))
+        tl.store(q_ptr + rows[:, None] * K + tl.arange(0, BLOCK_K)[None, :],
+                 _round_clamp_int8(xs * inverse[:, None]), mask=mask)
         tl.store(scale_ptr + rows, scale, mask=rows < M)
 
 
@@ -124,7 +129,6 @@ def probe_shape(m: int, k: int, n: int, slots: int, side: torch.cuda.Stream) -> 
 def main() -> int:
     args = arg_parser(__doc__).parse_args()
     require_cuda("probe_quant_beside_gemm")
-    import_kernels()
     from dit_quant.kernels import w8a8_triton as wt
 
     slots = wt.program_slots(torch.device("cuda"))
