@@ -31,7 +31,7 @@ from w8a8_common import (
 
 # The jit helpers below are called from this file's kernel, so the pack is imported before it is defined.
 import_kernels()
-from dit_quant.kernels.w8a8_triton import _round_clamp_int8, _row_scale  # noqa: E402
+from dit_quant.kernels.w8a8_triton import _round_to_int8, _row_scale  # noqa: E402
 
 SHAPES = [(4608, 3072, 3072), (4608, 15360, 3072), (9216, 3072, 3072), (4096, 12288, 3072),
           (4608, 3072, 12288)]
@@ -68,7 +68,7 @@ def _quantize_rows_persistent_kernel(x_ptr, q_ptr, scale_ptr, M, K, num_programs
         rows, mask = _row_group(first, M, K, ROWS, BLOCK_K)
         scale, inverse = _row_scale(tl.max(tl.abs(xs), axis=1))
         tl.store(q_ptr + rows[:, None] * K + tl.arange(0, BLOCK_K)[None, :],
-                 _round_clamp_int8(xs * inverse[:, None]), mask=mask)
+                 _round_to_int8(xs * inverse[:, None]), mask=mask)
         tl.store(scale_ptr + rows, scale, mask=rows < M)
 
 

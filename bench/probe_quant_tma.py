@@ -34,7 +34,7 @@ from w8a8_common import (
 
 # The jit helpers below are called from this file's kernel, so the pack is imported before it is defined.
 import_kernels()
-from dit_quant.kernels.w8a8_triton import _round_clamp_int8, _row_scale  # noqa: E402
+from dit_quant.kernels.w8a8_triton import _round_to_int8, _row_scale  # noqa: E402
 from probe_quant_beside_gemm import _quantize_rows_persistent_kernel  # noqa: E402
 
 SHAPES = [(4608, 3072), (9216, 3072), (4608, 15360)]
@@ -53,7 +53,7 @@ def _quantize_rows_tma_kernel(x_desc, q_desc, scale_ptr, M, num_programs,
     for first in tl.range(tl.program_id(0) * ROWS, M, step, num_stages=STAGES):
         xs = x_desc.load([first, 0, 0]).to(tl.float32)
         scale, inverse = _row_scale(tl.max(tl.max(tl.abs(xs), axis=2), axis=1))
-        q_desc.store([first, 0, 0], _round_clamp_int8(xs * inverse[:, None, None]))
+        q_desc.store([first, 0, 0], _round_to_int8(xs * inverse[:, None, None]))
         rows = first + tl.arange(0, ROWS)
         tl.store(scale_ptr + rows, scale, mask=rows < M)
 

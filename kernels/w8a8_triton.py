@@ -59,12 +59,14 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
-def _round_clamp_int8(v):
-    """fp32 -> int8: clamp to +-127, round half to even. The int8 is the low byte of the rounded sum's bits:
-    a float-to-int conversion would run at a quarter of the fp32 rate, and the quantization kernels are
-    bound by instructions per SM (run 18 of the log)."""
-    v = tl.minimum(tl.maximum(v, -127.0), 127.0) + _ROUND_MAGIC
-    return v.to(tl.int32, bitcast=True).to(tl.int8)
+def _round_to_int8(v):
+    """fp32 within +-127 -> int8, rounded half to even: the low byte of the rounded sum's bits.
+
+    Callers pass x * inverse with ``inverse`` from ``_row_scale`` of an amax over the same values, which
+    is within 127 * (1 + 3 * 2**-24), so no clamp is needed. A float-to-int conversion would run at a quarter
+    of the fp32 rate, and the quantization kernels are bound by instructions per SM (run 18 of the log);
+    this takes one add."""
+    return (v + _ROUND_MAGIC).to(tl.int32, bitcast=True).to(tl.int8)
 
 
 @triton.jit
@@ -98,14 +100,10 @@ def _row_scale_of(x_row, smooth_ptr, K, HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.co
 def _quantize_rows_kernel(
     x_ptr, smooth_ptr, q_ptr, scale_ptr,
     K, stride_xm, stride_qm,
-    HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr, TAIL_K: tl.constexpr, ONE_TILE: tl.constexpr,
-    LAUNCH_DEPENDENTS: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     """One program per row: amax over the row, then its fp32 scale and the int8 row. ONE_TILE (K <=
-    BLOCK_K + TAIL_K) keeps the row in registers, as a tile of BLOCK_K elements and, where TAIL_K > 0, a
-    second of TAIL_K after it (3072 = 2048 + 1024 computes no padding, where one 4096 tile would compute
-    a third more: the kernel is bound by instructions per SM, run 18); otherwise the row is read twice
-    (the second time from L2).
+    BLOCK_K) keeps the row in registers; otherwise the row is read twice (the second time from L2).
     LAUNCH_DEPENDENTS lets a GEMM launched with programmatic dependent launch start (and wait) while
     the last programs here still run. (Several rows per program measured slower: run 11 of the log.)"""
     if LAUNCH_DEPENDENTS:
@@ -117,22 +115,14 @@ def _quantize_rows_kernel(
     if ONE_TILE:
         mask = offs < K
         xs = _load_smoothed(x_row + offs, smooth_ptr + offs, mask, HAS_SMOOTH)
-        amax = tl.max(tl.abs(xs), axis=0)
-        if TAIL_K > 0:
-            offs_tail = BLOCK_K + tl.arange(0, TAIL_K)
-            mask_tail = offs_tail < K
-            tail = _load_smoothed(x_row + offs_tail, smooth_ptr + offs_tail, mask_tail, HAS_SMOOTH)
-            amax = tl.maximum(amax, tl.max(tl.abs(tail), axis=0))
-        scale, inverse = _row_scale(amax)
-        tl.store(q_row + offs, _round_clamp_int8(xs * inverse), mask=mask)
-        if TAIL_K > 0:
-            tl.store(q_row + offs_tail, _round_clamp_int8(tail * inverse), mask=mask_tail)
+        scale, inverse = _row_scale(tl.max(tl.abs(xs), axis=0))
+        tl.store(q_row + offs, _round_to_int8(xs * inverse), mask=mask)
     else:
         scale, inverse = _row_scale_of(x_row, smooth_ptr, K, HAS_SMOOTH, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + offs < K
             xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, mask, HAS_SMOOTH)
-            tl.store(q_row + k0 + offs, _round_clamp_int8(xs * inverse), mask=mask)
+            tl.store(q_row + k0 + offs, _round_to_int8(xs * inverse), mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
@@ -231,7 +221,7 @@ def _w8a8_gemm_kernel(
         k_mask = offs_k < K - k_step * BLOCK_K
         if QUANTIZE_A:
             a = _load_a_tile(a_ptrs, smooth_ptrs, k_mask, EVEN_K, HAS_SMOOTH)
-            a = _round_clamp_int8(a * a_inv_scale[:, None])
+            a = _round_to_int8(a * a_inv_scale[:, None])
         elif EVEN_K:
             a = tl.load(a_ptrs)
         else:
@@ -321,7 +311,7 @@ def _w8a8_gemv_kernel(
         w_next = tl.load(w_ptrs + (k0 + BLOCK_K), mask=(k0 + BLOCK_K + offs_k < K)[None, :], other=0)
         k_mask = k0 + offs_k < K
         xs = _load_smoothed(x_row + k0 + offs_k, smooth_ptr + k0 + offs_k, k_mask, HAS_SMOOTH)
-        q = _round_clamp_int8(xs * inverse).to(tl.int32)
+        q = _round_to_int8(xs * inverse).to(tl.int32)
         acc += tl.sum(w.to(tl.int32) * q[None, :], axis=1)
     out = acc.to(tl.float32) * scale * tl.load(b_scale_ptr + rows_b)
     if HAS_BIAS:
@@ -572,25 +562,13 @@ def _prepare_quantize(x2d, smooth, q, scale, num_warps: int | None = None) -> Ca
 def _quantize_spec(x2d, smooth, q, scale, num_warps: int | None = None) -> tuple:
     """(grid, args, constants) of the quantize kernel."""
     m, k = x2d.shape
-    block_k, tail_k = quantize_row_tiles(k)
+    block_k = min(next_power_of_2(k), QUANT_ONE_TILE_MAX_K)
     # 8 warps for long rows: 4608x15360 ran 58 us against 65 us with 4 (H200, bench_quantize_rows
     # --sweep-warps); rows up to 4096 are as fast with 2 or 4 warps and slower with more.
     if num_warps is None:
-        num_warps = 8 if block_k + tail_k >= 8192 else 4
+        num_warps = 8 if block_k >= 8192 else 4
     return ((m,), _quantize_args(x2d, smooth, q, scale),
-            _quantize_constants(smooth is not None, block_k, tail_k, k <= block_k + tail_k, num_warps,
-                                uses_pdl(x2d.device)))
-
-
-def quantize_row_tiles(k: int) -> tuple[int, int]:
-    """(BLOCK_K, TAIL_K) of the quantize kernel for rows of k elements: one power-of-two tile, or where
-    that would pad more, the largest power of two within k plus a power-of-two tail (TAIL_K 0: none).
-    Rows longer than QUANT_ONE_TILE_MAX_K take two passes over tiles of that size."""
-    padded = next_power_of_2(k)
-    if k > QUANT_ONE_TILE_MAX_K or padded == k:
-        return min(padded, QUANT_ONE_TILE_MAX_K), 0
-    tail = next_power_of_2(k - padded // 2)
-    return (padded // 2, tail) if tail < padded // 2 else (padded, 0)
+            _quantize_constants(smooth is not None, block_k, k <= block_k, num_warps, uses_pdl(x2d.device)))
 
 
 def _quantize_args(x2d, smooth, q, scale) -> tuple:
@@ -599,10 +577,10 @@ def _quantize_args(x2d, smooth, q, scale) -> tuple:
 
 
 @functools.cache
-def _quantize_constants(has_smooth: bool, block_k: int, tail_k: int, one_tile: bool, num_warps: int,
+def _quantize_constants(has_smooth: bool, block_k: int, one_tile: bool, num_warps: int,
                         launch_dependents: bool) -> tuple:
     # enable_fp_fusion=False: x * inverse must round before the rounding trick's add, as in torch
-    return (("HAS_SMOOTH", has_smooth), ("BLOCK_K", block_k), ("TAIL_K", tail_k), ("ONE_TILE", one_tile),
+    return (("HAS_SMOOTH", has_smooth), ("BLOCK_K", block_k), ("ONE_TILE", one_tile),
             ("LAUNCH_DEPENDENTS", launch_dependents), ("num_warps", num_warps), ("enable_fp_fusion", False))
 
 
