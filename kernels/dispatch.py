@@ -79,7 +79,6 @@ try:
     from .w8a8_autotune import choose_config, choose_gemm_config
     from .w8a8_triton import INTERPRETED as _TRITON_INTERPRETED
     from .w8a8_triton import (
-        GatedResidual,
         build_gemm_plan,
         build_linear_plan,
         gemm_plan_key,
@@ -132,18 +131,17 @@ try:
                       lambda: build_linear_plan(x2d, weight, weight_scale, bias, smooth, config))
         return out
 
-    def _triton_int8_gemm(q, scale, weight, weight_scale, bias, out_dtype, residual=None, gate=None):
-        gated = None if residual is None else GatedResidual(residual, gate)
+    def _triton_int8_gemm(q, scale, weight, weight_scale, bias, out_dtype):
         planned = USE_PLANS and q.is_cuda and q.shape[0] > 0
-        key = gemm_plan_key(q, scale, weight, weight_scale, bias, out_dtype, gated) if planned else None
+        key = gemm_plan_key(q, scale, weight, weight_scale, bias, out_dtype) if planned else None
         plan, stream = _plan_for(_gemm_plans, key)
         if stream is not None:
-            return plan.gemm(q, scale, weight, weight_scale, bias, stream, gated)
+            return plan.gemm(q, scale, weight, weight_scale, bias, stream)
         config = choose_gemm_config(q, scale, weight, weight_scale, bias, out_dtype)
-        out = int8_gemm_triton(q, scale, weight, weight_scale, bias, out_dtype, config, gated)
+        out = int8_gemm_triton(q, scale, weight, weight_scale, bias, out_dtype, config)
         if key is not None and plan is None:
             _remember(_gemm_plans, key,
-                      lambda: build_gemm_plan(q, scale, weight, weight_scale, bias, out_dtype, config, gated))
+                      lambda: build_gemm_plan(q, scale, weight, weight_scale, bias, out_dtype, config))
         return out
 
     register_backend("triton", Backend(

@@ -19,33 +19,17 @@ def int8_gemm(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     backend: str = "auto",
-    residual: torch.Tensor | None = None,
-    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W8A8 linear on activations already quantized: int8 q [M, K] with fp32 row scales [M], int8 weight
-    [N, K], fp32 weight_scale [N], bias [N] or None -> [M, N] out_dtype.
-
-    With ``residual`` (contiguous [M, N], out_dtype) and ``gate`` ([B, N], B dividing M, the rows of one
-    batch item consecutive), the product is added in place, ``residual += gate * product``, in the GEMM's
-    epilogue where the kernels allow (a DiT block's gated residual add); residual is returned."""
+    [N, K], fp32 weight_scale [N], bias [N] or None -> [M, N] out_dtype."""
     if q.dtype != torch.int8 or q.dim() != 2 or scale.shape != q.shape[:1]:
         raise ValueError(f"DiT Quant: int8_gemm needs int8 rows [M, K] and fp32 scales [M], got {q.dtype} "
                          f"{tuple(q.shape)} and {tuple(scale.shape)}")
     if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[1] != q.shape[1]:
         raise ValueError(f"DiT Quant: int8_gemm weight must be int8 [N, {q.shape[1]}], got {weight.dtype} "
                          f"{tuple(weight.shape)}")
-    if residual is not None or gate is not None:
-        m, n = q.shape[0], weight.shape[0]
-        if (residual is None or residual.shape != (m, n) or not residual.is_contiguous()
-                or residual.dtype != out_dtype or gate is None or gate.dim() != 2 or gate.shape[1] != n
-                or gate.shape[0] == 0 or m % gate.shape[0]):
-            raise ValueError(f"DiT Quant: int8_gemm's residual must be a contiguous [{m}, {n}] {out_dtype} "
-                             f"tensor with a gate [B, {n}], B dividing {m}; got "
-                             f"{None if residual is None else (tuple(residual.shape), residual.dtype)} and "
-                             f"{None if gate is None else tuple(gate.shape)}")
-        gate = last_dim_contiguous(gate)
     return run_op("int8_gemm", q.device, backend, last_dim_contiguous(q), as_fp32(scale),
-                  last_dim_contiguous(weight), as_fp32(weight_scale), bias, out_dtype, residual, gate)
+                  last_dim_contiguous(weight), as_fp32(weight_scale), bias, out_dtype)
 
 
 def layernorm_modulate(

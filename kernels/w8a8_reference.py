@@ -91,21 +91,13 @@ def int8_gemm_reference(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
-    residual: torch.Tensor | None = None,
-    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The W8A8 linear after quantization: int8 q [M, K] with fp32 row scales [M] times int8 weight
-    [N, K] with fp32 column scales [N] (+ bias [N]) -> [M, N] out_dtype.
-
-    With ``residual`` [M, N] (out_dtype) and ``gate`` [B, N] (B dividing M, batch item b owning rows
-    b * M / B on): residual += gate * product in place, in fp32 with one rounding; returns residual."""
+    [N, K] with fp32 column scales [N] (+ bias [N]) -> [M, N] out_dtype."""
     out = int8_matmul_exact(q, weight).float() * scale[:, None] * weight_scale.float()[None, :]
     if bias is not None:
         out = out + bias.float()
-    if residual is None:
-        return out.to(out_dtype)
-    gate_rows = gate.float().repeat_interleave(q.shape[0] // gate.shape[0], dim=0)
-    return residual.copy_(residual.float() + gate_rows * out)
+    return out.to(out_dtype)
 
 
 def w8a8_linear_reference(

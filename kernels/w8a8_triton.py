@@ -22,7 +22,6 @@ import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import NamedTuple
 
 import torch
 import triton
@@ -148,14 +147,6 @@ def _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, cols, HAS_BIAS: tl.constexpr)
 
 
 @triton.jit
-def _gate_row(gate_ptr, first_row, cols, row_offset, rows_per_batch, stride_gate_b):
-    """fp32 gate[batch item of the tile, cols] of a tile whose rows (first_row on, plus the launch's
-    row_offset) all lie in one batch item of rows_per_batch rows."""
-    batch = (row_offset + first_row) // rows_per_batch
-    return tl.load(gate_ptr + batch * stride_gate_b + cols).to(tl.float32)
-
-
-@triton.jit
 def _load_a_tile(a_ptrs, smooth_ptrs, k_mask, EVEN_K: tl.constexpr, HAS_SMOOTH: tl.constexpr):
     if EVEN_K:
         a = tl.load(a_ptrs).to(tl.float32)
@@ -181,9 +172,9 @@ def _prefetch_to_l2(row_ptrs, num_bytes, LINE_BYTES: tl.constexpr, STEP_BYTES: t
 @triton.jit
 def _w8a8_gemm_kernel(
     a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, smooth_ptr, out_ptr,
-    M, N, K, stride_am, stride_bn, stride_om, gate_ptr, row_offset, rows_per_batch, stride_gate_b,
+    M, N, K, stride_am, stride_bn, stride_om,
     QUANTIZE_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr,
-    WAIT_FOR_PRODUCER: tl.constexpr, PREFETCH_K: tl.constexpr, GATED_RESIDUAL: tl.constexpr,
+    WAIT_FOR_PRODUCER: tl.constexpr, PREFETCH_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[M, N] = (q(A) @ B.T) * a_scale[:, None] * b_scale[None, :] (+ bias), B int8 [N, K].
@@ -198,9 +189,6 @@ def _w8a8_gemm_kernel(
     PREFETCH_K (with WAIT_FOR_PRODUCER; 0: off): while waiting, ask L2 for this program's first
     PREFETCH_K weight columns (what the K loop's pipeline loads first), which do not depend on the
     producer: at small M the quantization kernel's latency otherwise comes before any weight traffic.
-    GATED_RESIDUAL: out holds a residual, updated in place: out += gate[batch item] * product (fp32),
-    gate [B, N] with stride_gate_b; row r (+ row_offset) is in batch item r // rows_per_batch, and the
-    host makes sure no tile spans two items (see ``gated_residual_config``).
     """
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -249,11 +237,7 @@ def _w8a8_gemm_kernel(
 
     out = _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, rows_b, HAS_BIAS)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if GATED_RESIDUAL:
-        gate = _gate_row(gate_ptr, pid_m * BLOCK_M, rows_b, row_offset, rows_per_batch, stride_gate_b)
-        out = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32) + gate[None, :] * out
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 
@@ -261,17 +245,15 @@ def _w8a8_gemm_kernel(
 @triton.jit
 def _w8a8_gemm_tma_kernel(
     a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, bias_ptr,
-    M, N, K, num_programs, gate_ptr, row_offset, rows_per_batch, stride_gate_b,
-    HAS_BIAS: tl.constexpr, WAIT_FOR_PRODUCER: tl.constexpr, GATED_RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_EPILOGUE: tl.constexpr,
+    M, N, K, num_programs,
+    HAS_BIAS: tl.constexpr, WAIT_FOR_PRODUCER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
 ):
     """Persistent variant of the int8-A GEMM for Hopper: tensor-memory-accelerator (TMA) descriptor
     loads/stores (out-of-range tiles are zero-filled on load and clipped on store, so no masks), one
     program per SM looping over output tiles. SPLIT_EPILOGUE stores each tile in two column halves to
-    halve the epilogue's shared-memory staging (room for one more pipeline stage). WAIT_FOR_PRODUCER and
-    GATED_RESIDUAL as in the pointer GEMM; the residual tiles are read through out_desc (one more
-    staging buffer in shared memory)."""
+    halve the epilogue's shared-memory staging (room for one more pipeline stage). WAIT_FOR_PRODUCER as
+    in the pointer GEMM."""
     if WAIT_FOR_PRODUCER:
         gdc_wait()
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -288,21 +270,12 @@ def _w8a8_gemm_tma_kernel(
         rows = off_m + tl.arange(0, BLOCK_M)
         cols = (off_n + tl.arange(0, BLOCK_N)) % N  # clipped columns read a valid scale; not stored
         a_scale = tl.load(a_scale_ptr + rows % M)
-        out = _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, cols, HAS_BIAS)
-        if GATED_RESIDUAL:  # the gated product is rounded before the add (registers: no spills)
-            out *= _gate_row(gate_ptr, off_m, cols, row_offset, rows_per_batch, stride_gate_b)[None, :]
-        out = out.to(out_desc.dtype)
+        out = _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, cols, HAS_BIAS).to(out_desc.dtype)
         if SPLIT_EPILOGUE:
             left, right = tl.split(tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            if GATED_RESIDUAL:
-                left = (out_desc.load([off_m, off_n]).to(tl.float32) + left.to(tl.float32)).to(out_desc.dtype)
-                right = out_desc.load([off_m, off_n + BLOCK_N // 2]).to(tl.float32) + right.to(tl.float32)
-                right = right.to(out_desc.dtype)
             out_desc.store([off_m, off_n], left)
             out_desc.store([off_m, off_n + BLOCK_N // 2], right)
         else:
-            if GATED_RESIDUAL:
-                out = (out_desc.load([off_m, off_n]).to(tl.float32) + out.to(tl.float32)).to(out_desc.dtype)
             out_desc.store([off_m, off_n], out)
 
 
@@ -624,16 +597,16 @@ def _dependent_launch_constants(pdl: bool) -> tuple:
 
 @functools.cache
 def _pointer_gemm_constants(config: GemmConfig, quantize_a: bool, has_bias: bool, has_smooth: bool,
-                            even_k: bool, pdl: bool, gated: bool = False) -> tuple:
+                            even_k: bool, pdl: bool) -> tuple:
     return (("QUANTIZE_A", quantize_a), ("HAS_BIAS", has_bias), ("HAS_SMOOTH", has_smooth),
-            ("EVEN_K", even_k), ("GATED_RESIDUAL", gated), *_dependent_launch_constants(pdl),
+            ("EVEN_K", even_k), *_dependent_launch_constants(pdl),
             ("PREFETCH_K", config.block_k * config.num_stages if config.prefetch_weights and pdl else 0),
             *_tile_constants(config))
 
 
 @functools.cache
-def _tma_gemm_constants(config: GemmConfig, has_bias: bool, pdl: bool, gated: bool = False) -> tuple:
-    return (("HAS_BIAS", has_bias), ("SPLIT_EPILOGUE", config.split_epilogue), ("GATED_RESIDUAL", gated),
+def _tma_gemm_constants(config: GemmConfig, has_bias: bool, pdl: bool) -> tuple:
+    return (("HAS_BIAS", has_bias), ("SPLIT_EPILOGUE", config.split_epilogue),
             *_dependent_launch_constants(pdl), *_tile_constants(config))
 
 
@@ -653,72 +626,42 @@ _tma_gemm_launcher = CachedLauncher(_w8a8_gemm_tma_kernel)
 _gemv_launcher = CachedLauncher(_w8a8_gemv_kernel)
 
 
-def _pointer_gemm_spec(config, a, a_scale, weight, weight_scale, bias, smooth, out, gate_args=None) -> tuple:
+def _pointer_gemm_spec(config, a, a_scale, weight, weight_scale, bias, smooth, out) -> tuple:
     """(grid, args, constants) of the pointer GEMM; without ``a_scale``, ``a`` is the float activation,
-    quantized on load; ``gate_args`` (``_gate_args``): ``out`` is a residual, updated in place."""
+    quantized on load."""
     m, k = a.shape
     n = weight.shape[0]
     return (
         (ceil_div(m, config.block_m) * ceil_div(n, config.block_n),),
-        _pointer_gemm_args(a, a_scale, weight, weight_scale, bias, smooth, out, gate_args),
+        _pointer_gemm_args(a, a_scale, weight, weight_scale, bias, smooth, out),
         # quantizing on load (a_scale None): the kernel before is not ours, nothing to overlap with
         _pointer_gemm_constants(config, a_scale is None, bias is not None, smooth is not None,
-                                k % config.block_k == 0, a_scale is not None and uses_pdl(a.device),
-                                gate_args is not None),
+                                k % config.block_k == 0, a_scale is not None and uses_pdl(a.device)),
     )
 
 
-def _pointer_gemm_args(a, a_scale, weight, weight_scale, bias, smooth, out, gate_args=None) -> tuple:
+def _pointer_gemm_args(a, a_scale, weight, weight_scale, bias, smooth, out) -> tuple:
     m, k = a.shape
     return (a, weight, a_scale if a_scale is not None else weight_scale, weight_scale,
             bias if bias is not None else weight_scale, smooth if smooth is not None else weight_scale, out,
-            m, weight.shape[0], k, a.stride(0), weight.stride(0), out.stride(0),
-            *(gate_args or _no_gate_args(weight_scale)))
+            m, weight.shape[0], k, a.stride(0), weight.stride(0), out.stride(0))
 
 
-def _tma_gemm_spec(config, q, a_scale, weight, weight_scale, bias, out, gate_args=None) -> tuple:
-    """(grid, args, constants) of the persistent TMA GEMM (``gate_args`` as in ``_pointer_gemm_spec``)."""
+def _tma_gemm_spec(config, q, a_scale, weight, weight_scale, bias, out) -> tuple:
+    """(grid, args, constants) of the persistent TMA GEMM."""
     tiles = ceil_div(q.shape[0], config.block_m) * ceil_div(weight.shape[0], config.block_n)
     num_programs = min(tiles, program_slots(q.device))
-    args = _tma_gemm_args(config, q, a_scale, weight, weight_scale, bias, out, num_programs, gate_args)
-    return (num_programs,), args, _tma_gemm_constants(config, bias is not None, uses_pdl(q.device),
-                                                      gate_args is not None)
+    args = _tma_gemm_args(config, q, a_scale, weight, weight_scale, bias, out, num_programs)
+    return (num_programs,), args, _tma_gemm_constants(config, bias is not None, uses_pdl(q.device))
 
 
-def _tma_gemm_args(config, q, a_scale, weight, weight_scale, bias, out, num_programs: int,
-                   gate_args=None) -> tuple:
+def _tma_gemm_args(config, q, a_scale, weight, weight_scale, bias, out, num_programs: int) -> tuple:
+    out_block_n = config.block_n // 2 if config.split_epilogue else config.block_n
     return (TensorDescriptor.from_tensor(q, [config.block_m, config.block_k]),
             TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
-            TensorDescriptor.from_tensor(out, [config.block_m, _out_block_n(config)]),
+            TensorDescriptor.from_tensor(out, [config.block_m, out_block_n]),
             a_scale, weight_scale, bias if bias is not None else weight_scale,
-            q.shape[0], weight.shape[0], q.shape[1], num_programs,
-            *(gate_args or _no_gate_args(weight_scale)))
-
-
-def _out_block_n(config: GemmConfig) -> int:
-    """Columns of the TMA kernel's output (and residual) staging tile."""
-    return config.block_n // 2 if config.split_epilogue else config.block_n
-
-
-class GatedResidual(NamedTuple):
-    """The in-place epilogue of ``int8_gemm_triton``: ``residual += gate[b] * product``. residual [M, N]
-    contiguous, the GEMM's output dtype; gate [B, N] (N contiguous, any float dtype), B dividing M, batch
-    item b owning rows b * M / B to (b + 1) * M / B - 1 (a DiT block's gated residual add)."""
-
-    residual: torch.Tensor
-    gate: torch.Tensor
-
-    def rows_per_batch(self) -> int:
-        return self.residual.shape[0] // self.gate.shape[0]
-
-
-def _gate_args(gated: GatedResidual, row_offset: int) -> tuple:
-    """The kernels' gate arguments for a launch over rows ``row_offset`` on."""
-    return gated.gate, row_offset, gated.rows_per_batch(), gated.gate.stride(0)
-
-
-def _no_gate_args(placeholder: torch.Tensor) -> tuple:
-    return placeholder, 0, 1, 0
+            q.shape[0], weight.shape[0], q.shape[1], num_programs)
 
 
 def _one_launch_args(kind: str, x2d, weight, weight_scale, bias, smooth, out) -> tuple:
@@ -782,39 +725,37 @@ def gemm_row_parts(config: GemmConfig, m: int, n: int, slots: int, first_row: in
     return tail if start == 0 else [(config, first_row, first_row + start), *tail]
 
 
-def _gemm_launch_specs(config, q, scale, weight, weight_scale, bias, out, gated=None):
+def _gemm_launch_specs(config, q, scale, weight, weight_scale, bias, out):
     """Per launch of the GEMM of int8 ``q`` as ``config`` runs it (``gemm_row_parts``): the launch's
-    config, first and end row, launcher, grid, args and constants. ``gated`` (``GatedResidual``): ``out``
-    is its residual."""
+    config, first and end row, launcher, grid, args and constants."""
     m = q.shape[0]
     for part, start, stop in gemm_row_parts(config, m, weight.shape[0], program_slots(q.device)):
         part_q, part_scale, part_out = _row_slices(start, stop, m, q, scale, out)
-        gate_args = None if gated is None else _gate_args(gated, start)
         if part.kind == "tma":
             spec = _tma_gemm_launcher, *_tma_gemm_spec(part, part_q, part_scale, weight, weight_scale, bias,
-                                                       part_out, gate_args)
+                                                       part_out)
         else:
             spec = _pointer_gemm_launcher, *_pointer_gemm_spec(part, part_q, part_scale, weight, weight_scale,
-                                                               bias, None, part_out, gate_args)
+                                                               bias, None, part_out)
         yield part, start, stop, *spec
 
 
-def _gemm_args(config, q, scale, weight, weight_scale, bias, out, num_programs: int, gate_args=None) -> tuple:
+def _gemm_args(config, q, scale, weight, weight_scale, bias, out, num_programs: int) -> tuple:
     """The runtime arguments of one GEMM launch (``num_programs``: the TMA kernel's grid)."""
     if config.kind == "tma":
-        return _tma_gemm_args(config, q, scale, weight, weight_scale, bias, out, num_programs, gate_args)
-    return _pointer_gemm_args(q, scale, weight, weight_scale, bias, None, out, gate_args)
+        return _tma_gemm_args(config, q, scale, weight, weight_scale, bias, out, num_programs)
+    return _pointer_gemm_args(q, scale, weight, weight_scale, bias, None, out)
 
 
 def _row_slices(start: int, stop: int, m: int, *tensors: torch.Tensor) -> tuple:
     return tensors if (start, stop) == (0, m) else tuple(t[start:stop] for t in tensors)
 
 
-def _prepare_gemm(config, q, scale, weight, weight_scale, bias, out, gated=None) -> Callable[[], None]:
+def _prepare_gemm(config, q, scale, weight, weight_scale, bias, out) -> Callable[[], None]:
     """The GEMM of int8 ``q`` as ``config`` runs it: one launch, or a main and a tail launch over row
     slices (see ``gemm_row_parts``)."""
     launches = [launcher.prepare(grid, args, constants) for *_, launcher, grid, args, constants
-                in _gemm_launch_specs(config, q, scale, weight, weight_scale, bias, out, gated)]
+                in _gemm_launch_specs(config, q, scale, weight, weight_scale, bias, out)]
     if len(launches) == 1:
         return launches[0]
 
@@ -832,24 +773,24 @@ class _BoundGemm:
         self.parts = parts  # (BoundLaunch, config, first row, end row, TMA program count) per launch
 
     @classmethod
-    def bind(cls, config, q, scale, weight, weight_scale, bias, out, gated=None) -> _BoundGemm | None:
+    def bind(cls, config, q, scale, weight, weight_scale, bias, out) -> _BoundGemm | None:
         parts = []
         for part, start, stop, launcher, grid, args, constants in _gemm_launch_specs(
-                config, q, scale, weight, weight_scale, bias, out, gated):
+                config, q, scale, weight, weight_scale, bias, out):
             launch = launcher.bind(grid, args, constants)
             if launch is None:
                 return None
             parts.append((launch, part, start, stop, grid[0]))
         return cls(parts)
 
-    def arguments(self, q, scale, weight, weight_scale, bias, out, gated=None) -> list[tuple]:
+    def arguments(self, q, scale, weight, weight_scale, bias, out) -> list[tuple]:
         """The runtime arguments of each launch, for these tensors."""
         m = q.shape[0]
         arguments = []
         for _, config, start, stop, num_programs in self.parts:
             part_q, part_scale, part_out = _row_slices(start, stop, m, q, scale, out)
             arguments.append(_gemm_args(config, part_q, part_scale, weight, weight_scale, bias, part_out,
-                                        num_programs, None if gated is None else _gate_args(gated, start)))
+                                        num_programs))
         return arguments
 
     def launch(self, stream: int, arguments: list[tuple]) -> None:
@@ -888,13 +829,10 @@ class LaunchPlan:
         self._gemm.launch(stream, arguments)
         return out
 
-    def gemm(self, q, scale, weight, weight_scale, bias, stream: int, gated=None) -> torch.Tensor:
+    def gemm(self, q, scale, weight, weight_scale, bias, stream: int) -> torch.Tensor:
         """``int8_gemm_triton`` for tensors of the plan's key."""
-        if gated is None:
-            out = torch.empty((q.shape[0], weight.shape[0]), dtype=self.out_dtype, device=q.device)
-        else:
-            out = gated.residual
-        self._gemm.launch(stream, self._gemm.arguments(q, scale, weight, weight_scale, bias, out, gated))
+        out = torch.empty((q.shape[0], weight.shape[0]), dtype=self.out_dtype, device=q.device)
+        self._gemm.launch(stream, self._gemm.arguments(q, scale, weight, weight_scale, bias, out))
         return out
 
 
@@ -912,13 +850,10 @@ def linear_plan_key(x2d, weight, weight_scale, bias, smooth) -> tuple:
             None if smooth is None else smooth.data_ptr(), *_layer_key(weight, weight_scale, bias))
 
 
-def gemm_plan_key(q, scale, weight, weight_scale, bias, out_dtype, gated=None) -> tuple:
-    """What a GEMM ``LaunchPlan`` depends on (as ``linear_plan_key``; the row scales are an input here,
-    and so are the residual's alignment and the gate's layout where ``gated`` is given)."""
-    gate_key = None if gated is None else (gated.residual.data_ptr() % 16, gated.gate.shape,
-                                           gated.gate.stride(0), gated.gate.dtype, gated.gate.data_ptr() % 16)
+def gemm_plan_key(q, scale, weight, weight_scale, bias, out_dtype) -> tuple:
+    """What a GEMM ``LaunchPlan`` depends on (as ``linear_plan_key``; the row scales are an input here)."""
     return (q.shape, q.stride(0), q.data_ptr() % 16, scale.data_ptr() % 16, q.get_device(), out_dtype,
-            gate_key, *_layer_key(weight, weight_scale, bias))
+            *_layer_key(weight, weight_scale, bias))
 
 
 def _can_plan(t: torch.Tensor) -> bool:
@@ -945,19 +880,12 @@ def build_linear_plan(x2d, weight, weight_scale, bias, smooth, config: GemmConfi
     return LaunchPlan(x2d.get_device(), x2d.dtype, gemm, quantize=quantize)
 
 
-def build_gemm_plan(q, scale, weight, weight_scale, bias, out_dtype, config: GemmConfig,
-                    gated: GatedResidual | None = None) -> LaunchPlan | None:
-    """A plan of ``int8_gemm_triton``, as ``build_linear_plan`` (none for a gated residual that the
-    kernels cannot add: ``gated_residual_config``)."""
+def build_gemm_plan(q, scale, weight, weight_scale, bias, out_dtype, config: GemmConfig) -> LaunchPlan | None:
+    """A plan of ``int8_gemm_triton``, as ``build_linear_plan``."""
     if not _can_plan(q) or q.shape[0] == 0:
         return None
-    if gated is None:
-        out = torch.empty((q.shape[0], weight.shape[0]), dtype=out_dtype, device=q.device)
-    else:
-        config, out = gated_residual_config(config, gated, q.device), gated.residual
-        if config is None:
-            return None
-    gemm = _BoundGemm.bind(config, q, scale, weight, weight_scale, bias, out, gated)
+    out = torch.empty((q.shape[0], weight.shape[0]), dtype=out_dtype, device=q.device)
+    gemm = _BoundGemm.bind(config, q, scale, weight, weight_scale, bias, out)
     return None if gemm is None else LaunchPlan(q.get_device(), out_dtype, gemm)
 
 
@@ -969,58 +897,16 @@ def int8_gemm_triton(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     config: GemmConfig,
-    gated: GatedResidual | None = None,
 ) -> torch.Tensor:
     """The GEMM of the W8A8 linear for activations already quantized (by ``quantize_rows_triton`` or a
     fused producer): int8 q [M, K] (K contiguous) with fp32 row scales [M], int8 weight [N, K], fp32
     weight_scale [N], bias [N] or None -> [M, N] out_dtype. A "fused" config runs its tile as "int8"; a
-    "gemv" config, which quantizes its rows itself, is refused (ValueError).
-
-    With ``gated``, the product is added to its residual in place, in the epilogue (as
-    ``gated_residual_config`` adapts ``config``; where it cannot, by ``addcmul_`` after the GEMM), and the
-    residual is returned."""
+    "gemv" config, which quantizes its rows itself, is refused (ValueError)."""
     if config.kind == "gemv":
         raise ValueError(f"DiT Quant: {config} quantizes its own activation rows; the GEMM of quantized "
                          "rows takes an \"int8\", \"tma\" or \"fused\" config")
     _check_launchable(q)
-    if gated is None:
-        out = torch.empty((q.shape[0], weight.shape[0]), dtype=out_dtype, device=q.device)
-    else:
-        in_epilogue = gated_residual_config(config, gated, q.device)
-        if in_epilogue is None:
-            product = int8_gemm_triton(q, scale, weight, weight_scale, bias, out_dtype, config)
-            rows = (gated.gate.shape[0], gated.rows_per_batch(), -1)
-            gated.residual.view(rows).addcmul_(product.view(rows), gated.gate[:, None, :])
-            return gated.residual
-        config, out = in_epilogue, gated.residual
+    out = torch.empty((q.shape[0], weight.shape[0]), dtype=out_dtype, device=q.device)
     if q.shape[0]:
-        _prepare_gemm(config, q, scale, weight, weight_scale, bias, out, gated)()
+        _prepare_gemm(config, q, scale, weight, weight_scale, bias, out)()
     return out
-
-
-def gated_residual_config(
-    config: GemmConfig, gated: GatedResidual, device: torch.device
-) -> GemmConfig | None:
-    """``config`` as it runs with the gated residual in its epilogue: TMA launches with fewer pipeline
-    stages where the residual's staging tile would not fit the GPU's shared memory next to the output's
-    (128x256 tiles: 4 stages take 225 KB, the residual 32 KB more). None where a tile of a launch could
-    span two batch items (the epilogue reads one gate row per tile)."""
-    m, n = gated.residual.shape
-    rows = gated.rows_per_batch()
-    if gated.gate.shape[0] > 1 and any(rows % part.block_m or start % part.block_m for part, start, _
-                                       in gemm_row_parts(config, m, n, program_slots(device))):
-        return None
-    if INTERPRETED or device.type != "cuda":
-        return config
-    limit = SMEM_LIMIT_BYTES.get(arch_key(torch.cuda.get_device_capability(device)), 99 * 1024)
-    return _with_residual_staging(config, limit, gated.residual.element_size())
-
-
-def _with_residual_staging(config: GemmConfig, limit: int, element_size: int) -> GemmConfig:
-    tail = None if config.tail is None else _with_residual_staging(config.tail, limit, element_size)
-    stages = config.num_stages
-    if config.kind == "tma":
-        staging = 2 * config.block_m * _out_block_n(config) * element_size  # output and residual tiles
-        while stages > 2 and replace(config, num_stages=stages).operand_smem_bytes() + staging > limit - 2048:
-            stages -= 1
-    return replace(config, num_stages=stages, tail=tail)

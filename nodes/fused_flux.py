@@ -41,24 +41,15 @@ def _feeds_int8(layer: torch.nn.Module) -> bool:
 
 
 def _linear(
-    layer: torch.nn.Module, produce: Callable, rows: tuple[int, ...], dtype: torch.dtype, backend: str,
-    residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+    layer: torch.nn.Module, produce: Callable, rows: tuple[int, ...], dtype: torch.dtype, backend: str
 ) -> torch.Tensor:
     """layer(activation) where ``produce(smooth=, quantize=)`` makes the activation [*rows, K]: as int8
-    rows + scales straight into the W8A8 GEMM for an INT8 layer, else in ``dtype`` through the layer.
-    With ``residual`` [*rows, N] and ``gate`` [B, 1, N]: residual += gate * layer(activation) in place
-    (in the W8A8 GEMM's epilogue for an INT8 layer and a contiguous residual), and residual is returned."""
+    rows + scales straight into the W8A8 GEMM for an INT8 layer, else in ``dtype`` through the layer."""
     if _feeds_int8(layer):
         q, scale = produce(smooth=layer.smooth, quantize=True)
-        args = (q, scale, layer.weight, layer.weight_scale, layer.bias, dtype)
-        if residual is not None and residual.is_contiguous() and gate.shape[1] == 1:
-            n = residual.shape[-1]
-            int8_gemm(*args, backend=backend, residual=residual.view(-1, n), gate=gate[:, 0])
-            return residual
-        out = int8_gemm(*args, backend=backend).view(*rows, -1)
-    else:
-        out = layer(produce(smooth=None, quantize=False))
-    return out if residual is None else residual.addcmul_(out, gate)
+        out = int8_gemm(q, scale, layer.weight, layer.weight_scale, layer.bias, dtype, backend=backend)
+        return out.view(*rows, -1)
+    return layer(produce(smooth=None, quantize=False))
 
 
 class _SharedModulationInput:
@@ -176,11 +167,11 @@ def fused_double_block_forward(
         rows = x.shape[:2]
         stream_out = out[:, at:at + rows[1]]
         produce = functools.partial(gelu_concat, stream_out, None, out_dtype=x.dtype, backend=backend)
-        _linear(attn.proj, produce, rows, x.dtype, backend, residual=x, gate=mod1.gate)
+        x.addcmul_(_linear(attn.proj, produce, rows, x.dtype, backend), mod1.gate)
         produce = functools.partial(layernorm_modulate, x, mod2.scale, mod2.shift, backend=backend)
         hidden = _linear(mlp[0], produce, rows, x.dtype, backend)
         produce = functools.partial(gelu_concat, None, hidden, backend=backend)
-        _linear(mlp[2], produce, rows, x.dtype, backend, residual=x, gate=mod2.gate)
+        x.addcmul_(_linear(mlp[2], produce, rows, x.dtype, backend), mod2.gate)
     if txt.dtype == torch.float16:
         txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
     return img, txt
@@ -209,7 +200,7 @@ def fused_single_block_forward(
     out = _attention(q, k, v, heads, attn_mask, transformer_options)
     del q, k, v, qkv
     produce = functools.partial(gelu_concat, out, mlp, out_dtype=x.dtype, backend=backend)
-    _linear(block.linear2, produce, rows, x.dtype, backend, residual=x, gate=mod.gate)
+    x.addcmul_(_linear(block.linear2, produce, rows, x.dtype, backend), mod.gate)
     if x.dtype == torch.float16:
         x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
     return x

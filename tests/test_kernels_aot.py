@@ -69,24 +69,17 @@ def _compile(fn, signature, constexprs, cc, num_warps, num_stages, **options):
             "cubin_bytes": len(kernel.asm["cubin"]), "resources": _resource_usage(kernel.asm["cubin"])}
 
 
-def _case_id(cc, config, gated=False):
+def _case_id(cc, config):
     return (f"sm{cc}-{config.kind}-{config.block_m}x{config.block_n}x{config.block_k}-w{config.num_warps}"
             f"-s{config.num_stages}{'-split' if config.split_epilogue else ''}"
-            f"{'-prefetch' if config.prefetch_weights else ''}{'-gated' if gated else ''}")
+            f"{'-prefetch' if config.prefetch_weights else ''}")
 
 
-# (cc, launch config, gated residual in the epilogue): every launch the dispatcher may pick, and for the
-# GEMM of quantized rows at M > 64 (the fused DiT blocks' gated layers) the same with the gated residual,
-# with the pipeline stages that int8_gemm_triton gives it (gated_residual_config, bf16 residual).
-ALL_CASES = list(dict.fromkeys((cc, launch, False) for cc in ARCHS for regime in ("small", "mid", "large")
+ALL_CASES = list(dict.fromkeys((cc, launch) for cc in ARCHS for regime in ("small", "mid", "large")
                                for config in w8a8_triton.candidate_configs(cc, regime)
                                for launch in config.launches()))
-ALL_CASES += list(dict.fromkeys(
-    (cc, launch, True) for cc in ARCHS for regime in ("mid", "large")
-    for config in w8a8_triton.candidate_configs(cc, regime) if config.kind != "fused"
-    for launch in w8a8_triton._with_residual_staging(config, w8a8_triton.SMEM_LIMIT_BYTES[cc], 2).launches()))
-GEMM_CASES = [(cc, config, gated) for cc, config, gated in ALL_CASES if config.kind != "gemv"]
-GEMV_CASES = [(cc, config) for cc, config, _ in ALL_CASES if config.kind == "gemv"]
+GEMM_CASES = [(cc, config) for cc, config in ALL_CASES if config.kind != "gemv"]
+GEMV_CASES = [(cc, config) for cc, config in ALL_CASES if config.kind == "gemv"]
 
 
 def _compile_gemv(cc: int, config) -> dict:
@@ -105,12 +98,10 @@ def compile_all(shard: int, num_shards: int) -> dict[str, dict]:
     """Compile one shard of the cases; runs in a subprocess where TRITON_INTERPRET is unset (the
     interpreter's kernel objects cannot be compiled)."""
     results = {}
-    for cc, config, gated in ALL_CASES[shard::num_shards]:
+    for cc, config in ALL_CASES[shard::num_shards]:
         # programmatic dependent launch as on a GPU of this architecture (w8a8_triton.uses_pdl)
         tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
-                 "GROUP_M": config.group_m, "WAIT_FOR_PRODUCER": cc >= 90, "GATED_RESIDUAL": gated}
-        gate_types = {"gate_ptr": "*bf16", "row_offset": "i32", "rows_per_batch": "i32",
-                      "stride_gate_b": "i32"}
+                 "GROUP_M": config.group_m, "WAIT_FOR_PRODUCER": cc >= 90}
         if config.kind == "gemv":
             results[_case_id(cc, config)] = _compile_gemv(cc, config)
             continue
@@ -120,19 +111,19 @@ def compile_all(shard: int, num_shards: int) -> dict[str, dict]:
                          "b_desc": f"tensordesc<i8[{config.block_n}, {config.block_k}]>",
                          "out_desc": f"tensordesc<bf16[{config.block_m}, {out_n}]>",
                          "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "bias_ptr": "*bf16",
-                         "M": "i32", "N": "i32", "K": "i32", "num_programs": "i32", **gate_types}
+                         "M": "i32", "N": "i32", "K": "i32", "num_programs": "i32"}
             kernel = w8a8_triton._w8a8_gemm_tma_kernel
             constexprs = dict(tiles, HAS_BIAS=True, SPLIT_EPILOGUE=config.split_epilogue)
         else:
             quantize_a = config.kind == "fused"
             signature = dict(POINTER_TYPES, M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32",
-                             stride_om="i32", **gate_types, a_ptr="*bf16" if quantize_a else "*i8")
+                             stride_om="i32", a_ptr="*bf16" if quantize_a else "*i8")
             kernel = w8a8_triton._w8a8_gemm_kernel
             constexprs = dict(tiles, QUANTIZE_A=quantize_a, HAS_BIAS=True, HAS_SMOOTH=quantize_a,
                               EVEN_K=False, WAIT_FOR_PRODUCER=cc >= 90 and not quantize_a,
                               PREFETCH_K=config.block_k * config.num_stages if config.prefetch_weights else 0)
-        results[_case_id(cc, config, gated)] = _compile(kernel, signature, constexprs, cc, config.num_warps,
-                                                        config.num_stages)
+        results[_case_id(cc, config)] = _compile(kernel, signature, constexprs, cc, config.num_warps,
+                                                 config.num_stages)
     for cc in ARCHS[shard::num_shards]:
         signature = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "q_ptr": "*i8", "scale_ptr": "*fp32",
                      "K": "i32", "stride_xm": "i32", "stride_qm": "i32"}
@@ -164,9 +155,9 @@ def compiled() -> dict[str, dict]:
     return results
 
 
-@pytest.mark.parametrize(("cc", "config", "gated"), GEMM_CASES, ids=[_case_id(*case) for case in GEMM_CASES])
-def test_gemm_compiles_to_int8_tensor_cores(compiled, cc, config, gated):
-    result = compiled[_case_id(cc, config, gated)]
+@pytest.mark.parametrize(("cc", "config"), GEMM_CASES, ids=[_case_id(cc, c) for cc, c in GEMM_CASES])
+def test_gemm_compiles_to_int8_tensor_cores(compiled, cc, config):
+    result = compiled[_case_id(cc, config)]
     assert result["cubin_bytes"] > 0
     if cc == 90 and config.block_m >= 64:
         assert result["wgmma_s8"], "sm_90 GEMM does not use wgmma s8"
