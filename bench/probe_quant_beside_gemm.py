@@ -24,9 +24,11 @@ from w8a8_common import (
     environment,
     import_kernels,
     markdown_table,
+    probe_markdown,
     require_cuda,
     save_results,
     time_ms,
+    writes_reference_rows,
 )
 
 # The jit helpers below are called from this file's kernel, so the pack is imported before it is defined.
@@ -72,6 +74,16 @@ def _quantize_rows_persistent_kernel(x_ptr, q_ptr, scale_ptr, M, K, num_programs
         tl.store(scale_ptr + rows, scale, mask=rows < M)
 
 
+def quantize_rows_persistent(x, q, scale, programs: int, prefetch: bool = True) -> None:
+    """``_quantize_rows_persistent_kernel`` on ``programs`` programs of 1024 threads, 32768 row elements
+    (padded to a power of two per row) per step."""
+    m, k = x.shape
+    block_k = triton.next_power_of_2(k)
+    _quantize_rows_persistent_kernel[(programs,)](x, q, scale, m, k, programs, ROWS=max(1, 32768 // block_k),
+                                                  BLOCK_K=block_k, PREFETCH=prefetch, num_warps=32,
+                                                  enable_fp_fusion=False)
+
+
 def probe_shape(m: int, k: int, n: int, slots: int, side: torch.cuda.Stream) -> dict:
     """Timings (ms) of one layer shape; see the module docstring."""
     from dit_quant.kernels import w8a8_triton as wt
@@ -86,24 +98,17 @@ def probe_shape(m: int, k: int, n: int, slots: int, side: torch.cuda.Stream) -> 
     q, scale = wt.quantize_rows_triton(x)
     q2, scale2 = torch.empty_like(q), torch.empty_like(scale)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    block_k = triton.next_power_of_2(k)
 
     def gemm(programs):
         args = wt._tma_gemm_args(config, q, scale, weight, weight_scale, None, out, programs)
         wt._tma_gemm_launcher.prepare((programs,), args, wt._tma_gemm_constants(config, False, False))()
 
     def side_quantize(programs, prefetch=True):
-        _quantize_rows_persistent_kernel[(programs,)](x2, q2, scale2, m, k, programs,
-                                                      ROWS=max(1, 32768 // block_k), BLOCK_K=block_k,
-                                                      PREFETCH=prefetch, num_warps=32, enable_fp_fusion=False)
+        quantize_rows_persistent(x2, q2, scale2, programs, prefetch)
 
     q_ref, scale_ref = quantize_rows_reference(x)
-    exact = True
-    for prefetch in (False, True):
-        q2.fill_(99)
-        scale2.fill_(float("nan"))
-        side_quantize(8, prefetch)
-        exact &= torch.equal(q2, q_ref) and torch.equal(scale2, scale_ref)
+    exact = all(writes_reference_rows(lambda p=prefetch: side_quantize(8, p), q2, scale2, q_ref, scale_ref)
+                for prefetch in (False, True))
     row = {"m": m, "k": k, "n": n, "exact": exact,
            "today_ms": time_ms(lambda: wt.w8a8_linear_triton(x, weight, weight_scale, None, None, config),
                                graph=True),
@@ -148,10 +153,7 @@ def main() -> int:
                "GB/s per program, one group in flight", "two groups in flight", "both at once µs",
                "today / both", "= ref"]
     env = environment()
-    markdown = "\n".join([
-        f"# Quantization beside the GEMM ({env['gpu']}, torch {env['torch']}, triton {env['triton']})", "",
-        f"Command: `{env['command']}` ({env['date_utc']})", "", __doc__.split("\n\n")[0], "",
-        markdown_table(headers, table), ""])
+    markdown = probe_markdown("Quantization beside the GEMM", env, __doc__, markdown_table(headers, table))
     save_results("probe_quant_beside_gemm", {"environment": env, "results": results}, markdown, args.out)
     print(markdown)
     return 0

@@ -27,15 +27,17 @@ from w8a8_common import (
     environment,
     import_kernels,
     markdown_table,
+    probe_markdown,
     require_cuda,
     save_results,
     time_ms,
+    writes_reference_rows,
 )
 
 # The jit helpers below are called from this file's kernel, so the pack is imported before it is defined.
 import_kernels()
 from dit_quant.kernels.w8a8_triton import _round_to_int8, _row_scale  # noqa: E402
-from probe_quant_beside_gemm import _quantize_rows_persistent_kernel  # noqa: E402
+from probe_quant_beside_gemm import quantize_rows_persistent  # noqa: E402
 
 SHAPES = [(4608, 3072), (9216, 3072), (4608, 15360)]
 SIDE_PROGRAMS = (8, 16, 32)
@@ -84,26 +86,16 @@ def probe_shape(m: int, k: int, slots: int) -> dict:
     gb = m * k * 3 / 1e9
 
     def exact(run) -> bool:
-        q.fill_(99)
-        scale.fill_(float("nan"))
-        run()
-        return torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
-
-    block_k = triton.next_power_of_2(k)
+        return writes_reference_rows(run, q, scale, q_ref, scale_ref)
 
     def lsu_side(programs):
-        _quantize_rows_persistent_kernel[(programs,)](
-            x, q, scale, m, k, programs, ROWS=max(1, 32768 // block_k), BLOCK_K=block_k, PREFETCH=True,
-            num_warps=32, enable_fp_fusion=False)
+        quantize_rows_persistent(x, q, scale, programs)
 
     row = {"m": m, "k": k, "pack_ms": time_ms(lambda: wt.quantize_rows_triton(x), graph=True),
            "cast_ms": time_ms(lambda: x.to(torch.int8), graph=True),
            "lsu_side": {s: time_ms(lambda s=s: lsu_side(s), graph=True) for s in SIDE_PROGRAMS},
            "lsu_exact": exact(lambda: lsu_side(8)), "tma": []}
-    for rows, stages, warps in TMA_VARIANTS:
-        rows = _rows_per_step(rows, k)
-        if any(v["rows"] == rows and v["stages"] == stages and v["warps"] == warps for v in row["tma"]):
-            continue
+    for rows, stages, warps in dict.fromkeys((_rows_per_step(r, k), s, w) for r, s, w in TMA_VARIANTS):
         variant = {"rows": rows, "stages": stages, "warps": warps}
 
         def run(programs, rows=rows, stages=stages, warps=warps):
@@ -152,11 +144,9 @@ def main() -> int:
                 "rows/stages/warps"] + [f"GB/s per program, S = {s}: load/store / TMA" for s in SIDE_PROGRAMS]
                + ["all = ref"])
     env = environment()
-    markdown = "\n".join([
-        f"# Quantization through TMA ({env['gpu']}, torch {env['torch']}, triton {env['triton']})", "",
-        f"Command: `{env['command']}` ({env['date_utc']})", "", __doc__.split("\n\n")[0], "",
-        "Bytes counted: the bf16 read and the int8 write. Variants that failed are listed in the JSON.", "",
-        markdown_table(headers, table), ""])
+    markdown = probe_markdown("Quantization through TMA", env, __doc__, markdown_table(headers, table),
+                              "Bytes counted: the bf16 read and the int8 write. Variants that failed are "
+                              "listed in the JSON.")
     save_results("probe_quant_tma", {"environment": env, "results": results}, markdown, args.out)
     print(markdown)
     return 0

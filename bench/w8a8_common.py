@@ -151,6 +151,24 @@ def save_results(stem: str, payload: dict, markdown: str, out_dir: str | None) -
     return written
 
 
+def writes_reference_rows(run, q: torch.Tensor, scale: torch.Tensor, q_ref: torch.Tensor,
+                          scale_ref: torch.Tensor) -> bool:
+    """Whether ``run()`` writes the reference's int8 rows and row scales into ``q`` / ``scale``, which are
+    poisoned first (99 and NaN), so stale results cannot pass."""
+    q.fill_(99)
+    scale.fill_(float("nan"))
+    run()
+    return torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+
+
+def probe_markdown(title: str, env: dict, doc: str, table: str, *notes: str) -> str:
+    """A probe's result page: title with GPU and versions, the command, the docstring's first paragraph,
+    optional notes, the table."""
+    return "\n".join([f"# {title} ({env['gpu']}, torch {env['torch']}, triton {env['triton']})", "",
+                      f"Command: `{env['command']}` ({env['date_utc']})", "", doc.split("\n\n")[0], "",
+                      *(line for note in notes for line in (note, "")), table, ""])
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
