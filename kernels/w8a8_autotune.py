@@ -30,14 +30,12 @@ from .w8a8_triton import (
     INTERPRETED,
     INTERPRETER_CONFIGS,
     ONE_LAUNCH_KINDS,
-    TMA_KINDS,
     GemmConfig,
     arch_key,
     candidate_configs,
     int8_gemm_triton,
     m_regime,
     program_slots,
-    streamk_fits,
     tail_start_row,
     tma_compatible,
     w8a8_linear_triton,
@@ -45,7 +43,7 @@ from .w8a8_triton import (
 
 logger = logging.getLogger("dit_quant.kernels")
 
-_KEY_VERSION = "v7"  # bump when GemmConfig or the kernels change meaning
+_KEY_VERSION = "v6"  # bump when GemmConfig or the kernels change meaning
 _lock = threading.Lock()
 _disk_entries: dict[str, GemmConfig] | None = None
 _chosen: dict[tuple, GemmConfig] = {}  # fast path: call signature -> config
@@ -145,13 +143,11 @@ def _tune(candidates: list[GemmConfig], run: Callable[[GemmConfig], torch.Tensor
 def applicable_configs(candidates: list[GemmConfig], m: int, n: int, tma_ok: bool, prequantized: bool,
                        slots: int) -> list[GemmConfig]:
     """The candidates that can run, and differ from the others, for M rows and N output columns:
-    TMA kinds only where ``tma_ok``; no one-launch kind for activations already quantized
-    (``prequantized``); "gemv" only up to GEMV_MAX_M rows; a tail only where it splits the rows (one that
-    would run nothing, or everything, repeats another candidate); "streamk" only where ``streamk_fits``.
-    ``slots``: programs that run at once."""
+    "tma" only where ``tma_ok``; no one-launch kind for activations already quantized (``prequantized``);
+    "gemv" only up to GEMV_MAX_M rows; a tail only where it splits the rows (one that would run nothing,
+    or everything, repeats another candidate). ``slots``: programs that run at once."""
     return [c for c in candidates
-            if (tma_ok or all(part.kind not in TMA_KINDS for part in c.launches()))
-            and streamk_fits(c, m, n, slots)
+            if (tma_ok or all(part.kind != "tma" for part in c.launches()))
             and not (prequantized and c.kind in ONE_LAUNCH_KINDS)
             and (c.kind != "gemv" or m <= GEMV_MAX_M)
             and (c.tail is None or tail_start_row(m, n, c, slots) not in (0, m))]

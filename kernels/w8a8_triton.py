@@ -5,7 +5,6 @@
   column scale (+ bias) -> output dtype); in its QUANTIZE_A mode it takes the float activation and
   quantizes it on load instead (one launch, for small M);
 - ``_w8a8_gemm_tma_kernel``: persistent Hopper variant of the int8-A GEMM with TMA descriptors;
-- ``_w8a8_gemm_streamk_kernel``: the same with the K steps of all tiles split evenly over the programs;
 - ``_w8a8_gemv_kernel``: one launch for a few rows: each program quantizes its row itself and takes the
   integer dot products on CUDA cores (bit-identical to the two kernels above).
 Which runs is a ``GemmConfig`` (see KINDS and ``candidate_configs``), chosen by w8a8_autotune.py.
@@ -270,109 +269,16 @@ def _w8a8_gemm_tma_kernel(
             a = a_desc.load([off_m, k_step * BLOCK_K])
             b = b_desc.load([off_n, k_step * BLOCK_K])
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-        _store_tile(out_desc, acc, a_scale_ptr, b_scale_ptr, bias_ptr, off_m, off_n, M, N, HAS_BIAS, BLOCK_M,
-                    BLOCK_N, SPLIT_EPILOGUE)
-
-
-@triton.jit
-def _store_tile(out_desc, acc, a_scale_ptr, b_scale_ptr, bias_ptr, off_m, off_n, M, N, HAS_BIAS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr):
-    """The epilogue of the int32 tile at (off_m, off_n), stored through the output's TMA descriptor (which
-    clips rows and columns past M and N); SPLIT_EPILOGUE: in two column halves (the descriptor's block is
-    [BLOCK_M, BLOCK_N // 2]), which halves the shared-memory staging."""
-    rows = off_m + tl.arange(0, BLOCK_M)
-    cols = (off_n + tl.arange(0, BLOCK_N)) % N  # clipped columns read a valid scale; not stored
-    a_scale = tl.load(a_scale_ptr + rows % M)
-    out = _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, cols, HAS_BIAS).to(out_desc.dtype)
-    if SPLIT_EPILOGUE:
-        left, right = tl.split(tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        out_desc.store([off_m, off_n], left)
-        out_desc.store([off_m, off_n + BLOCK_N // 2], right)
-    else:
-        out_desc.store([off_m, off_n], out)
-
-
-@triton.jit
-def _streamk_owner(iteration, total, num_programs):
-    """The program whose share of the ``total`` K steps holds ``iteration`` (program p runs
-    [p * total // num_programs, (p + 1) * total // num_programs))."""
-    return ((iteration + 1) * num_programs - 1) // total
-
-
-@triton.jit
-def _w8a8_gemm_streamk_kernel(
-    a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, bias_ptr, partial_ptr, counter_ptr,
-    M, N, K, num_programs,
-    HAS_BIAS: tl.constexpr, WAIT_FOR_PRODUCER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """Stream-K variant of the persistent TMA GEMM, for output tiles that fill the SMs' last wave only
-    partly: the K steps of all tiles, in tile order, are split evenly over the programs, so every SM
-    works until the end. A program's share covers one or more tiles, and a tile may be split between
-    programs: each such part stores its int32 partial tile in its program's workspace slot (2p for the
-    program's first tile, 2p + 1 for its last), then adds its K-step count to the tile's counter; the
-    part that completes the count sums the tile's partials (int32: exact, in any order, so the result is
-    bit-identical to one program's full-K tile), runs the epilogue and zeroes the counter for the next
-    launch. Nothing waits on another program. The output's descriptor block is [BLOCK_M, BLOCK_N // 2]
-    (split epilogue). ``partial_ptr``: int32 [2 * num_programs, BLOCK_M, BLOCK_N]; ``counter_ptr``: int32
-    per tile, zero at launch."""
-    if WAIT_FOR_PRODUCER:
-        gdc_wait()
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    total = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N) * k_tiles
-    pid = tl.program_id(0)
-    first = pid * total // num_programs
-    last = (pid + 1) * total // num_programs
-    half_rows = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
-    half_cols = tl.arange(0, BLOCK_N // 2)[None, :]
-    for tile_id in range(first // k_tiles, (last - 1) // k_tiles + 1):
-        k_begin = tl.maximum(first - tile_id * k_tiles, 0)
-        k_end = tl.minimum(last - tile_id * k_tiles, k_tiles)
-        pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k_step in range(k_begin, k_end):
-            a = a_desc.load([off_m, k_step * BLOCK_K])
-            b = b_desc.load([off_n, k_step * BLOCK_K])
-            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-        if k_end - k_begin == k_tiles:
-            _store_tile(out_desc, acc, a_scale_ptr, b_scale_ptr, bias_ptr, off_m, off_n, M, N, HAS_BIAS,
-                        BLOCK_M, BLOCK_N, True)
+        rows = off_m + tl.arange(0, BLOCK_M)
+        cols = (off_n + tl.arange(0, BLOCK_N)) % N  # clipped columns read a valid scale; not stored
+        a_scale = tl.load(a_scale_ptr + rows % M)
+        out = _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, cols, HAS_BIAS).to(out_desc.dtype)
+        if SPLIT_EPILOGUE:
+            left, right = tl.split(tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            out_desc.store([off_m, off_n], left)
+            out_desc.store([off_m, off_n + BLOCK_N // 2], right)
         else:
-            slot = partial_ptr + (2 * pid + tl.where(tile_id == first // k_tiles, 0, 1)) * (BLOCK_M * BLOCK_N)
-            left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            tl.store(slot + half_rows + half_cols, left)
-            tl.store(slot + half_rows + (BLOCK_N // 2 + half_cols), right)
-            tl.debug_barrier()  # every thread's partial is written before the count is released
-            done = tl.atomic_add(counter_ptr + tile_id, k_end - k_begin, sem="acq_rel", scope="gpu")
-            if done + (k_end - k_begin) == k_tiles:
-                _finish_streamk_tile(out_desc, a_scale_ptr, b_scale_ptr, bias_ptr, partial_ptr, tile_id,
-                                     off_m, off_n, M, N, k_tiles, total, num_programs, HAS_BIAS, BLOCK_M,
-                                     BLOCK_N)
-                tl.store(counter_ptr + tile_id, 0)
-
-
-@triton.jit
-def _finish_streamk_tile(out_desc, a_scale_ptr, b_scale_ptr, bias_ptr, partial_ptr, tile_id, off_m, off_n,
-                         M, N, k_tiles, total, num_programs, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
-    """Sum the partial tiles of every program that worked on ``tile_id`` (read past L1, which may hold
-    stale lines) and store the tile's epilogue, one column half at a time (half the registers)."""
-    first_owner = _streamk_owner(tile_id * k_tiles, total, num_programs)
-    last_owner = _streamk_owner((tile_id + 1) * k_tiles - 1, total, num_programs)
-    rows = off_m + tl.arange(0, BLOCK_M)
-    a_scale = tl.load(a_scale_ptr + rows % M)
-    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N // 2)[None, :]
-    for half in tl.static_range(2):
-        acc = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.int32)
-        for owner in range(first_owner, last_owner + 1):
-            slot = 2 * owner + tl.where(tile_id == owner * total // num_programs // k_tiles, 0, 1)
-            acc += tl.load(partial_ptr + slot * (BLOCK_M * BLOCK_N) + half * (BLOCK_N // 2) + offs,
-                           cache_modifier=".cg")
-        cols = (off_n + half * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)) % N
-        out = _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, cols, HAS_BIAS)
-        out_desc.store([off_m, off_n + half * (BLOCK_N // 2)], out.to(out_desc.dtype))
+            out_desc.store([off_m, off_n], out)
 
 
 @triton.jit
@@ -418,8 +324,6 @@ def _w8a8_gemv_kernel(
 # How a config computes the product:
 #   "int8":  _quantize_rows_kernel writes int8 A + row scales, then the pointer GEMM (any GPU);
 #   "tma":   same quantization, then the persistent TMA GEMM (Hopper; needs 16-byte aligned rows);
-#   "streamk": as "tma", with the K steps of all tiles split evenly over the programs (stream-K; Hopper):
-#            for the rows of a partly filled last wave (a tail) or layers of fewer tiles than SMs;
 #   "fused": the pointer GEMM alone, quantizing A on load with row scales it computes itself: one launch
 #            (less host time), but every program re-reads and re-quantizes its rows, so it can only win
 #            at small M;
@@ -427,10 +331,8 @@ def _w8a8_gemv_kernel(
 #            (block_m is 1: each program takes one row).
 # (A fourth variant, a scale-only pass followed by quantize-on-load in the GEMM, measured 3.5x slower
 # than "int8" at M=4608 on the H100 and was dropped; see docs/kernels.md.)
-KINDS = ("int8", "tma", "streamk", "fused", "gemv")
+KINDS = ("int8", "tma", "fused", "gemv")
 ONE_LAUNCH_KINDS = ("fused", "gemv")  # no separate quantization kernel
-TMA_KINDS = ("tma", "streamk")  # need TMA descriptors (tma_compatible tensors)
-STREAMK_TILES_PER_SLOT = 4  # a stream-K launch runs at most this many tiles per program slot (counters)
 
 
 @dataclass(frozen=True)
@@ -510,16 +412,12 @@ _SMALL_M_CONFIGS = [  # weight streaming: narrow N tiles so that enough programs
 ]
 # The Hopper workhorse (128x256 tiles), and the same with each candidate tail: smaller tiles for the rows
 # past its last full wave (4608x3072 outputs are 432 such tiles on 132 SMs, 3.3 waves).
-# A stream-K tail takes the last full wave too (the stream-K paper's hybrid; see tail_start_row), and the
-# stream-K config alone serves layers of fewer tiles than SMs (1024x3072 outputs: 96 tiles on 132 SMs).
 _HOPPER_WIDE = GemmConfig("tma", 128, 256, 128, 8, 8, 4, split_epilogue=True)
-_HOPPER_STREAMK = GemmConfig("streamk", 128, 256, 128, 8, 8, 4, split_epilogue=True)
 _HOPPER_WIDE_WITH_TAILS = [
     replace(_HOPPER_WIDE, tail=tail) for tail in (
         GemmConfig("tma", 128, 128, 128, 8, 4, 5),
         GemmConfig("tma", 64, 256, 128, 8, 4, 4),
         GemmConfig("tma", 64, 128, 128, 8, 4, 4),
-        _HOPPER_STREAMK,
     )
 ]
 _MID_M_CONFIGS = {
@@ -534,7 +432,6 @@ _MID_M_CONFIGS = {
         GemmConfig("tma", 128, 128, 128, 8, 4, 5),
         GemmConfig("tma", 64, 128, 128, 8, 4, 4),
         GemmConfig("int8", 64, 128, 128, 8, 4, 4),
-        _HOPPER_STREAMK,
         *_HOPPER_WIDE_WITH_TAILS,
     ],
 }
@@ -550,7 +447,6 @@ _LARGE_M_CONFIGS = {
         GemmConfig("tma", 128, 256, 128, 8, 8, 3, split_epilogue=True),
         GemmConfig("tma", 256, 128, 128, 8, 8, 3, split_epilogue=True),
         GemmConfig("tma", 64, 256, 128, 8, 4, 4),
-        _HOPPER_STREAMK,
         *_HOPPER_WIDE_WITH_TAILS,
     ],
 }
@@ -570,8 +466,7 @@ def candidate_configs(cc: int, regime: str) -> list[GemmConfig]:
     """Configs worth trying for an architecture (compute capability as an int, e.g. 86) and an M regime.
 
     The first entry is the default used without autotuning. All fit the architecture's shared memory.
-    "tma" and "streamk" configs are listed for sm_90 only; callers drop them where the tensors are not
-    TMA-aligned, and "streamk" ones where a launch would have too many tiles (``streamk_fits``).
+    "tma" configs are listed for sm_90 only; callers drop them where the tensors are not TMA-aligned.
     Weight-prefetching "int8" configs are listed where GEMMs wait for the quantization with programmatic
     dependent launch (sm_90 with a Triton that has it): elsewhere they would repeat the plain ones.
     "gemv" configs are listed for every architecture; they only serve M <= GEMV_MAX_M.
@@ -584,8 +479,7 @@ def candidate_configs(cc: int, regime: str) -> list[GemmConfig]:
     # Leave room for the epilogue's layout-conversion scratch the compiler adds on top of the operands.
     return [c for c in configs if (dependent_launch or not c.prefetch_weights or c.kind == "gemv")
             and all(part.operand_smem_bytes() <= limit - 16 * 1024
-                    and (part.kind not in TMA_KINDS or TensorDescriptor is not None)
-                    for part in c.launches())]
+                    and (part.kind != "tma" or TensorDescriptor is not None) for part in c.launches())]
 
 
 def tail_start_row(m: int, n: int, config: GemmConfig, slots: int) -> int:
@@ -593,26 +487,13 @@ def tail_start_row(m: int, n: int, config: GemmConfig, slots: int) -> int:
 
     The main launch keeps the row blocks whose tiles (``config``'s, ``n`` output columns) fill whole
     waves of ``slots`` concurrent programs; the rows below them go to the tail (0 where even one wave is
-    not full: then the tail's tiles run everything). A "streamk" tail also takes the last full wave where
-    a wave is partly filled, so that each program gets more than one tile's K steps (fewer programs per
-    tile, hence fewer partial tiles to sum).
+    not full: then the tail's tiles run everything).
     """
     if config.tail is None:
         return m
     tiles_n = ceil_div(n, config.block_n)
-    tiles = ceil_div(m, config.block_m) * tiles_n
-    full_waves = tiles // slots
-    if config.tail.kind == "streamk" and tiles % slots:
-        full_waves = max(0, full_waves - 1)
-    return min(m, full_waves * slots // tiles_n * config.block_m)
-
-
-def streamk_fits(config: GemmConfig, m: int, n: int, slots: int) -> bool:
-    """Whether each "streamk" launch of ``config`` over M rows has at most STREAMK_TILES_PER_SLOT tiles per
-    program slot (the workspace's tile counters); True for configs without one."""
-    limit = STREAMK_TILES_PER_SLOT * slots
-    return all(ceil_div(stop - start, part.block_m) * ceil_div(n, part.block_n) <= limit
-               for part, start, stop in gemm_row_parts(config, m, n, slots) if part.kind == "streamk")
+    full_wave_tiles = ceil_div(m, config.block_m) * tiles_n // slots * slots
+    return min(m, full_wave_tiles // tiles_n * config.block_m)
 
 
 def tma_compatible(weight: torch.Tensor, out_dtype: torch.dtype) -> bool:
@@ -727,9 +608,8 @@ def _pointer_gemm_constants(config: GemmConfig, quantize_a: bool, has_bias: bool
 
 @functools.cache
 def _tma_gemm_constants(config: GemmConfig, has_bias: bool, pdl: bool) -> tuple:
-    """The constexprs and options of a TMA_KINDS launch (the stream-K kernel always splits its epilogue)."""
-    split = () if config.kind == "streamk" else (("SPLIT_EPILOGUE", config.split_epilogue),)
-    return (("HAS_BIAS", has_bias), *split, *_dependent_launch_constants(pdl), *_tile_constants(config))
+    return (("HAS_BIAS", has_bias), ("SPLIT_EPILOGUE", config.split_epilogue),
+            *_dependent_launch_constants(pdl), *_tile_constants(config))
 
 
 @functools.cache
@@ -745,7 +625,6 @@ def _gemv_constants(config: GemmConfig, has_bias: bool, has_smooth: bool, amax_b
 _quantize_rows_launcher = CachedLauncher(_quantize_rows_kernel)
 _pointer_gemm_launcher = CachedLauncher(_w8a8_gemm_kernel)
 _tma_gemm_launcher = CachedLauncher(_w8a8_gemm_tma_kernel)
-_streamk_gemm_launcher = CachedLauncher(_w8a8_gemm_streamk_kernel)
 _gemv_launcher = CachedLauncher(_w8a8_gemv_kernel)
 
 
@@ -771,45 +650,20 @@ def _pointer_gemm_args(a, a_scale, weight, weight_scale, bias, smooth, out) -> t
 
 
 def _tma_gemm_spec(config, q, a_scale, weight, weight_scale, bias, out) -> tuple:
-    """(launcher, grid, args, constants) of the persistent TMA GEMM or its stream-K variant: one program per
-    SM, at most one per tile ("tma") or per K step ("streamk")."""
-    work = ceil_div(q.shape[0], config.block_m) * ceil_div(weight.shape[0], config.block_n)
-    if config.kind == "streamk":
-        work *= ceil_div(q.shape[1], config.block_k)
-    num_programs = min(work, program_slots(q.device))
+    """(grid, args, constants) of the persistent TMA GEMM."""
+    tiles = ceil_div(q.shape[0], config.block_m) * ceil_div(weight.shape[0], config.block_n)
+    num_programs = min(tiles, program_slots(q.device))
     args = _tma_gemm_args(config, q, a_scale, weight, weight_scale, bias, out, num_programs)
-    launcher = _streamk_gemm_launcher if config.kind == "streamk" else _tma_gemm_launcher
-    return launcher, (num_programs,), args, _tma_gemm_constants(config, bias is not None, uses_pdl(q.device))
+    return (num_programs,), args, _tma_gemm_constants(config, bias is not None, uses_pdl(q.device))
 
 
 def _tma_gemm_args(config, q, a_scale, weight, weight_scale, bias, out, num_programs: int) -> tuple:
-    streamk = config.kind == "streamk"
-    out_block_n = config.block_n // 2 if config.split_epilogue or streamk else config.block_n
+    out_block_n = config.block_n // 2 if config.split_epilogue else config.block_n
     return (TensorDescriptor.from_tensor(q, [config.block_m, config.block_k]),
             TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
             TensorDescriptor.from_tensor(out, [config.block_m, out_block_n]),
             a_scale, weight_scale, bias if bias is not None else weight_scale,
-            *(streamk_workspace(q.device) if streamk else ()),
             q.shape[0], weight.shape[0], q.shape[1], num_programs)
-
-
-STREAMK_MAX_TILE = 128 * 256  # output elements of the largest stream-K tile (a workspace slot)
-_streamk_workspaces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def streamk_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stream-K kernel's workspace on ``device``: (int32 partial tiles, two slots of STREAMK_MAX_TILE per
-    program slot; int32 tile counters, zero between launches). Allocated once per device and never
-    replaced, so CUDA graphs may keep its address (34.6 MB on a 132-SM GPU). Stream-K launches on one
-    device share it, so they must not run concurrently on two streams."""
-    key = str(device)
-    workspace = _streamk_workspaces.get(key)
-    if workspace is None:
-        slots = program_slots(device)
-        workspace = (torch.empty(2 * slots * STREAMK_MAX_TILE, dtype=torch.int32, device=device),
-                     torch.zeros(STREAMK_TILES_PER_SLOT * slots, dtype=torch.int32, device=device))
-        _streamk_workspaces[key] = workspace
-    return workspace
 
 
 def _one_launch_args(kind: str, x2d, weight, weight_scale, bias, smooth, out) -> tuple:
@@ -844,7 +698,7 @@ def w8a8_linear_triton(
     """W8A8 linear through the Triton kernels with a given config (see ``candidate_configs``).
 
     x2d: [M, K] float, K contiguous; weight int8 [N, K]; weight_scale fp32 [N]; bias [N] or None;
-    smooth fp32 [K] or None. Returns [M, N] in x2d.dtype. A TMA_KINDS config needs ``tma_compatible``
+    smooth fp32 [K] or None. Returns [M, N] in x2d.dtype. A "tma" config needs ``tma_compatible``
     tensors.
     """
     _check_launchable(x2d)
@@ -879,8 +733,9 @@ def _gemm_launch_specs(config, q, scale, weight, weight_scale, bias, out):
     m = q.shape[0]
     for part, start, stop in gemm_row_parts(config, m, weight.shape[0], program_slots(q.device)):
         part_q, part_scale, part_out = _row_slices(start, stop, m, q, scale, out)
-        if part.kind in TMA_KINDS:
-            spec = _tma_gemm_spec(part, part_q, part_scale, weight, weight_scale, bias, part_out)
+        if part.kind == "tma":
+            spec = _tma_gemm_launcher, *_tma_gemm_spec(part, part_q, part_scale, weight, weight_scale, bias,
+                                                       part_out)
         else:
             spec = _pointer_gemm_launcher, *_pointer_gemm_spec(part, part_q, part_scale, weight, weight_scale,
                                                                bias, None, part_out)
@@ -889,7 +744,7 @@ def _gemm_launch_specs(config, q, scale, weight, weight_scale, bias, out):
 
 def _gemm_args(config, q, scale, weight, weight_scale, bias, out, num_programs: int) -> tuple:
     """The runtime arguments of one GEMM launch (``num_programs``: the TMA kernel's grid)."""
-    if config.kind in TMA_KINDS:
+    if config.kind == "tma":
         return _tma_gemm_args(config, q, scale, weight, weight_scale, bias, out, num_programs)
     return _pointer_gemm_args(q, scale, weight, weight_scale, bias, None, out)
 

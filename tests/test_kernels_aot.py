@@ -66,8 +66,6 @@ def _compile(fn, signature, constexprs, cc, num_warps, num_stages, **options):
             "shared": kernel.metadata.shared,
             "gdc_wait": "griddepcontrol.wait" in ptx, "prefetch_l2": "prefetch.global.L2" in ptx,
             "gdc_launch_dependents": "griddepcontrol.launch_dependents" in ptx,
-            "release_acquire_count": "atom.global.gpu.acq_rel.add" in ptx,
-            "l1_bypass_loads": "ld.global.cg" in ptx,
             "cubin_bytes": len(kernel.asm["cubin"]), "resources": _resource_usage(kernel.asm["cubin"])}
 
 
@@ -107,21 +105,15 @@ def compile_all(shard: int, num_shards: int) -> dict[str, dict]:
         if config.kind == "gemv":
             results[_case_id(cc, config)] = _compile_gemv(cc, config)
             continue
-        if config.kind in w8a8_triton.TMA_KINDS:
-            streamk = config.kind == "streamk"
-            out_n = config.block_n // 2 if config.split_epilogue or streamk else config.block_n
+        if config.kind == "tma":
+            out_n = config.block_n // 2 if config.split_epilogue else config.block_n
             signature = {"a_desc": f"tensordesc<i8[{config.block_m}, {config.block_k}]>",
                          "b_desc": f"tensordesc<i8[{config.block_n}, {config.block_k}]>",
                          "out_desc": f"tensordesc<bf16[{config.block_m}, {out_n}]>",
                          "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "bias_ptr": "*bf16",
-                         **({"partial_ptr": "*i32", "counter_ptr": "*i32"} if streamk else {}),
                          "M": "i32", "N": "i32", "K": "i32", "num_programs": "i32"}
-            if streamk:
-                kernel = w8a8_triton._w8a8_gemm_streamk_kernel
-                constexprs = dict(tiles, HAS_BIAS=True)
-            else:
-                kernel = w8a8_triton._w8a8_gemm_tma_kernel
-                constexprs = dict(tiles, HAS_BIAS=True, SPLIT_EPILOGUE=config.split_epilogue)
+            kernel = w8a8_triton._w8a8_gemm_tma_kernel
+            constexprs = dict(tiles, HAS_BIAS=True, SPLIT_EPILOGUE=config.split_epilogue)
         else:
             quantize_a = config.kind == "fused"
             signature = dict(POINTER_TYPES, M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32",
@@ -177,9 +169,6 @@ def test_gemm_compiles_to_int8_tensor_cores(compiled, cc, config):
     assert result["gdc_wait"] == (cc >= 90 and config.kind != "fused" and w8a8_triton.HAS_PDL)
     # the weight prefetch runs while waiting for the quantization: only with dependent launch
     assert result["prefetch_l2"] == config.prefetch_weights  # listed only where it runs (sm_90)
-    # stream-K: a part's partial tile is released with its count, and the last part reads the others' past L1
-    streamk = config.kind == "streamk"
-    assert result["release_acquire_count"] == streamk and result["l1_bypass_loads"] == streamk
     _assert_no_spills(result, cc)
 
 

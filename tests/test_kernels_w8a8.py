@@ -101,8 +101,7 @@ def _kind_configs():
 
     if DEVICE.type == "cpu":
         return [*(w8a8_triton.GemmConfig(kind, 16 if kind == "fused" else 64, 64, 64, 8, 4, 1, split)
-                  for kind, split in [("int8", False), ("fused", False), ("tma", False), ("tma", True),
-                                      ("streamk", True)]),
+                  for kind, split in [("int8", False), ("fused", False), ("tma", False), ("tma", True)]),
                 w8a8_triton.GemmConfig("gemv", 1, 32, 64, 1, 4, 1)]
     cc = w8a8_triton.arch_key(torch.cuda.get_device_capability())
     return list(dict.fromkeys(c for regime in ("small", "mid", "large")
@@ -123,8 +122,6 @@ def test_every_kernel_kind_matches_fp64(config, shape):
 
 
 def test_tail_start_row_keeps_the_full_waves_in_the_main_launch():
-    from dataclasses import replace
-
     from dit_quant.kernels.w8a8_triton import GemmConfig, tail_start_row
 
     tail = GemmConfig("tma", 128, 128, 128, 8, 4, 5)
@@ -138,11 +135,6 @@ def test_tail_start_row_keeps_the_full_waves_in_the_main_launch():
     assert tail_start_row(1024, 3072, wide, 132) == 0  # 96 tiles: not one full wave, the tail runs all
     assert tail_start_row(33 * 128, 4 * 256, wide, 132) == 33 * 128  # 132 tiles fill one wave: no tail
     assert tail_start_row(4608, 3072, GemmConfig("tma", 128, 256, 128, 8, 8, 4, True), 132) == 4608
-    # a stream-K tail also takes the last full wave: 4608x3072 keeps 2 waves = 264 tiles = 22 row blocks
-    streamk = replace(wide, tail=GemmConfig("streamk", 128, 256, 128, 8, 8, 4, True))
-    assert tail_start_row(4608, 3072, streamk, 132) == 22 * 128
-    assert tail_start_row(1024, 3072, streamk, 132) == 0  # 96 tiles: stream-K runs all
-    assert tail_start_row(33 * 128, 4 * 256, streamk, 132) == 33 * 128  # whole waves: no tail
 
 
 def _tail_configs():
@@ -152,8 +144,7 @@ def _tail_configs():
     if DEVICE.type == "cpu":
         main = w8a8_triton.GemmConfig("tma", 64, 64, 64, 8, 4, 1)
         tails = [w8a8_triton.GemmConfig("tma", 32, 64, 64, 8, 4, 1),
-                 w8a8_triton.GemmConfig("int8", 16, 32, 64, 8, 4, 1),
-                 w8a8_triton.GemmConfig("streamk", 64, 64, 64, 8, 4, 1, True)]
+                 w8a8_triton.GemmConfig("int8", 16, 32, 64, 8, 4, 1)]
         return [(dataclasses.replace(main, tail=t), main) for t in tails]
     cc = w8a8_triton.arch_key(torch.cuda.get_device_capability())
     with_tails = dict.fromkeys(c for regime in ("mid", "large")
@@ -180,45 +171,6 @@ def test_tail_launch_matches_fp64_and_the_single_launch(configs):
     # int32 accumulation is exact and the epilogue is per element: the split changes no bit
     reference = w8a8_triton.w8a8_linear_triton(x, weight, weight_scale, bias, None, single)
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
-
-
-def _streamk_cases():
-    """(stream-K config, the one-program-per-tile config of the same tiles, shapes): the interpreter's 4
-    program slots and small tiles on CPU, the Hopper config on sm_90; none elsewhere."""
-    from dit_quant.kernels import w8a8_triton
-
-    if DEVICE.type == "cpu":
-        streamk = w8a8_triton.GemmConfig("streamk", 64, 64, 64, 8, 4, 1, True)
-        # 1 tile in 5 K steps over 4 programs; 6 tiles x 3 K steps; 6 tiles x 4 K steps, rows clipped
-        shapes = [(64, 320, 64), (130, 192, 160), (70, 256, 160)]
-    elif torch.cuda.get_device_capability() >= (9, 0) and w8a8_triton.TensorDescriptor is not None:
-        streamk = w8a8_triton._HOPPER_STREAMK
-        # 96 tiles x 24 K steps over 132 SMs; 45 tiles x 120 K steps; 36 tiles x 40 K steps
-        shapes = [(1024, 3072, 3072), (640, 15360, 2304), (384, 5120, 3072)]
-    else:
-        return []
-    single = dataclasses.replace(streamk, kind="tma", split_epilogue=True)
-    return [(streamk, single, shape) for shape in shapes]
-
-
-@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not importable here")
-@pytest.mark.parametrize("case", _streamk_cases() if "triton" in BACKENDS else [],
-                         ids=lambda c: "m{}-k{}-n{}".format(*c[2]))
-def test_streamk_is_bit_identical_to_one_program_per_tile(case):
-    """Tiles whose K steps are split between programs are summed exactly (int32), so the stream-K GEMM writes
-    the same bits as the one-program-per-tile GEMM, launch after launch (each launch leaves its tile
-    counters at zero for the next; a stale count would finish a tile early)."""
-    from dit_quant.kernels import w8a8_triton
-
-    streamk, single, (m, k, n) = case
-    x, weight, weight_scale, bias, _ = _inputs((m,), k, n, torch.bfloat16, True, False, seed=m + k + n)
-    outputs = [w8a8_triton.w8a8_linear_triton(x * (1 + i), weight, weight_scale, bias, None, streamk)
-               for i in range(3)]
-    _check_against_fp64(outputs[0], x, weight, weight_scale, bias, None, "triton")
-    for i, out in enumerate(outputs):
-        reference = w8a8_triton.w8a8_linear_triton(x * (1 + i), weight, weight_scale, bias, None, single)
-        torch.testing.assert_close(out, reference, rtol=0, atol=0)
-    assert not w8a8_triton.streamk_workspace(DEVICE)[1].any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

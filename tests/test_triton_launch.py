@@ -122,8 +122,7 @@ def _random_layer(m: int, k: int, n: int) -> tuple:
 
 
 W8A8_LAUNCHERS = (w8a8_triton._quantize_rows_launcher, w8a8_triton._pointer_gemm_launcher,
-                  w8a8_triton._tma_gemm_launcher, w8a8_triton._streamk_gemm_launcher,
-                  w8a8_triton._gemv_launcher)
+                  w8a8_triton._tma_gemm_launcher, w8a8_triton._gemv_launcher)
 
 
 def _one_config_per_kind():

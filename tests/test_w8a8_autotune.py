@@ -39,21 +39,14 @@ def test_unreadable_or_old_cache_entries_are_ignored(fresh_cache, caplog):
     assert "ignoring unreadable autotune cache" in caplog.text
 
 
-def test_every_candidate_launch_fits_and_tails_are_smaller_tiles_or_stream_k():
-    """A tail runs smaller tiles, or the main tile in stream-K; stream-K tiles fit a workspace slot."""
+def test_every_candidate_launch_fits_and_tails_are_smaller_tiles():
     for cc in (80, 86, 89, 90):
         for regime in ("small", "mid", "large"):
             for config in w8a8_triton.candidate_configs(cc, regime):
                 main, *tails = config.launches()
                 assert main.tail is None and len(tails) == (config.tail is not None)
                 for tail in tails:
-                    if tail.kind == "streamk":
-                        assert (tail.block_m, tail.block_n) == (main.block_m, main.block_n)
-                    else:
-                        assert tail.block_m * tail.block_n < main.block_m * main.block_n
-                for part in (main, *tails):
-                    assert part.kind != "streamk" or (cc >= 90 and part.block_m * part.block_n
-                                                      <= w8a8_triton.STREAMK_MAX_TILE)
+                    assert tail.block_m * tail.block_n < main.block_m * main.block_n
 
 
 @pytest.mark.gpu
