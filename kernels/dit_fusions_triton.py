@@ -45,7 +45,7 @@ def _layernorm_modulate_kernel(
             y = tl.math.div_rn(y, tl.load(smooth_ptr + offs, mask=mask, other=1.0))
         y = tl.where(mask, y, 0.0)
         row_scale, inverse = _row_scale(tl.max(tl.abs(y), axis=0))
-        tl.store(out_at, _round_to_int8(y, inverse), mask=mask)
+        tl.store(out_at, _round_to_int8(y * inverse), mask=mask)
         tl.store(row_scale_ptr + row, row_scale)
     else:
         tl.store(out_at, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -133,9 +133,9 @@ def _gelu_concat_kernel(
         amax = tl.maximum(tl.max(tl.abs(a), axis=0), tl.max(tl.abs(g), axis=0))
         row_scale, inverse = _row_scale(amax)
         if HAS_ATTN:
-            tl.store(out_row + cols_a, _round_to_int8(a, inverse), mask=mask_a)
+            tl.store(out_row + cols_a, _round_to_int8(a * inverse), mask=mask_a)
         if HAS_MLP:
-            tl.store(out_row + KA + cols_b, _round_to_int8(g, inverse), mask=mask_b)
+            tl.store(out_row + KA + cols_b, _round_to_int8(g * inverse), mask=mask_b)
         tl.store(row_scale_ptr + row, row_scale)
     else:
         if HAS_ATTN:

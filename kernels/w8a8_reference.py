@@ -3,9 +3,7 @@
 Math (all backends):
     xs    = x.float() / smooth                      (smooth optional, fp32 [K])
     scale = max(max|xs| over the row, 1e-12) / 127  (fp32, one per row/token)
-    q     = clamp(round_half_even(xs * (1 / scale)), -127, 127) -> int8
-            (1 / scale an IEEE fp32 division; the product exact, rounded once: the kernels' fused
-            multiply-add)
+    q     = clamp(round_half_even(xs / scale), -127, 127) -> int8
     acc   = q @ weight.T                            (int32, exact)
     out   = acc.float() * scale[:, None] * weight_scale[None, :] (+ bias.float())  -> x.dtype
 
@@ -22,7 +20,6 @@ import torch
 QMAX = 127.0
 SCALE_FLOOR = 1e-12
 _EXACT_FP32_CHUNK = 1024  # 1024 * 127 * 127 = 16_516_096 < 2**24
-_FP64_CHUNK = 1 << 24  # elements per fp64 temporary of the rounding (128 MiB)
 
 # Devices on which torch._int_mm raised once; they use the chunked fp32 path from then on.
 _int_mm_failed_devices: set[str] = set()
@@ -46,24 +43,8 @@ def quantize_rows_reference(
     # Multiply by the row's IEEE reciprocal instead of dividing every element: the Triton kernel does the
     # same (an fp32 division per element made it 1.4-1.6x slower on the H100, bench_quantize_rows.md).
     inverse = torch.ones_like(scale) / scale
-    q = _round_exact_products(xs, inverse).clamp_(-QMAX, QMAX).to(torch.int8)
+    q = torch.round(xs * inverse[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
     return q, scale
-
-
-def _round_exact_products(xs: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """round_half_even(xs * inverse[:, None]) of the exact products, as fp32: what the kernels' fused
-    multiply-add rounds. An fp32 product would round twice, which differs where it lands exactly on a
-    half-way tie; the fp64 product of two fp32 numbers is exact. Computed in row chunks of at most
-    ``_FP64_CHUNK`` elements (bounded temporary memory), on the CPU for devices without fp64 (Apple MPS)."""
-    out = torch.empty_like(xs)
-    rows = max(1, _FP64_CHUNK // max(1, xs.shape[1]))
-    for start in range(0, xs.shape[0], rows):
-        chunk, chunk_inverse = xs[start:start + rows], inverse[start:start + rows]
-        if chunk.device.type == "mps":
-            chunk, chunk_inverse = chunk.cpu(), chunk_inverse.cpu()
-        rounded = chunk.double().mul_(chunk_inverse.double()[:, None]).round_()
-        out[start:start + rows] = rounded.to(out.device, torch.float32)
-    return out
 
 
 def _pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

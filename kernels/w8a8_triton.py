@@ -53,22 +53,20 @@ except ImportError:
 # Read per call (tests and benchmarks compare both): DIT_QUANT_PDL=0 launches the GEMM the plain way.
 USE_PDL = os.environ.get("DIT_QUANT_PDL", "1") != "0"
 
-# 1.5 * 2**23: an fp32 sum of it and a value of magnitude < 2**22 is that value rounded to the nearest even
-# integer, which then sits in the sum's low mantissa bits as a two's-complement number.
+# 1.5 * 2**23: adding it to an fp32 of magnitude < 2**22 rounds it to the nearest even integer, which then
+# sits in the sum's low mantissa bits as a two's-complement number.
 _ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
-def _round_to_int8(x, inverse):
-    """x * inverse (fp32, within +-127) -> int8: the exact product rounded half to even, taken from the low
-    byte of one fused multiply-add with the rounding constant (the reference rounds the same exact product,
-    ``w8a8_reference.quantize_rows_reference``).
+def _round_to_int8(v):
+    """fp32 within +-127 -> int8, rounded half to even: the low byte of the rounded sum's bits.
 
-    Callers pass ``inverse`` from ``_row_scale`` of an amax over the same values, so |x * inverse| is within
-    127 * (1 + 3 * 2**-24) and no clamp is needed. A float-to-int conversion would run at a quarter of the
-    fp32 rate, and the quantization kernels are bound by instructions per SM (runs 18-19 of the log): this
-    takes one instruction per element."""
-    return tl.fma(x, inverse, _ROUND_MAGIC).to(tl.int32, bitcast=True).to(tl.int8)
+    Callers pass x * inverse with ``inverse`` from ``_row_scale`` of an amax over the same values, which
+    is within 127 * (1 + 3 * 2**-24), so no clamp is needed. A float-to-int conversion would run at a quarter
+    of the fp32 rate, and the quantization kernels are bound by instructions per SM (run 18 of the log);
+    this takes one add."""
+    return (v + _ROUND_MAGIC).to(tl.int32, bitcast=True).to(tl.int8)
 
 
 @triton.jit
@@ -118,13 +116,13 @@ def _quantize_rows_kernel(
         mask = offs < K
         xs = _load_smoothed(x_row + offs, smooth_ptr + offs, mask, HAS_SMOOTH)
         scale, inverse = _row_scale(tl.max(tl.abs(xs), axis=0))
-        tl.store(q_row + offs, _round_to_int8(xs, inverse), mask=mask)
+        tl.store(q_row + offs, _round_to_int8(xs * inverse), mask=mask)
     else:
         scale, inverse = _row_scale_of(x_row, smooth_ptr, K, HAS_SMOOTH, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + offs < K
             xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, mask, HAS_SMOOTH)
-            tl.store(q_row + k0 + offs, _round_to_int8(xs, inverse), mask=mask)
+            tl.store(q_row + k0 + offs, _round_to_int8(xs * inverse), mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
@@ -223,7 +221,7 @@ def _w8a8_gemm_kernel(
         k_mask = offs_k < K - k_step * BLOCK_K
         if QUANTIZE_A:
             a = _load_a_tile(a_ptrs, smooth_ptrs, k_mask, EVEN_K, HAS_SMOOTH)
-            a = _round_to_int8(a, a_inv_scale[:, None])
+            a = _round_to_int8(a * a_inv_scale[:, None])
         elif EVEN_K:
             a = tl.load(a_ptrs)
         else:
@@ -313,7 +311,7 @@ def _w8a8_gemv_kernel(
         w_next = tl.load(w_ptrs + (k0 + BLOCK_K), mask=(k0 + BLOCK_K + offs_k < K)[None, :], other=0)
         k_mask = k0 + offs_k < K
         xs = _load_smoothed(x_row + k0 + offs_k, smooth_ptr + k0 + offs_k, k_mask, HAS_SMOOTH)
-        q = _round_to_int8(xs, inverse).to(tl.int32)
+        q = _round_to_int8(xs * inverse).to(tl.int32)
         acc += tl.sum(w.to(tl.int32) * q[None, :], axis=1)
     out = acc.to(tl.float32) * scale * tl.load(b_scale_ptr + rows_b)
     if HAS_BIAS:
@@ -581,7 +579,7 @@ def _quantize_args(x2d, smooth, q, scale) -> tuple:
 @functools.cache
 def _quantize_constants(has_smooth: bool, block_k: int, one_tile: bool, num_warps: int,
                         launch_dependents: bool) -> tuple:
-    # enable_fp_fusion=False: no product other than _round_to_int8's explicit fma fuses (the reference's)
+    # enable_fp_fusion=False: x * inverse must round before the rounding trick's add, as in torch
     return (("HAS_SMOOTH", has_smooth), ("BLOCK_K", block_k), ("ONE_TILE", one_tile),
             ("LAUNCH_DEPENDENTS", launch_dependents), ("num_warps", num_warps), ("enable_fp_fusion", False))
 
