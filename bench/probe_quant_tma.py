@@ -83,7 +83,6 @@ def probe_shape(m: int, k: int, slots: int) -> dict:
     x = (torch.randn(m, k, device="cuda", generator=g) * 3).bfloat16()
     q_ref, scale_ref = quantize_rows_reference(x)
     q, scale = torch.empty_like(q_ref), torch.empty_like(scale_ref)
-    gb = m * k * 3 / 1e9
 
     def exact(run) -> bool:
         return writes_reference_rows(run, q, scale, q_ref, scale_ref)
@@ -91,7 +90,8 @@ def probe_shape(m: int, k: int, slots: int) -> dict:
     def lsu_side(programs):
         quantize_rows_persistent(x, q, scale, programs)
 
-    row = {"m": m, "k": k, "pack_ms": time_ms(lambda: wt.quantize_rows_triton(x), graph=True),
+    row = {"m": m, "k": k, "gb": m * k * 3 / 1e9,
+           "pack_ms": time_ms(lambda: wt.quantize_rows_triton(x), graph=True),
            "cast_ms": time_ms(lambda: x.to(torch.int8), graph=True),
            "lsu_side": {s: time_ms(lambda s=s: lsu_side(s), graph=True) for s in SIDE_PROGRAMS},
            "lsu_exact": exact(lambda: lsu_side(8)), "tma": []}
@@ -109,7 +109,6 @@ def probe_shape(m: int, k: int, slots: int) -> dict:
             variant["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
         print(m, k, variant, flush=True)
         row["tma"].append(variant)
-    row["gb"] = gb
     return row
 
 
