@@ -101,7 +101,8 @@ def probe_shape(m: int, k: int, n: int, slots: int, side: torch.cuda.Stream) -> 
 
     def gemm(programs):
         args = wt._tma_gemm_args(config, q, scale, weight, weight_scale, None, out, programs)
-        wt._tma_gemm_launcher.prepare((programs,), args, wt._tma_gemm_constants(config, False, False))()
+        constants = wt._tma_gemm_constants(config, False, False, False)
+        wt._tma_gemm_launcher.prepare((programs,), args, constants)()
 
     def side_quantize(programs, prefetch=True):
         quantize_rows_persistent(x2, q2, scale2, programs, prefetch)

@@ -22,7 +22,12 @@ from typing import NamedTuple
 import torch
 
 from .dit_fusions_reference import gelu_concat_reference, layernorm_modulate_reference, qk_norm_rope_reference
-from .w8a8_reference import int8_gemm_reference, quantize_rows_reference, w8a8_linear_reference
+from .w8a8_reference import (
+    int8_gemm_gated_add_reference,
+    int8_gemm_reference,
+    quantize_rows_reference,
+    w8a8_linear_reference,
+)
 
 logger = logging.getLogger("dit_quant.kernels")
 
@@ -38,6 +43,7 @@ class Backend(NamedTuple):
     linear: LinearFn
     quantize_rows: QuantizeFn
     int8_gemm: Callable
+    int8_gemm_gated_add: Callable
     layernorm_modulate: Callable
     qk_norm_rope: Callable
     gelu_concat: Callable
@@ -69,7 +75,8 @@ def available_backends() -> list[str]:
 
 
 register_backend("torch", Backend(
-    w8a8_linear_reference, quantize_rows_reference, int8_gemm_reference, layernorm_modulate_reference,
+    w8a8_linear_reference, quantize_rows_reference, int8_gemm_reference, int8_gemm_gated_add_reference,
+    layernorm_modulate_reference,
     qk_norm_rope_reference, gelu_concat_reference,
 ))
 
@@ -79,12 +86,15 @@ try:
     from .w8a8_autotune import choose_config, choose_gemm_config
     from .w8a8_triton import INTERPRETED as _TRITON_INTERPRETED
     from .w8a8_triton import (
+        GatedAdd,
         build_gemm_plan,
         build_linear_plan,
         gemm_plan_key,
+        int8_gemm_gated_add_triton,
         int8_gemm_triton,
         linear_plan_key,
         quantize_rows_triton,
+        tiles_within_samples,
         w8a8_linear_triton,
     )
 
@@ -144,8 +154,31 @@ try:
                       lambda: build_gemm_plan(q, scale, weight, weight_scale, bias, out_dtype, config))
         return out
 
+    def _triton_int8_gemm_gated_add(q, scale, weight, weight_scale, bias, gate, residual, rows_per_gate):
+        config = choose_gemm_config(q, scale, weight, weight_scale, bias, residual.dtype)
+        if not tiles_within_samples(config, gate.shape[0], rows_per_gate):
+            # rare (batch > 1 and a sequence length that is no multiple of the tile height): per sample
+            for sample in range(gate.shape[0]):
+                rows = slice(sample * rows_per_gate, (sample + 1) * rows_per_gate)
+                _triton_int8_gemm_gated_add(q[rows], scale[rows], weight, weight_scale, bias,
+                                            gate[sample:sample + 1], residual[rows], rows_per_gate)
+            return
+        gated = GatedAdd(gate, rows_per_gate)
+        planned = USE_PLANS and q.is_cuda and q.shape[0] > 0
+        key = (gemm_plan_key(q, scale, weight, weight_scale, bias, residual.dtype, gated, residual)
+               if planned else None)
+        plan, stream = _plan_for(_gemm_plans, key)
+        if stream is not None:
+            plan.gated_add(q, scale, weight, weight_scale, bias, gated, residual, stream)
+            return
+        int8_gemm_gated_add_triton(q, scale, weight, weight_scale, bias, gated, residual, config)
+        if key is not None and plan is None:
+            _remember(_gemm_plans, key, lambda: build_gemm_plan(q, scale, weight, weight_scale, bias,
+                                                                residual.dtype, config, gated, residual))
+
     register_backend("triton", Backend(
-        _triton_linear, quantize_rows_triton, _triton_int8_gemm, layernorm_modulate_triton,
+        _triton_linear, quantize_rows_triton, _triton_int8_gemm, _triton_int8_gemm_gated_add,
+        layernorm_modulate_triton,
         qk_norm_rope_triton, gelu_concat_triton,
     ))
 except ImportError as exc:  # Triton is optional: the reference runs everywhere

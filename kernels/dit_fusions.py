@@ -22,14 +22,51 @@ def int8_gemm(
 ) -> torch.Tensor:
     """W8A8 linear on activations already quantized: int8 q [M, K] with fp32 row scales [M], int8 weight
     [N, K], fp32 weight_scale [N], bias [N] or None -> [M, N] out_dtype."""
-    if q.dtype != torch.int8 or q.dim() != 2 or scale.shape != q.shape[:1]:
-        raise ValueError(f"DiT Quant: int8_gemm needs int8 rows [M, K] and fp32 scales [M], got {q.dtype} "
-                         f"{tuple(q.shape)} and {tuple(scale.shape)}")
-    if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[1] != q.shape[1]:
-        raise ValueError(f"DiT Quant: int8_gemm weight must be int8 [N, {q.shape[1]}], got {weight.dtype} "
-                         f"{tuple(weight.shape)}")
+    _check_quantized_rows("int8_gemm", q, scale, weight)
     return run_op("int8_gemm", q.device, backend, last_dim_contiguous(q), as_fp32(scale),
                   last_dim_contiguous(weight), as_fp32(weight_scale), bias, out_dtype)
+
+
+def int8_gemm_gated_add(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    gate: torch.Tensor,
+    residual: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """A DiT block's gated residual update ``residual += gate * linear(h)`` with the linear on quantized
+    rows (as ``int8_gemm``), in place: residual [B, L, N] (contiguous, 16-byte aligned), q [B*L, K],
+    gate [B, N] or [B, 1, N] (or one row for all samples), any float dtype. The product is rounded to the
+    residual's dtype before the add. On the Triton backend the add is the GEMM's epilogue (no [B*L, N]
+    intermediate, one kernel). Returns ``residual``."""
+    _check_quantized_rows("int8_gemm_gated_add", q, scale, weight)
+    b, length, n = residual.shape
+    gate = last_dim_contiguous(gate.reshape(gate.shape[0], gate.shape[-1]))
+    if b * length != q.shape[0] or n != weight.shape[0] or gate.shape not in ((b, n), (1, n)):
+        raise ValueError(f"DiT Quant: int8_gemm_gated_add got residual {tuple(residual.shape)}, rows "
+                         f"{tuple(q.shape)}, weight {tuple(weight.shape)} and gate {tuple(gate.shape)}; "
+                         f"expected residual [B, L, N] with B*L rows, N weight rows and gate [B or 1, N]")
+    if not residual.is_contiguous() or residual.data_ptr() % 16:
+        raise ValueError("DiT Quant: int8_gemm_gated_add updates the residual in place and needs it "
+                         "contiguous with a 16-byte aligned start")
+    if residual.numel():
+        rows_per_gate = length if gate.shape[0] > 1 else b * length
+        run_op("int8_gemm_gated_add", q.device, backend, last_dim_contiguous(q), as_fp32(scale),
+               last_dim_contiguous(weight), as_fp32(weight_scale), bias, gate, residual.view(b * length, n),
+               rows_per_gate)
+    return residual
+
+
+def _check_quantized_rows(op: str, q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor) -> None:
+    if q.dtype != torch.int8 or q.dim() != 2 or scale.shape != q.shape[:1]:
+        raise ValueError(f"DiT Quant: {op} needs int8 rows [M, K] and fp32 scales [M], got {q.dtype} "
+                         f"{tuple(q.shape)} and {tuple(scale.shape)}")
+    if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[1] != q.shape[1]:
+        raise ValueError(f"DiT Quant: {op} weight must be int8 [N, {q.shape[1]}], got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
 
 
 def layernorm_modulate(

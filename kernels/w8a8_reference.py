@@ -6,6 +6,7 @@ Math (all backends):
     q     = clamp(round_half_even(xs / scale), -127, 127) -> int8
     acc   = q @ weight.T                            (int32, exact)
     out   = acc.float() * scale[:, None] * weight_scale[None, :] (+ bias.float())  -> x.dtype
+Gated add (``int8_gemm_gated_add``, on quantized rows): residual += (out_fp32 * gate[sample]) -> dtype
 
 The integer product is computed exactly: ``torch._int_mm`` (int32 accumulation) where the device and
 shape allow it, otherwise a float32 matmul over K chunks of at most 1024. Each chunk is exact because
@@ -94,10 +95,32 @@ def int8_gemm_reference(
 ) -> torch.Tensor:
     """The W8A8 linear after quantization: int8 q [M, K] with fp32 row scales [M] times int8 weight
     [N, K] with fp32 column scales [N] (+ bias [N]) -> [M, N] out_dtype."""
+    return _int8_gemm_fp32(q, scale, weight, weight_scale, bias).to(out_dtype)
+
+
+def _int8_gemm_fp32(q, scale, weight, weight_scale, bias) -> torch.Tensor:
     out = int8_matmul_exact(q, weight).float() * scale[:, None] * weight_scale.float()[None, :]
     if bias is not None:
         out = out + bias.float()
-    return out.to(out_dtype)
+    return out
+
+
+def int8_gemm_gated_add_reference(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    gate: torch.Tensor,
+    residual: torch.Tensor,
+    rows_per_gate: int,
+) -> None:
+    """``residual`` [M, N] += gate[r // rows_per_gate] * (the ``int8_gemm_reference`` result in fp32),
+    in place: the product is rounded to the residual's dtype, then added (one more rounding), as a DiT
+    block's ``x = x + gate * linear(h)``. gate: [B, N] float, B = ceil(M / rows_per_gate)."""
+    rows = torch.arange(q.shape[0], device=q.device) // rows_per_gate
+    gated = _int8_gemm_fp32(q, scale, weight, weight_scale, bias) * gate.float()[rows]
+    residual += gated.to(residual.dtype)
 
 
 def w8a8_linear_reference(

@@ -22,6 +22,7 @@ import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import triton
@@ -147,6 +148,25 @@ def _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, cols, HAS_BIAS: tl.constexpr)
 
 
 @triton.jit
+def _gate_row(gate_ptr, gate_stride, first_row, off_m, rows_per_gate, cols):
+    """fp32 gate[cols] of the sample that tile rows from ``first_row + off_m`` belong to (gate [B, N] with
+    row stride ``gate_stride``, ``rows_per_gate`` rows per sample; a tile never straddles two)."""
+    return tl.load(gate_ptr + ((first_row + off_m) // rows_per_gate) * gate_stride + cols).to(tl.float32)
+
+
+@triton.jit
+def _add_tile(desc, offsets, value, IN_L2: tl.constexpr):
+    """residual tile at ``offsets`` += value (both rounded to the descriptor's dtype first). IN_L2: one TMA
+    reduce-add (sm_90), which reads and writes the residual in L2 without a trip through registers; else a
+    TMA load, add and store (the interpreter has no TMA reduce). A tile has one owner, so no races."""
+    value = value.to(desc.dtype)
+    if IN_L2:
+        desc.atomic_add(offsets, value)
+    else:
+        desc.store(offsets, (desc.load(offsets).to(tl.float32) + value.to(tl.float32)).to(desc.dtype))
+
+
+@triton.jit
 def _load_a_tile(a_ptrs, smooth_ptrs, k_mask, EVEN_K: tl.constexpr, HAS_SMOOTH: tl.constexpr):
     if EVEN_K:
         a = tl.load(a_ptrs).to(tl.float32)
@@ -171,10 +191,10 @@ def _prefetch_to_l2(row_ptrs, num_bytes, LINE_BYTES: tl.constexpr, STEP_BYTES: t
 
 @triton.jit
 def _w8a8_gemm_kernel(
-    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, smooth_ptr, out_ptr,
-    M, N, K, stride_am, stride_bn, stride_om,
+    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, smooth_ptr, gate_ptr, out_ptr,
+    M, N, K, stride_am, stride_bn, stride_om, gate_stride, rows_per_gate, first_row,
     QUANTIZE_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr,
-    WAIT_FOR_PRODUCER: tl.constexpr, PREFETCH_K: tl.constexpr,
+    GATED_ADD: tl.constexpr, WAIT_FOR_PRODUCER: tl.constexpr, PREFETCH_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[M, N] = (q(A) @ B.T) * a_scale[:, None] * b_scale[None, :] (+ bias), B int8 [N, K].
@@ -189,6 +209,9 @@ def _w8a8_gemm_kernel(
     PREFETCH_K (with WAIT_FOR_PRODUCER; 0: off): while waiting, ask L2 for this program's first
     PREFETCH_K weight columns (what the K loop's pipeline loads first), which do not depend on the
     producer: at small M the quantization kernel's latency otherwise comes before any weight traffic.
+    GATED_ADD: out is a residual [M, N] updated in place, out += gate[sample] * (the result above), the
+    product rounded to out's dtype before the add (gate [B, N], row stride gate_stride; rows
+    first_row + r of the whole residual belong to sample (first_row + r) // rows_per_gate).
     """
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -237,23 +260,30 @@ def _w8a8_gemm_kernel(
 
     out = _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, rows_b, HAS_BIAS)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    out_dtype = out_ptr.dtype.element_ty
+    if GATED_ADD:
+        gate = _gate_row(gate_ptr, gate_stride, first_row, pid_m * BLOCK_M, rows_per_gate, rows_b)
+        gated = (out * gate[None, :]).to(out_dtype)
+        out = gated.to(tl.float32) + tl.load(out_ptrs, mask=out_mask).to(tl.float32)
+    tl.store(out_ptrs, out.to(out_dtype), mask=out_mask)
 
 
 
 
 @triton.jit
 def _w8a8_gemm_tma_kernel(
-    a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, bias_ptr,
-    M, N, K, num_programs,
-    HAS_BIAS: tl.constexpr, WAIT_FOR_PRODUCER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
+    a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, bias_ptr, gate_ptr,
+    M, N, K, num_programs, gate_stride, rows_per_gate, first_row,
+    HAS_BIAS: tl.constexpr, GATED_ADD: tl.constexpr, ADD_IN_L2: tl.constexpr, WAIT_FOR_PRODUCER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_EPILOGUE: tl.constexpr,
 ):
     """Persistent variant of the int8-A GEMM for Hopper: tensor-memory-accelerator (TMA) descriptor
     loads/stores (out-of-range tiles are zero-filled on load and clipped on store, so no masks), one
     program per SM looping over output tiles. SPLIT_EPILOGUE stores each tile in two column halves to
-    halve the epilogue's shared-memory staging (room for one more pipeline stage). WAIT_FOR_PRODUCER as
-    in the pointer GEMM."""
+    halve the epilogue's shared-memory staging (room for one more pipeline stage). WAIT_FOR_PRODUCER and
+    GATED_ADD (out_desc is then the residual; ADD_IN_L2: see ``_add_tile``) as in the pointer GEMM."""
     if WAIT_FOR_PRODUCER:
         gdc_wait()
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -270,11 +300,20 @@ def _w8a8_gemm_tma_kernel(
         rows = off_m + tl.arange(0, BLOCK_M)
         cols = (off_n + tl.arange(0, BLOCK_N)) % N  # clipped columns read a valid scale; not stored
         a_scale = tl.load(a_scale_ptr + rows % M)
-        out = _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, cols, HAS_BIAS).to(out_desc.dtype)
+        out = _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, cols, HAS_BIAS)
+        if GATED_ADD:
+            out *= _gate_row(gate_ptr, gate_stride, first_row, off_m, rows_per_gate, cols)[None, :]
+        out = out.to(out_desc.dtype)
         if SPLIT_EPILOGUE:
             left, right = tl.split(tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            out_desc.store([off_m, off_n], left)
-            out_desc.store([off_m, off_n + BLOCK_N // 2], right)
+            if GATED_ADD:
+                _add_tile(out_desc, [off_m, off_n], left, ADD_IN_L2)
+                _add_tile(out_desc, [off_m, off_n + BLOCK_N // 2], right, ADD_IN_L2)
+            else:
+                out_desc.store([off_m, off_n], left)
+                out_desc.store([off_m, off_n + BLOCK_N // 2], right)
+        elif GATED_ADD:
+            _add_tile(out_desc, [off_m, off_n], out, ADD_IN_L2)
         else:
             out_desc.store([off_m, off_n], out)
 
@@ -331,6 +370,23 @@ def _w8a8_gemv_kernel(
 # than "int8" at M=4608 on the H100 and was dropped; see docs/kernels.md.)
 KINDS = ("int8", "tma", "fused", "gemv")
 ONE_LAUNCH_KINDS = ("fused", "gemv")  # no separate quantization kernel
+
+
+class GatedAdd(NamedTuple):
+    """A GEMM epilogue that updates its output tensor, a residual [M, N], in place instead of writing it:
+    residual[r] += gate[r // rows_per_gate] * result[r], the product rounded to the residual's dtype
+    before the add (what a DiT block's ``x = x + gate * linear(h)`` needs). gate: [B, N], N contiguous,
+    any float dtype; a GEMM tile never spans two samples (``tiles_within_samples``)."""
+
+    gate: torch.Tensor
+    rows_per_gate: int
+
+
+def tiles_within_samples(config: GemmConfig, samples: int, rows_per_gate: int) -> bool:
+    """Whether every output tile of ``config`` (and of its tail) lies in one sample of ``samples``
+    blocks of ``rows_per_gate`` rows, so one gate row serves it (tail launches start on a main tile
+    boundary, a multiple of their own block_m)."""
+    return samples == 1 or all(rows_per_gate % part.block_m == 0 for part in config.launches())
 
 
 @dataclass(frozen=True)
@@ -597,16 +653,18 @@ def _dependent_launch_constants(pdl: bool) -> tuple:
 
 @functools.cache
 def _pointer_gemm_constants(config: GemmConfig, quantize_a: bool, has_bias: bool, has_smooth: bool,
-                            even_k: bool, pdl: bool) -> tuple:
+                            even_k: bool, pdl: bool, gated: bool = False) -> tuple:
     return (("QUANTIZE_A", quantize_a), ("HAS_BIAS", has_bias), ("HAS_SMOOTH", has_smooth),
-            ("EVEN_K", even_k), *_dependent_launch_constants(pdl),
+            ("EVEN_K", even_k), ("GATED_ADD", gated), *_dependent_launch_constants(pdl),
             ("PREFETCH_K", config.block_k * config.num_stages if config.prefetch_weights and pdl else 0),
             *_tile_constants(config))
 
 
 @functools.cache
-def _tma_gemm_constants(config: GemmConfig, has_bias: bool, pdl: bool) -> tuple:
-    return (("HAS_BIAS", has_bias), ("SPLIT_EPILOGUE", config.split_epilogue),
+def _tma_gemm_constants(config: GemmConfig, has_bias: bool, pdl: bool, gated: bool) -> tuple:
+    # the interpreter has no TMA reduce: there the residual tile is loaded, added and stored
+    return (("HAS_BIAS", has_bias), ("GATED_ADD", gated), ("ADD_IN_L2", not INTERPRETED),
+            ("SPLIT_EPILOGUE", config.split_epilogue),
             *_dependent_launch_constants(pdl), *_tile_constants(config))
 
 
@@ -626,42 +684,58 @@ _tma_gemm_launcher = CachedLauncher(_w8a8_gemm_tma_kernel)
 _gemv_launcher = CachedLauncher(_w8a8_gemv_kernel)
 
 
-def _pointer_gemm_spec(config, a, a_scale, weight, weight_scale, bias, smooth, out) -> tuple:
+def _pointer_gemm_spec(config, a, a_scale, weight, weight_scale, bias, smooth, out,
+                       gated: GatedAdd | None = None, first_row: int = 0) -> tuple:
     """(grid, args, constants) of the pointer GEMM; without ``a_scale``, ``a`` is the float activation,
-    quantized on load."""
+    quantized on load. With ``gated``, ``out`` is the residual rows from ``first_row`` on."""
     m, k = a.shape
     n = weight.shape[0]
     return (
         (ceil_div(m, config.block_m) * ceil_div(n, config.block_n),),
-        _pointer_gemm_args(a, a_scale, weight, weight_scale, bias, smooth, out),
+        _pointer_gemm_args(a, a_scale, weight, weight_scale, bias, smooth, out, gated, first_row),
         # quantizing on load (a_scale None): the kernel before is not ours, nothing to overlap with
         _pointer_gemm_constants(config, a_scale is None, bias is not None, smooth is not None,
-                                k % config.block_k == 0, a_scale is not None and uses_pdl(a.device)),
+                                k % config.block_k == 0, a_scale is not None and uses_pdl(a.device),
+                                gated is not None),
     )
 
 
-def _pointer_gemm_args(a, a_scale, weight, weight_scale, bias, smooth, out) -> tuple:
+def _gate_args(gated: GatedAdd | None, first_row: int, placeholder: torch.Tensor) -> tuple:
+    """The kernels' (gate_ptr, gate_stride, rows_per_gate, first_row), placeholders without ``gated``."""
+    if gated is None:
+        return placeholder, 0, 1, 0
+    return gated.gate, gated.gate.stride(0), gated.rows_per_gate, first_row
+
+
+def _pointer_gemm_args(a, a_scale, weight, weight_scale, bias, smooth, out,
+                       gated: GatedAdd | None = None, first_row: int = 0) -> tuple:
     m, k = a.shape
+    gate, gate_stride, rows_per_gate, first_row = _gate_args(gated, first_row, weight_scale)
     return (a, weight, a_scale if a_scale is not None else weight_scale, weight_scale,
-            bias if bias is not None else weight_scale, smooth if smooth is not None else weight_scale, out,
-            m, weight.shape[0], k, a.stride(0), weight.stride(0), out.stride(0))
+            bias if bias is not None else weight_scale, smooth if smooth is not None else weight_scale, gate,
+            out, m, weight.shape[0], k, a.stride(0), weight.stride(0), out.stride(0), gate_stride,
+            rows_per_gate, first_row)
 
 
-def _tma_gemm_spec(config, q, a_scale, weight, weight_scale, bias, out) -> tuple:
+def _tma_gemm_spec(config, q, a_scale, weight, weight_scale, bias, out, gated: GatedAdd | None = None,
+                   first_row: int = 0) -> tuple:
     """(grid, args, constants) of the persistent TMA GEMM."""
     tiles = ceil_div(q.shape[0], config.block_m) * ceil_div(weight.shape[0], config.block_n)
     num_programs = min(tiles, program_slots(q.device))
-    args = _tma_gemm_args(config, q, a_scale, weight, weight_scale, bias, out, num_programs)
-    return (num_programs,), args, _tma_gemm_constants(config, bias is not None, uses_pdl(q.device))
+    args = _tma_gemm_args(config, q, a_scale, weight, weight_scale, bias, out, num_programs, gated, first_row)
+    return (num_programs,), args, _tma_gemm_constants(config, bias is not None, uses_pdl(q.device),
+                                                      gated is not None)
 
 
-def _tma_gemm_args(config, q, a_scale, weight, weight_scale, bias, out, num_programs: int) -> tuple:
+def _tma_gemm_args(config, q, a_scale, weight, weight_scale, bias, out, num_programs: int,
+                   gated: GatedAdd | None = None, first_row: int = 0) -> tuple:
     out_block_n = config.block_n // 2 if config.split_epilogue else config.block_n
+    gate, gate_stride, rows_per_gate, first_row = _gate_args(gated, first_row, weight_scale)
     return (TensorDescriptor.from_tensor(q, [config.block_m, config.block_k]),
             TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
             TensorDescriptor.from_tensor(out, [config.block_m, out_block_n]),
-            a_scale, weight_scale, bias if bias is not None else weight_scale,
-            q.shape[0], weight.shape[0], q.shape[1], num_programs)
+            a_scale, weight_scale, bias if bias is not None else weight_scale, gate,
+            q.shape[0], weight.shape[0], q.shape[1], num_programs, gate_stride, rows_per_gate, first_row)
 
 
 def _one_launch_args(kind: str, x2d, weight, weight_scale, bias, smooth, out) -> tuple:
@@ -725,37 +799,41 @@ def gemm_row_parts(config: GemmConfig, m: int, n: int, slots: int, first_row: in
     return tail if start == 0 else [(config, first_row, first_row + start), *tail]
 
 
-def _gemm_launch_specs(config, q, scale, weight, weight_scale, bias, out):
+def _gemm_launch_specs(config, q, scale, weight, weight_scale, bias, out, gated: GatedAdd | None = None):
     """Per launch of the GEMM of int8 ``q`` as ``config`` runs it (``gemm_row_parts``): the launch's
-    config, first and end row, launcher, grid, args and constants."""
+    config, first and end row, launcher, grid, args and constants. With ``gated``, ``out`` is the
+    residual it updates."""
     m = q.shape[0]
     for part, start, stop in gemm_row_parts(config, m, weight.shape[0], program_slots(q.device)):
         part_q, part_scale, part_out = _row_slices(start, stop, m, q, scale, out)
         if part.kind == "tma":
             spec = _tma_gemm_launcher, *_tma_gemm_spec(part, part_q, part_scale, weight, weight_scale, bias,
-                                                       part_out)
+                                                       part_out, gated, start)
         else:
             spec = _pointer_gemm_launcher, *_pointer_gemm_spec(part, part_q, part_scale, weight, weight_scale,
-                                                               bias, None, part_out)
+                                                               bias, None, part_out, gated, start)
         yield part, start, stop, *spec
 
 
-def _gemm_args(config, q, scale, weight, weight_scale, bias, out, num_programs: int) -> tuple:
+def _gemm_args(config, q, scale, weight, weight_scale, bias, out, num_programs: int,
+               gated: GatedAdd | None, first_row: int) -> tuple:
     """The runtime arguments of one GEMM launch (``num_programs``: the TMA kernel's grid)."""
     if config.kind == "tma":
-        return _tma_gemm_args(config, q, scale, weight, weight_scale, bias, out, num_programs)
-    return _pointer_gemm_args(q, scale, weight, weight_scale, bias, None, out)
+        return _tma_gemm_args(config, q, scale, weight, weight_scale, bias, out, num_programs, gated,
+                              first_row)
+    return _pointer_gemm_args(q, scale, weight, weight_scale, bias, None, out, gated, first_row)
 
 
 def _row_slices(start: int, stop: int, m: int, *tensors: torch.Tensor) -> tuple:
     return tensors if (start, stop) == (0, m) else tuple(t[start:stop] for t in tensors)
 
 
-def _prepare_gemm(config, q, scale, weight, weight_scale, bias, out) -> Callable[[], None]:
+def _prepare_gemm(config, q, scale, weight, weight_scale, bias, out,
+                  gated: GatedAdd | None = None) -> Callable[[], None]:
     """The GEMM of int8 ``q`` as ``config`` runs it: one launch, or a main and a tail launch over row
     slices (see ``gemm_row_parts``)."""
     launches = [launcher.prepare(grid, args, constants) for *_, launcher, grid, args, constants
-                in _gemm_launch_specs(config, q, scale, weight, weight_scale, bias, out)]
+                in _gemm_launch_specs(config, q, scale, weight, weight_scale, bias, out, gated)]
     if len(launches) == 1:
         return launches[0]
 
@@ -773,24 +851,26 @@ class _BoundGemm:
         self.parts = parts  # (BoundLaunch, config, first row, end row, TMA program count) per launch
 
     @classmethod
-    def bind(cls, config, q, scale, weight, weight_scale, bias, out) -> _BoundGemm | None:
+    def bind(cls, config, q, scale, weight, weight_scale, bias, out,
+             gated: GatedAdd | None = None) -> _BoundGemm | None:
         parts = []
         for part, start, stop, launcher, grid, args, constants in _gemm_launch_specs(
-                config, q, scale, weight, weight_scale, bias, out):
+                config, q, scale, weight, weight_scale, bias, out, gated):
             launch = launcher.bind(grid, args, constants)
             if launch is None:
                 return None
             parts.append((launch, part, start, stop, grid[0]))
         return cls(parts)
 
-    def arguments(self, q, scale, weight, weight_scale, bias, out) -> list[tuple]:
+    def arguments(self, q, scale, weight, weight_scale, bias, out,
+                  gated: GatedAdd | None = None) -> list[tuple]:
         """The runtime arguments of each launch, for these tensors."""
         m = q.shape[0]
         arguments = []
         for _, config, start, stop, num_programs in self.parts:
             part_q, part_scale, part_out = _row_slices(start, stop, m, q, scale, out)
             arguments.append(_gemm_args(config, part_q, part_scale, weight, weight_scale, bias, part_out,
-                                        num_programs))
+                                        num_programs, gated, start))
         return arguments
 
     def launch(self, stream: int, arguments: list[tuple]) -> None:
@@ -835,6 +915,10 @@ class LaunchPlan:
         self._gemm.launch(stream, self._gemm.arguments(q, scale, weight, weight_scale, bias, out))
         return out
 
+    def gated_add(self, q, scale, weight, weight_scale, bias, gated: GatedAdd, residual, stream: int) -> None:
+        """``int8_gemm_gated_add_triton`` for tensors of the plan's key."""
+        self._gemm.launch(stream, self._gemm.arguments(q, scale, weight, weight_scale, bias, residual, gated))
+
 
 def _layer_key(weight, weight_scale, bias) -> tuple:
     # addresses (hence alignments), shapes and dtypes of the layer tensors, and the launch switches
@@ -850,10 +934,15 @@ def linear_plan_key(x2d, weight, weight_scale, bias, smooth) -> tuple:
             None if smooth is None else smooth.data_ptr(), *_layer_key(weight, weight_scale, bias))
 
 
-def gemm_plan_key(q, scale, weight, weight_scale, bias, out_dtype) -> tuple:
-    """What a GEMM ``LaunchPlan`` depends on (as ``linear_plan_key``; the row scales are an input here)."""
+def gemm_plan_key(q, scale, weight, weight_scale, bias, out_dtype, gated: GatedAdd | None = None,
+                  residual: torch.Tensor | None = None) -> tuple:
+    """What a GEMM ``LaunchPlan`` depends on (as ``linear_plan_key``; the row scales are an input here,
+    and so are the gate and the residual of a gated add, which is not a fresh allocation)."""
+    gate_key = None if gated is None else (
+        gated.gate.shape, gated.gate.stride(0), gated.gate.dtype, gated.gate.data_ptr() % 16,
+        gated.rows_per_gate, residual.stride(0), residual.data_ptr() % 16)
     return (q.shape, q.stride(0), q.data_ptr() % 16, scale.data_ptr() % 16, q.get_device(), out_dtype,
-            *_layer_key(weight, weight_scale, bias))
+            gate_key, *_layer_key(weight, weight_scale, bias))
 
 
 def _can_plan(t: torch.Tensor) -> bool:
@@ -880,12 +969,15 @@ def build_linear_plan(x2d, weight, weight_scale, bias, smooth, config: GemmConfi
     return LaunchPlan(x2d.get_device(), x2d.dtype, gemm, quantize=quantize)
 
 
-def build_gemm_plan(q, scale, weight, weight_scale, bias, out_dtype, config: GemmConfig) -> LaunchPlan | None:
-    """A plan of ``int8_gemm_triton``, as ``build_linear_plan``."""
+def build_gemm_plan(q, scale, weight, weight_scale, bias, out_dtype, config: GemmConfig,
+                    gated: GatedAdd | None = None, residual: torch.Tensor | None = None) -> LaunchPlan | None:
+    """A plan of ``int8_gemm_triton`` (or, with ``gated``, of ``int8_gemm_gated_add_triton`` on
+    ``residual``), as ``build_linear_plan``."""
     if not _can_plan(q) or q.shape[0] == 0:
         return None
-    out = torch.empty((q.shape[0], weight.shape[0]), dtype=out_dtype, device=q.device)
-    gemm = _BoundGemm.bind(config, q, scale, weight, weight_scale, bias, out)
+    out = residual if gated is not None else torch.empty((q.shape[0], weight.shape[0]), dtype=out_dtype,
+                                                         device=q.device)
+    gemm = _BoundGemm.bind(config, q, scale, weight, weight_scale, bias, out, gated)
     return None if gemm is None else LaunchPlan(q.get_device(), out_dtype, gemm)
 
 
@@ -910,3 +1002,27 @@ def int8_gemm_triton(
     if q.shape[0]:
         _prepare_gemm(config, q, scale, weight, weight_scale, bias, out)()
     return out
+
+
+def int8_gemm_gated_add_triton(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    gated: GatedAdd,
+    residual: torch.Tensor,
+    config: GemmConfig,
+) -> None:
+    """``int8_gemm_triton`` whose epilogue adds its gated result to ``residual`` [M, N] in place (see
+    ``GatedAdd``) instead of writing a new tensor: one kernel instead of the GEMM and an elementwise
+    pass. On Hopper ("tma" configs) the add is a TMA reduction in L2. ``residual``: N contiguous,
+    16-byte aligned rows; the config's tiles must lie within samples (``tiles_within_samples``)."""
+    if config.kind == "gemv":
+        raise ValueError(f"DiT Quant: {config} quantizes its own activation rows; a gated GEMM of quantized "
+                         "rows takes an \"int8\", \"tma\" or \"fused\" config")
+    if not tiles_within_samples(config, gated.gate.shape[0], gated.rows_per_gate):
+        raise ValueError(f"DiT Quant: {config}'s tiles span two samples of {gated.rows_per_gate} rows")
+    _check_launchable(q)
+    if q.shape[0]:
+        _prepare_gemm(config, q, scale, weight, weight_scale, bias, residual, gated)()

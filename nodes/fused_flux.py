@@ -25,7 +25,14 @@ import comfy.ldm.flux.layers as flux_layers
 import comfy.ldm.flux.math as flux_math
 import torch
 
-from ..kernels import gelu_concat, int8_gemm, layernorm_modulate, qk_norm_rope, quantize_rows
+from ..kernels import (
+    gelu_concat,
+    int8_gemm,
+    int8_gemm_gated_add,
+    layernorm_modulate,
+    qk_norm_rope,
+    quantize_rows,
+)
 from ..kernels.dispatch import log_once
 from ..quant.int8_linear import Int8Linear, active_backend
 from .comfy_int8_ops import moves_weights_per_call
@@ -50,6 +57,17 @@ def _linear(
         out = int8_gemm(q, scale, layer.weight, layer.weight_scale, layer.bias, dtype, backend=backend)
         return out.view(*rows, -1)
     return layer(produce(smooth=None, quantize=False))
+
+
+def _add_gated(x: torch.Tensor, layer: torch.nn.Module, produce: Callable, gate: torch.Tensor,
+               backend: str) -> None:
+    """x += gate * layer(activation) in place (``produce`` as in ``_linear``): for an INT8 layer one GEMM
+    whose epilogue does the gated add (``int8_gemm_gated_add``), without a [B, L, N] intermediate."""
+    if _feeds_int8(layer) and x.is_contiguous() and x.data_ptr() % 16 == 0:
+        q, scale = produce(smooth=layer.smooth, quantize=True)
+        int8_gemm_gated_add(q, scale, layer.weight, layer.weight_scale, layer.bias, gate, x, backend=backend)
+    else:
+        x.addcmul_(_linear(layer, produce, x.shape[:2], x.dtype, backend), gate)
 
 
 class _SharedModulationInput:
@@ -167,11 +185,11 @@ def fused_double_block_forward(
         rows = x.shape[:2]
         stream_out = out[:, at:at + rows[1]]
         produce = functools.partial(gelu_concat, stream_out, None, out_dtype=x.dtype, backend=backend)
-        x.addcmul_(_linear(attn.proj, produce, rows, x.dtype, backend), mod1.gate)
+        _add_gated(x, attn.proj, produce, mod1.gate, backend)
         produce = functools.partial(layernorm_modulate, x, mod2.scale, mod2.shift, backend=backend)
         hidden = _linear(mlp[0], produce, rows, x.dtype, backend)
         produce = functools.partial(gelu_concat, None, hidden, backend=backend)
-        x.addcmul_(_linear(mlp[2], produce, rows, x.dtype, backend), mod2.gate)
+        _add_gated(x, mlp[2], produce, mod2.gate, backend)
     if txt.dtype == torch.float16:
         txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
     return img, txt
@@ -200,7 +218,7 @@ def fused_single_block_forward(
     out = _attention(q, k, v, heads, attn_mask, transformer_options)
     del q, k, v, qkv
     produce = functools.partial(gelu_concat, out, mlp, out_dtype=x.dtype, backend=backend)
-    x.addcmul_(_linear(block.linear2, produce, rows, x.dtype, backend), mod.gate)
+    _add_gated(x, block.linear2, produce, mod.gate, backend)
     if x.dtype == torch.float16:
         x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
     return x

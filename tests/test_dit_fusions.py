@@ -8,7 +8,9 @@ Tolerances (stated once):
   and qk_norm_rope rounds twice, after the norm as ComfyUI does and at the end);
 - int8 outputs vs float64 quantization of the float64 result: no value off by more than 1, >= 99% equal
   (fp32 vs fp64 near .5 ties); row scales 1e-5 relative;
-- int8_gemm: the int32 product is exact, so vs float64 only the fp32 epilogue's roundings (1e-6).
+- int8_gemm: the int32 product is exact, so vs float64 only the fp32 epilogue's roundings (1e-6);
+- int8_gemm_gated_add: one bf16 ulp of the gated product (rounded before the add) plus one of the sum
+  (the interpreter truncates), plus the fp32 epilogue's 2**-20 of the product.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ import math
 
 import pytest
 import torch
-from dit_quant.kernels import available_backends, gelu_concat, int8_gemm, layernorm_modulate, qk_norm_rope
+from dit_quant.kernels import (
+    available_backends,
+    gelu_concat,
+    int8_gemm,
+    int8_gemm_gated_add,
+    layernorm_modulate,
+    qk_norm_rope,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch"] + (["triton"] if "triton" in available_backends() else [])
@@ -168,6 +177,62 @@ def test_int8_gemm_matches_fp64(backend, has_bias, m):
     if bias is not None:
         expected = expected + bias.double()
     torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+
+
+def gated_add_inputs(rows: int, k: int, n: int, samples: int, has_bias: bool, seed: int):
+    """Fresh int8 rows, row scales, int8 weight, scales, bias (or None), gate [samples, N] and residual
+    [rows, N] (bf16, none of them zero) on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (rows, k), generator=g, dtype=torch.int8)
+    weight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(rows, generator=g) * 0.05 + 1e-3
+    weight_scale = torch.rand(n, generator=g) * 0.02 + 1e-3
+    bias = torch.randn(n, generator=g) if has_bias else None
+    gate = torch.randn(samples, n, generator=g).to(torch.bfloat16)
+    residual = (torch.randn(rows, n, generator=g) * 30).to(torch.bfloat16)
+    tensors = (q, scale, weight, weight_scale, bias, gate, residual)
+    return tuple(None if t is None else t.to(DEVICE) for t in tensors)
+
+
+def check_gated_add(updated, before, q, scale, weight, weight_scale, bias, gate, rows_per_gate) -> None:
+    """``updated`` (the residual after the op) against float64 math (tolerance in the module docstring)."""
+    product = (q.double() @ weight.double().T) * scale.double()[:, None] * weight_scale.double()[None, :]
+    if bias is not None:
+        product = product + bias.double()
+    gated = product * gate.double()[torch.arange(q.shape[0], device=q.device) // rows_per_gate]
+    expected = before.double() + gated
+    bound = ULP[torch.bfloat16] * (gated.abs() + expected.abs()) + 2.0**-20 * gated.abs()
+    excess = (updated.double() - expected).abs() - bound
+    assert (excess <= 0).all(), f"max error over the bound: {excess.max().item():.3g}"
+    assert not torch.equal(updated, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("batch, length, gate_rows", [(1, 70, 1), (2, 64, 2), (2, 35, 2), (3, 9, 1)],
+                         ids=["one-sample", "two-samples", "tiles-span-samples", "one-gate-for-all"])
+def test_int8_gemm_gated_add_matches_fp64(backend, has_bias, batch, length, gate_rows):
+    k, n = 96, 80
+    q, scale, weight, weight_scale, bias, gate, residual = gated_add_inputs(
+        batch * length, k, n, gate_rows, has_bias, seed=batch * length)
+    before = residual.clone()
+    x = residual.view(batch, length, n)
+    out = int8_gemm_gated_add(q, scale, weight, weight_scale, bias, gate[:, None, :], x, backend=backend)
+    assert out is x
+    check_gated_add(residual, before, q, scale, weight, weight_scale, bias, gate,
+                    length if gate_rows > 1 else batch * length)
+
+
+def test_int8_gemm_gated_add_refuses_what_it_cannot_update_in_place():
+    q, scale, weight, weight_scale, _, gate, residual = gated_add_inputs(8, 32, 16, 2, False, seed=4)
+    x = residual.view(2, 4, 16)
+    before = residual.clone()
+    with pytest.raises(ValueError, match="contiguous"):
+        int8_gemm_gated_add(q, scale, weight, weight_scale, None, gate, residual.new_ones(2, 4, 32)[..., ::2],
+                            backend="torch")
+    with pytest.raises(ValueError, match="gate"):
+        int8_gemm_gated_add(q, scale, weight, weight_scale, None, gate[:, :8], x, backend="torch")
+    assert torch.equal(residual, before)
 
 
 def test_int8_gemm_rejects_float_rows():

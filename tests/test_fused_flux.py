@@ -155,8 +155,20 @@ def test_fused_int8_matches_stock_and_uses_int8_gemm(comfy, flux, backend, monke
         return real_gemm(*args, **kwargs)
 
     monkeypatch.setattr(fused_flux, "int8_gemm", counting_gemm)
+    gated_calls = []
+    real_gated = fused_flux.int8_gemm_gated_add
+
+    def counting_gated(*args, **kwargs):
+        gated_calls.append(kwargs.get("backend"))
+        return real_gated(*args, **kwargs)
+
+    monkeypatch.setattr(fused_flux, "int8_gemm_gated_add", counting_gated)
     out = fused_output(comfy, model, flux["inputs"], backend)
-    assert len(calls) == len(fed_int8), calls
+    # the layers whose output is gated into the residual (attention/MLP out, linear2) add it in the GEMM
+    gated = [name for name in fed_int8 if name.endswith(("attn.proj", "mlp.2", "linear2"))]
+    assert len(gated) == 2 * (2 * 2) + 2 * 1
+    assert len(gated_calls) == len(gated) and len(calls) == len(fed_int8) - len(gated), (calls, gated_calls)
+    assert set(calls + gated_calls) == {backend}
     assert len(quantizations) == 1  # silu(vec) is quantized once for every block's modulation layer
     stock_err = rel_err(flux["stock_int8"], flux["fp32"])
     fused_err = rel_err(out, flux["fp32"])

@@ -33,6 +33,7 @@ WGMMA_S8 = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8
 FLOAT_TO_INT = re.compile(r"cvt\.r[nzmp]i(\.sat)?\.[su](8|16|32)\.f32")
 POINTER_TYPES = {"a_ptr": "*i8", "b_ptr": "*i8", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
                  "bias_ptr": "*bf16", "smooth_ptr": "*fp32", "out_ptr": "*bf16"}
+GATE_TYPES = {"gate_ptr": "*bf16", "gate_stride": "i32", "rows_per_gate": "i32", "first_row": "i32"}
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int] | None:
@@ -55,13 +56,15 @@ def _compile(fn, signature, constexprs, cc, num_warps, num_stages, **options):
         signature[name] = "constexpr"
     # The JIT marks 16-byte aligned pointers and multiple-of-16 ints the same way for real tensors.
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-               if signature.get(name, "constexpr") != "constexpr" and name not in ("M", "N", "num_programs")
+               if signature.get(name, "constexpr") != "constexpr"
+               and name not in ("M", "N", "num_programs", "gate_stride", "rows_per_gate", "first_row")
                and not signature[name].startswith("tensordesc")}
     source = triton.compiler.ASTSource(fn, signature, constexprs, aligned)
     kernel = triton.compile(source, target=GPUTarget("cuda", cc, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages, **options})
     ptx = kernel.asm["ptx"]
     return {"mma_sync_s8": bool(MMA_SYNC_S8.search(ptx)), "wgmma_s8": bool(WGMMA_S8.search(ptx)),
+            "tma_reduce_add": bool(re.search(r"cp\.reduce\.async\.bulk\.tensor\.\S*add", ptx)),
             "div_rn": "div.rn.f32" in ptx, "float_to_int": bool(FLOAT_TO_INT.search(ptx)),
             "shared": kernel.metadata.shared,
             "gdc_wait": "griddepcontrol.wait" in ptx, "prefetch_l2": "prefetch.global.L2" in ptx,
@@ -105,25 +108,29 @@ def compile_all(shard: int, num_shards: int) -> dict[str, dict]:
         if config.kind == "gemv":
             results[_case_id(cc, config)] = _compile_gemv(cc, config)
             continue
-        if config.kind == "tma":
-            out_n = config.block_n // 2 if config.split_epilogue else config.block_n
-            signature = {"a_desc": f"tensordesc<i8[{config.block_m}, {config.block_k}]>",
-                         "b_desc": f"tensordesc<i8[{config.block_n}, {config.block_k}]>",
-                         "out_desc": f"tensordesc<bf16[{config.block_m}, {out_n}]>",
-                         "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "bias_ptr": "*bf16",
-                         "M": "i32", "N": "i32", "K": "i32", "num_programs": "i32"}
-            kernel = w8a8_triton._w8a8_gemm_tma_kernel
-            constexprs = dict(tiles, HAS_BIAS=True, SPLIT_EPILOGUE=config.split_epilogue)
-        else:
-            quantize_a = config.kind == "fused"
-            signature = dict(POINTER_TYPES, M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32",
-                             stride_om="i32", a_ptr="*bf16" if quantize_a else "*i8")
-            kernel = w8a8_triton._w8a8_gemm_kernel
-            constexprs = dict(tiles, QUANTIZE_A=quantize_a, HAS_BIAS=True, HAS_SMOOTH=quantize_a,
-                              EVEN_K=False, WAIT_FOR_PRODUCER=cc >= 90 and not quantize_a,
-                              PREFETCH_K=config.block_k * config.num_stages if config.prefetch_weights else 0)
-        results[_case_id(cc, config)] = _compile(kernel, signature, constexprs, cc, config.num_warps,
-                                                 config.num_stages)
+        # the GEMMs of quantized rows also with the gated residual add of DiT blocks in their epilogue
+        for gated in (False, True) if config.kind != "fused" else (False,):
+            if config.kind == "tma":
+                out_n = config.block_n // 2 if config.split_epilogue else config.block_n
+                signature = {"a_desc": f"tensordesc<i8[{config.block_m}, {config.block_k}]>",
+                             "b_desc": f"tensordesc<i8[{config.block_n}, {config.block_k}]>",
+                             "out_desc": f"tensordesc<bf16[{config.block_m}, {out_n}]>",
+                             "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "bias_ptr": "*bf16",
+                             "M": "i32", "N": "i32", "K": "i32", "num_programs": "i32", **GATE_TYPES}
+                kernel = w8a8_triton._w8a8_gemm_tma_kernel
+                constexprs = dict(tiles, HAS_BIAS=True, GATED_ADD=gated, ADD_IN_L2=True,
+                                  SPLIT_EPILOGUE=config.split_epilogue)
+            else:
+                quantize_a = config.kind == "fused"
+                signature = dict(POINTER_TYPES, M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32",
+                                 stride_om="i32", a_ptr="*bf16" if quantize_a else "*i8", **GATE_TYPES)
+                kernel = w8a8_triton._w8a8_gemm_kernel
+                prefetch_k = config.block_k * config.num_stages if config.prefetch_weights else 0
+                constexprs = dict(tiles, QUANTIZE_A=quantize_a, HAS_BIAS=True, HAS_SMOOTH=quantize_a,
+                                  EVEN_K=False, GATED_ADD=gated, PREFETCH_K=prefetch_k,
+                                  WAIT_FOR_PRODUCER=cc >= 90 and not quantize_a)
+            results[_case_id(cc, config) + ("-gated" if gated else "")] = _compile(
+                kernel, signature, constexprs, cc, config.num_warps, config.num_stages)
     for cc in ARCHS[shard::num_shards]:
         signature = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "q_ptr": "*i8", "scale_ptr": "*fp32",
                      "K": "i32", "stride_xm": "i32", "stride_qm": "i32"}
@@ -169,6 +176,20 @@ def test_gemm_compiles_to_int8_tensor_cores(compiled, cc, config):
     assert result["gdc_wait"] == (cc >= 90 and config.kind != "fused" and w8a8_triton.HAS_PDL)
     # the weight prefetch runs while waiting for the quantization: only with dependent launch
     assert result["prefetch_l2"] == config.prefetch_weights  # listed only where it runs (sm_90)
+    _assert_no_spills(result, cc)
+
+
+GATED_CASES = [(cc, config) for cc, config in GEMM_CASES if config.kind != "fused"]
+
+
+@pytest.mark.parametrize(("cc", "config"), GATED_CASES, ids=[_case_id(cc, c) for cc, c in GATED_CASES])
+def test_gemm_with_gated_residual_add_fits_like_the_plain_one(compiled, cc, config):
+    """The epilogue that adds ``gate * result`` to a residual in place (DiT blocks) costs no spill and
+    no shared memory beyond the architecture's; on Hopper's TMA kernel the add is a TMA reduction."""
+    result = compiled[_case_id(cc, config) + "-gated"]
+    assert result["wgmma_s8"] or result["mma_sync_s8"]
+    assert result["shared"] <= SMEM_LIMIT_KB[cc] * 1024
+    assert result["tma_reduce_add"] == (config.kind == "tma")
     _assert_no_spills(result, cc)
 
 

@@ -172,6 +172,45 @@ def test_tail_launch_matches_fp64_and_the_single_launch(configs):
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
 
 
+GATED_SHAPE = (128, 128, 160) if DEVICE.type == "cpu" else (4608, 256, 3072)  # M, K, N; 2 samples
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not importable here")
+@pytest.mark.parametrize("config", [c for c in _kind_configs() if c.kind != "gemv"] if "triton" in BACKENDS
+                         else [], ids=str)
+def test_every_gemm_kind_adds_its_gated_result_in_place(config):
+    """The gated-add epilogue of each GEMM kind (on Hopper the TMA reduction) against float64, with two
+    samples, so each tile must pick its own sample's gate row."""
+    from dit_quant.kernels.w8a8_triton import GatedAdd, int8_gemm_gated_add_triton, tiles_within_samples
+    from test_dit_fusions import check_gated_add, gated_add_inputs
+
+    m, k, n = (512, 192, 72)  # samples of 256 rows: whole tiles of every config
+    q, scale, weight, weight_scale, bias, gate, residual = gated_add_inputs(m, k, n, 2, True, seed=k + n)
+    assert tiles_within_samples(config, 2, m // 2)
+    before = residual.clone()
+    int8_gemm_gated_add_triton(q, scale, weight, weight_scale, bias, GatedAdd(gate, m // 2), residual, config)
+    check_gated_add(residual, before, q, scale, weight, weight_scale, bias, gate, m // 2)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not importable here")
+@pytest.mark.parametrize("configs", _tail_configs() if "triton" in BACKENDS else [],
+                         ids=lambda c: str(c[0].tail))
+def test_tail_launch_adds_the_gate_of_its_own_rows(configs):
+    """A tail launch's rows start past row 0: its tiles must still find their sample's gate row."""
+    from dit_quant.kernels import w8a8_triton
+    from test_dit_fusions import check_gated_add, gated_add_inputs
+
+    with_tail, _ = configs
+    m, k, n = GATED_SHAPE
+    start = w8a8_triton.tail_start_row(m, n, with_tail, w8a8_triton.program_slots(DEVICE))
+    assert m // 2 <= start < m, "the tail must lie in the second sample"
+    q, scale, weight, weight_scale, bias, gate, residual = gated_add_inputs(m, k, n, 2, False, seed=m + k)
+    before = residual.clone()
+    w8a8_triton.int8_gemm_gated_add_triton(q, scale, weight, weight_scale, bias,
+                                           w8a8_triton.GatedAdd(gate, m // 2), residual, with_tail)
+    check_gated_add(residual, before, q, scale, weight, weight_scale, bias, gate, m // 2)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_noncontiguous_input_and_zero_rows(backend):
     x, weight, weight_scale, bias, smooth = _inputs((40,), 64, 32, torch.bfloat16, True, True, seed=7)
