@@ -5,6 +5,8 @@
   column scale (+ bias) -> output dtype); in its QUANTIZE_A mode it takes the float activation and
   quantizes it on load instead (one launch, for small M);
 - ``_w8a8_gemm_tma_kernel``: persistent Hopper variant of the int8-A GEMM with TMA descriptors;
+- both GEMMs can instead add ``gate * result`` to a residual in place (``GatedAdd``: a DiT block's gated
+  residual update; on Hopper a TMA reduce-add in L2);
 - ``_w8a8_gemv_kernel``: one launch for a few rows: each program quantizes its row itself and takes the
   integer dot products on CUDA cores (bit-identical to the two kernels above).
 Which runs is a ``GemmConfig`` (see KINDS and ``candidate_configs``), chosen by w8a8_autotune.py.
