@@ -8,10 +8,17 @@ from __future__ import annotations
 import torch
 
 from .dispatch import as_fp32, available_backends, call_quantize_rows, call_w8a8_linear, resolve_backend
-from .dit_fusions import gelu_concat, int8_gemm, int8_gemm_gated_add, layernorm_modulate, qk_norm_rope
+from .dit_fusions import (
+    gelu_concat,
+    int8_gemm,
+    int8_gemm_gated_add,
+    layernorm_modulate,
+    qk_norm_rope,
+    updatable_in_place,
+)
 
 __all__ = ["available_backends", "gelu_concat", "int8_gemm", "int8_gemm_gated_add", "layernorm_modulate",
-           "qk_norm_rope", "quantize_rows", "resolve_backend", "w8a8_linear"]
+           "qk_norm_rope", "quantize_rows", "resolve_backend", "updatable_in_place", "w8a8_linear"]
 
 
 def _check_vector(name: str, t: torch.Tensor | None, length: int, what: str) -> None:

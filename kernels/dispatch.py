@@ -141,40 +141,38 @@ try:
                       lambda: build_linear_plan(x2d, weight, weight_scale, bias, smooth, config))
         return out
 
-    def _triton_int8_gemm(q, scale, weight, weight_scale, bias, out_dtype):
+    def _planned_gemm(q, scale, weight, weight_scale, bias, out_dtype, gated=None):
+        """``int8_gemm_triton`` (with ``gated``: ``int8_gemm_gated_add_triton``, returning the residual)
+        through the layer's launch plan once one is bound."""
         planned = USE_PLANS and q.is_cuda and q.shape[0] > 0
-        key = gemm_plan_key(q, scale, weight, weight_scale, bias, out_dtype) if planned else None
+        key = gemm_plan_key(q, scale, weight, weight_scale, bias, out_dtype, gated) if planned else None
         plan, stream = _plan_for(_gemm_plans, key)
         if stream is not None:
-            return plan.gemm(q, scale, weight, weight_scale, bias, stream)
+            return plan.gemm(q, scale, weight, weight_scale, bias, stream, gated)
         config = choose_gemm_config(q, scale, weight, weight_scale, bias, out_dtype)
-        out = int8_gemm_triton(q, scale, weight, weight_scale, bias, out_dtype, config)
+        if gated is None:
+            out = int8_gemm_triton(q, scale, weight, weight_scale, bias, out_dtype, config)
+        elif tiles_within_samples(config, gated.gate.shape[0], gated.rows_per_gate):
+            int8_gemm_gated_add_triton(q, scale, weight, weight_scale, bias, gated, config)
+            out = gated.residual
+        else:  # rare (batch > 1 and tokens no multiple of the tile height): one launch per sample
+            gate, length, residual = gated
+            for sample in range(gate.shape[0]):
+                rows = slice(sample * length, (sample + 1) * length)
+                _planned_gemm(q[rows], scale[rows], weight, weight_scale, bias, out_dtype,
+                              GatedAdd(gate[sample:sample + 1], length, residual[rows]))
+            return gated.residual
         if key is not None and plan is None:
             _remember(_gemm_plans, key,
-                      lambda: build_gemm_plan(q, scale, weight, weight_scale, bias, out_dtype, config))
+                      lambda: build_gemm_plan(q, scale, weight, weight_scale, bias, out_dtype, config, gated))
         return out
 
+    def _triton_int8_gemm(q, scale, weight, weight_scale, bias, out_dtype):
+        return _planned_gemm(q, scale, weight, weight_scale, bias, out_dtype)
+
     def _triton_int8_gemm_gated_add(q, scale, weight, weight_scale, bias, gate, residual, rows_per_gate):
-        config = choose_gemm_config(q, scale, weight, weight_scale, bias, residual.dtype)
-        if not tiles_within_samples(config, gate.shape[0], rows_per_gate):
-            # rare (batch > 1 and a sequence length that is no multiple of the tile height): per sample
-            for sample in range(gate.shape[0]):
-                rows = slice(sample * rows_per_gate, (sample + 1) * rows_per_gate)
-                _triton_int8_gemm_gated_add(q[rows], scale[rows], weight, weight_scale, bias,
-                                            gate[sample:sample + 1], residual[rows], rows_per_gate)
-            return
-        gated = GatedAdd(gate, rows_per_gate)
-        planned = USE_PLANS and q.is_cuda and q.shape[0] > 0
-        key = (gemm_plan_key(q, scale, weight, weight_scale, bias, residual.dtype, gated, residual)
-               if planned else None)
-        plan, stream = _plan_for(_gemm_plans, key)
-        if stream is not None:
-            plan.gated_add(q, scale, weight, weight_scale, bias, gated, residual, stream)
-            return
-        int8_gemm_gated_add_triton(q, scale, weight, weight_scale, bias, gated, residual, config)
-        if key is not None and plan is None:
-            _remember(_gemm_plans, key, lambda: build_gemm_plan(q, scale, weight, weight_scale, bias,
-                                                                residual.dtype, config, gated, residual))
+        _planned_gemm(q, scale, weight, weight_scale, bias, residual.dtype,
+                      GatedAdd(gate, rows_per_gate, residual))
 
     register_backend("triton", Backend(
         _triton_linear, quantize_rows_triton, _triton_int8_gemm, _triton_int8_gemm_gated_add,

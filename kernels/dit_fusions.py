@@ -49,7 +49,7 @@ def int8_gemm_gated_add(
         raise ValueError(f"DiT Quant: int8_gemm_gated_add got residual {tuple(residual.shape)}, rows "
                          f"{tuple(q.shape)}, weight {tuple(weight.shape)} and gate {tuple(gate.shape)}; "
                          f"expected residual [B, L, N] with B*L rows, N weight rows and gate [B or 1, N]")
-    if not residual.is_contiguous() or residual.data_ptr() % 16:
+    if not updatable_in_place(residual):
         raise ValueError("DiT Quant: int8_gemm_gated_add updates the residual in place and needs it "
                          "contiguous with a 16-byte aligned start")
     if residual.numel():
@@ -58,6 +58,11 @@ def int8_gemm_gated_add(
                last_dim_contiguous(weight), as_fp32(weight_scale), bias, gate, residual.view(b * length, n),
                rows_per_gate)
     return residual
+
+
+def updatable_in_place(residual: torch.Tensor) -> bool:
+    """Whether ``int8_gemm_gated_add`` can update ``residual`` in place: contiguous, 16-byte aligned."""
+    return residual.is_contiguous() and residual.data_ptr() % 16 == 0
 
 
 def _check_quantized_rows(op: str, q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor) -> None:

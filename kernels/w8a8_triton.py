@@ -157,12 +157,14 @@ def _gate_row(gate_ptr, gate_stride, first_row, off_m, rows_per_gate, cols):
 
 
 @triton.jit
-def _add_tile(desc, offsets, value, IN_L2: tl.constexpr):
-    """residual tile at ``offsets`` += value (both rounded to the descriptor's dtype first). IN_L2: one TMA
-    reduce-add (sm_90), which reads and writes the residual in L2 without a trip through registers; else a
-    TMA load, add and store (the interpreter has no TMA reduce). A tile has one owner, so no races."""
-    value = value.to(desc.dtype)
-    if IN_L2:
+def _write_tile(desc, offsets, value, ACCUMULATE: tl.constexpr, IN_L2: tl.constexpr):
+    """Store ``value`` (already in the descriptor's dtype) at ``offsets``, or with ACCUMULATE add it to the
+    tile there. IN_L2: the add is one TMA reduce-add (sm_90), which reads and writes the tile in L2
+    without a trip through registers; else a TMA load, add and store (the interpreter has no TMA reduce).
+    A tile has one owner, so no races."""
+    if not ACCUMULATE:
+        desc.store(offsets, value)
+    elif IN_L2:
         desc.atomic_add(offsets, value)
     else:
         desc.store(offsets, (desc.load(offsets).to(tl.float32) + value.to(tl.float32)).to(desc.dtype))
@@ -285,7 +287,7 @@ def _w8a8_gemm_tma_kernel(
     loads/stores (out-of-range tiles are zero-filled on load and clipped on store, so no masks), one
     program per SM looping over output tiles. SPLIT_EPILOGUE stores each tile in two column halves to
     halve the epilogue's shared-memory staging (room for one more pipeline stage). WAIT_FOR_PRODUCER and
-    GATED_ADD (out_desc is then the residual; ADD_IN_L2: see ``_add_tile``) as in the pointer GEMM."""
+    GATED_ADD (out_desc is then the residual; ADD_IN_L2: see ``_write_tile``) as in the pointer GEMM."""
     if WAIT_FOR_PRODUCER:
         gdc_wait()
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -308,16 +310,10 @@ def _w8a8_gemm_tma_kernel(
         out = out.to(out_desc.dtype)
         if SPLIT_EPILOGUE:
             left, right = tl.split(tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            if GATED_ADD:
-                _add_tile(out_desc, [off_m, off_n], left, ADD_IN_L2)
-                _add_tile(out_desc, [off_m, off_n + BLOCK_N // 2], right, ADD_IN_L2)
-            else:
-                out_desc.store([off_m, off_n], left)
-                out_desc.store([off_m, off_n + BLOCK_N // 2], right)
-        elif GATED_ADD:
-            _add_tile(out_desc, [off_m, off_n], out, ADD_IN_L2)
+            _write_tile(out_desc, [off_m, off_n], left, GATED_ADD, ADD_IN_L2)
+            _write_tile(out_desc, [off_m, off_n + BLOCK_N // 2], right, GATED_ADD, ADD_IN_L2)
         else:
-            out_desc.store([off_m, off_n], out)
+            _write_tile(out_desc, [off_m, off_n], out, GATED_ADD, ADD_IN_L2)
 
 
 @triton.jit
@@ -375,13 +371,15 @@ ONE_LAUNCH_KINDS = ("fused", "gemv")  # no separate quantization kernel
 
 
 class GatedAdd(NamedTuple):
-    """A GEMM epilogue that updates its output tensor, a residual [M, N], in place instead of writing it:
+    """A GEMM epilogue that updates ``residual`` [M, N] in place instead of writing a new tensor:
     residual[r] += gate[r // rows_per_gate] * result[r], the product rounded to the residual's dtype
     before the add (what a DiT block's ``x = x + gate * linear(h)`` needs). gate: [B, N], N contiguous,
-    any float dtype; a GEMM tile never spans two samples (``tiles_within_samples``)."""
+    any float dtype; residual: N contiguous, 16-byte aligned rows; a GEMM tile never spans two samples
+    (``tiles_within_samples``)."""
 
     gate: torch.Tensor
     rows_per_gate: int
+    residual: torch.Tensor
 
 
 def tiles_within_samples(config: GemmConfig, samples: int, rows_per_gate: int) -> bool:
@@ -911,15 +909,13 @@ class LaunchPlan:
         self._gemm.launch(stream, arguments)
         return out
 
-    def gemm(self, q, scale, weight, weight_scale, bias, stream: int) -> torch.Tensor:
-        """``int8_gemm_triton`` for tensors of the plan's key."""
-        out = torch.empty((q.shape[0], weight.shape[0]), dtype=self.out_dtype, device=q.device)
-        self._gemm.launch(stream, self._gemm.arguments(q, scale, weight, weight_scale, bias, out))
+    def gemm(self, q, scale, weight, weight_scale, bias, stream: int,
+             gated: GatedAdd | None = None) -> torch.Tensor:
+        """``int8_gemm_triton`` (with ``gated``: ``int8_gemm_gated_add_triton``, returning the residual)
+        for tensors of the plan's key."""
+        out = _gemm_output(q, weight, self.out_dtype, gated)
+        self._gemm.launch(stream, self._gemm.arguments(q, scale, weight, weight_scale, bias, out, gated))
         return out
-
-    def gated_add(self, q, scale, weight, weight_scale, bias, gated: GatedAdd, residual, stream: int) -> None:
-        """``int8_gemm_gated_add_triton`` for tensors of the plan's key."""
-        self._gemm.launch(stream, self._gemm.arguments(q, scale, weight, weight_scale, bias, residual, gated))
 
 
 def _layer_key(weight, weight_scale, bias) -> tuple:
@@ -936,13 +932,12 @@ def linear_plan_key(x2d, weight, weight_scale, bias, smooth) -> tuple:
             None if smooth is None else smooth.data_ptr(), *_layer_key(weight, weight_scale, bias))
 
 
-def gemm_plan_key(q, scale, weight, weight_scale, bias, out_dtype, gated: GatedAdd | None = None,
-                  residual: torch.Tensor | None = None) -> tuple:
+def gemm_plan_key(q, scale, weight, weight_scale, bias, out_dtype, gated: GatedAdd | None = None) -> tuple:
     """What a GEMM ``LaunchPlan`` depends on (as ``linear_plan_key``; the row scales are an input here,
     and so are the gate and the residual of a gated add, which is not a fresh allocation)."""
     gate_key = None if gated is None else (
         gated.gate.shape, gated.gate.stride(0), gated.gate.dtype, gated.gate.data_ptr() % 16,
-        gated.rows_per_gate, residual.stride(0), residual.data_ptr() % 16)
+        gated.rows_per_gate, gated.residual.stride(0), gated.residual.data_ptr() % 16)
     return (q.shape, q.stride(0), q.data_ptr() % 16, scale.data_ptr() % 16, q.get_device(), out_dtype,
             gate_key, *_layer_key(weight, weight_scale, bias))
 
@@ -972,15 +967,30 @@ def build_linear_plan(x2d, weight, weight_scale, bias, smooth, config: GemmConfi
 
 
 def build_gemm_plan(q, scale, weight, weight_scale, bias, out_dtype, config: GemmConfig,
-                    gated: GatedAdd | None = None, residual: torch.Tensor | None = None) -> LaunchPlan | None:
-    """A plan of ``int8_gemm_triton`` (or, with ``gated``, of ``int8_gemm_gated_add_triton`` on
-    ``residual``), as ``build_linear_plan``."""
+                    gated: GatedAdd | None = None) -> LaunchPlan | None:
+    """A plan of ``int8_gemm_triton`` (or, with ``gated``, of ``int8_gemm_gated_add_triton``), as
+    ``build_linear_plan``."""
     if not _can_plan(q) or q.shape[0] == 0:
         return None
-    out = residual if gated is not None else torch.empty((q.shape[0], weight.shape[0]), dtype=out_dtype,
-                                                         device=q.device)
-    gemm = _BoundGemm.bind(config, q, scale, weight, weight_scale, bias, out, gated)
+    gemm = _BoundGemm.bind(config, q, scale, weight, weight_scale, bias,
+                           _gemm_output(q, weight, out_dtype, gated), gated)
     return None if gemm is None else LaunchPlan(q.get_device(), out_dtype, gemm)
+
+
+def _gemm_output(q, weight, out_dtype: torch.dtype, gated: GatedAdd | None) -> torch.Tensor:
+    """Where a GEMM of quantized rows writes: a new [M, N] tensor, or the residual of a gated add."""
+    if gated is not None:
+        return gated.residual
+    return torch.empty((q.shape[0], weight.shape[0]), dtype=out_dtype, device=q.device)
+
+
+def _gemm_into(out, q, scale, weight, weight_scale, bias, config: GemmConfig, gated: GatedAdd | None) -> None:
+    if config.kind == "gemv":
+        raise ValueError(f"DiT Quant: {config} quantizes its own activation rows; the GEMM of quantized "
+                         "rows takes an \"int8\", \"tma\" or \"fused\" config")
+    _check_launchable(q)
+    if q.shape[0]:
+        _prepare_gemm(config, q, scale, weight, weight_scale, bias, out, gated)()
 
 
 def int8_gemm_triton(
@@ -996,13 +1006,8 @@ def int8_gemm_triton(
     fused producer): int8 q [M, K] (K contiguous) with fp32 row scales [M], int8 weight [N, K], fp32
     weight_scale [N], bias [N] or None -> [M, N] out_dtype. A "fused" config runs its tile as "int8"; a
     "gemv" config, which quantizes its rows itself, is refused (ValueError)."""
-    if config.kind == "gemv":
-        raise ValueError(f"DiT Quant: {config} quantizes its own activation rows; the GEMM of quantized "
-                         "rows takes an \"int8\", \"tma\" or \"fused\" config")
-    _check_launchable(q)
-    out = torch.empty((q.shape[0], weight.shape[0]), dtype=out_dtype, device=q.device)
-    if q.shape[0]:
-        _prepare_gemm(config, q, scale, weight, weight_scale, bias, out)()
+    out = _gemm_output(q, weight, out_dtype, None)
+    _gemm_into(out, q, scale, weight, weight_scale, bias, config, None)
     return out
 
 
@@ -1013,18 +1018,12 @@ def int8_gemm_gated_add_triton(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     gated: GatedAdd,
-    residual: torch.Tensor,
     config: GemmConfig,
 ) -> None:
-    """``int8_gemm_triton`` whose epilogue adds its gated result to ``residual`` [M, N] in place (see
+    """``int8_gemm_triton`` whose epilogue adds its gated result to ``gated.residual`` in place (see
     ``GatedAdd``) instead of writing a new tensor: one kernel instead of the GEMM and an elementwise
-    pass. On Hopper ("tma" configs) the add is a TMA reduction in L2. ``residual``: N contiguous,
-    16-byte aligned rows; the config's tiles must lie within samples (``tiles_within_samples``)."""
-    if config.kind == "gemv":
-        raise ValueError(f"DiT Quant: {config} quantizes its own activation rows; a gated GEMM of quantized "
-                         "rows takes an \"int8\", \"tma\" or \"fused\" config")
+    pass. On Hopper ("tma" configs) the add is a TMA reduction in L2. The config's tiles must lie within
+    samples (``tiles_within_samples``; ValueError otherwise)."""
     if not tiles_within_samples(config, gated.gate.shape[0], gated.rows_per_gate):
         raise ValueError(f"DiT Quant: {config}'s tiles span two samples of {gated.rows_per_gate} rows")
-    _check_launchable(q)
-    if q.shape[0]:
-        _prepare_gemm(config, q, scale, weight, weight_scale, bias, residual, gated)()
+    _gemm_into(gated.residual, q, scale, weight, weight_scale, bias, config, gated)

@@ -32,6 +32,7 @@ from ..kernels import (
     layernorm_modulate,
     qk_norm_rope,
     quantize_rows,
+    updatable_in_place,
 )
 from ..kernels.dispatch import log_once
 from ..quant.int8_linear import Int8Linear, active_backend
@@ -63,7 +64,7 @@ def _add_gated(x: torch.Tensor, layer: torch.nn.Module, produce: Callable, gate:
                backend: str) -> None:
     """x += gate * layer(activation) in place (``produce`` as in ``_linear``): for an INT8 layer one GEMM
     whose epilogue does the gated add (``int8_gemm_gated_add``), without a [B, L, N] intermediate."""
-    if _feeds_int8(layer) and x.is_contiguous() and x.data_ptr() % 16 == 0:
+    if _feeds_int8(layer) and updatable_in_place(x):
         q, scale = produce(smooth=layer.smooth, quantize=True)
         int8_gemm_gated_add(q, scale, layer.weight, layer.weight_scale, layer.bias, gate, x, backend=backend)
     else:

@@ -188,7 +188,7 @@ def test_every_gemm_kind_adds_its_gated_result_in_place(config):
     q, scale, weight, weight_scale, bias, gate, residual = gated_add_inputs(m, k, n, 2, True, seed=k + n)
     assert tiles_within_samples(config, 2, m // 2)
     before = residual.clone()
-    int8_gemm_gated_add_triton(q, scale, weight, weight_scale, bias, GatedAdd(gate, m // 2), residual, config)
+    int8_gemm_gated_add_triton(q, scale, weight, weight_scale, bias, GatedAdd(gate, m // 2, residual), config)
     check_gated_add(residual, before, q, scale, weight, weight_scale, bias, gate, m // 2)
 
 
@@ -207,7 +207,7 @@ def test_tail_launch_adds_the_gate_of_its_own_rows(configs):
     q, scale, weight, weight_scale, bias, gate, residual = gated_add_inputs(m, k, n, 2, False, seed=m + k)
     before = residual.clone()
     w8a8_triton.int8_gemm_gated_add_triton(q, scale, weight, weight_scale, bias,
-                                           w8a8_triton.GatedAdd(gate, m // 2), residual, with_tail)
+                                           w8a8_triton.GatedAdd(gate, m // 2, residual), with_tail)
     check_gated_add(residual, before, q, scale, weight, weight_scale, bias, gate, m // 2)
 
 
