@@ -20,13 +20,16 @@ import statistics
 
 RESULTS = pathlib.Path(__file__).resolve().parent.parent / "bench" / "results"
 BYTES_PER_ELEMENT = 3  # bf16 read + int8 write
+LARGE_M = 1024  # the pairs the per-layer target is about (M >= LARGE_M)
+FIXED_COST_CUT_US = 3.0  # the last what-if: the pass this much cheaper per call
 
 
 def fit_quantize_cost(cases: list[dict]) -> tuple[float, float]:
-    """(fixed µs, µs per byte) of the quantize pass, least squares over cases with M >= 1024."""
-    points = [(BYTES_PER_ELEMENT * c["m"] * c["k"], c["graph_ms"] * 1e3) for c in cases if c["m"] >= 1024]
+    """(fixed µs, µs per byte) of the quantize pass, least squares over cases with M >= LARGE_M."""
+    points = [(BYTES_PER_ELEMENT * c["m"] * c["k"], c["graph_ms"] * 1e3) for c in cases if c["m"] >= LARGE_M]
     if len(points) < 2:
-        raise ValueError("the quantize results need two cases with M >= 1024 to fit a fixed cost and a rate")
+        raise ValueError(f"the quantize results need two cases with M >= {LARGE_M} to fit a fixed cost "
+                         "and a rate")
     mean_x = statistics.fmean(x for x, _ in points)
     mean_y = statistics.fmean(y for _, y in points)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
@@ -34,12 +37,13 @@ def fit_quantize_cost(cases: list[dict]) -> tuple[float, float]:
 
 
 def modelled_medians(layers: list[dict], fixed_us: float, us_per_byte: float) -> dict[str, float]:
-    """Median speed-up over bf16 (graph times) of the M >= 1024 pairs, as measured and per what-if."""
-    cases: dict[str, list[float]] = {"as measured": [], "without the quantization pass": [],
-                                     "GEMM part as fast as cuBLAS fp8": [],
-                                     "GEMM part as fast as cuBLAS fp8, pass 3 us cheaper": []}
+    """Median speed-up over bf16 (graph times) of the M >= LARGE_M pairs, as measured and per what-if
+    (``layers``: the per-layer benchmark's ``results``, keyed by its path names)."""
+    names = ("as measured", "without the quantization pass", "GEMM part as fast as cuBLAS fp8",
+             f"GEMM part as fast as cuBLAS fp8, pass {FIXED_COST_CUT_US:g} us cheaper")
+    cases: dict[str, list[float]] = {name: [] for name in names}
     for row in layers:
-        if row["m"] < 1024:
+        if row["m"] < LARGE_M:
             continue
         paths = row["paths"]
         bf16 = paths["bf16 F.linear"]["graph_ms"] * 1e3
@@ -47,11 +51,11 @@ def modelled_medians(layers: list[dict], fixed_us: float, us_per_byte: float) ->
         fp8_gemm = paths["fp8 rowwise GEMM only"]["graph_ms"] * 1e3
         quantize = fixed_us + us_per_byte * BYTES_PER_ELEMENT * row["m"] * row["k"]
         best_gemm = min(ours - quantize, fp8_gemm)
-        times_us = (ours, ours - quantize, best_gemm + quantize, best_gemm + quantize - 3)
+        times_us = (ours, ours - quantize, best_gemm + quantize, best_gemm + quantize - FIXED_COST_CUT_US)
         for name, time_us in zip(cases, times_us, strict=True):
             cases[name].append(bf16 / time_us)
     if not cases["as measured"]:
-        raise ValueError("the per-layer results have no pair with M >= 1024")
+        raise ValueError(f"the per-layer results have no pair with M >= {LARGE_M}")
     return {name: statistics.median(speedups) for name, speedups in cases.items()}
 
 
