@@ -22,6 +22,8 @@ RESULTS = pathlib.Path(__file__).resolve().parent.parent / "bench" / "results"
 BYTES_PER_ELEMENT = 3  # bf16 read + int8 write
 LARGE_M = 1024  # the pairs the per-layer target is about (M >= LARGE_M)
 FIXED_COST_CUT_US = 3.0  # the last what-if: the pass this much cheaper per call
+DEFAULT_LAYERS = RESULTS / "bench_w8a8_layers_large_run18.json"
+DEFAULT_QUANTIZE = RESULTS / "bench_quantize_rows_run18.json"
 
 
 def fit_quantize_cost(cases: list[dict]) -> tuple[float, float]:
@@ -61,12 +63,13 @@ def modelled_medians(layers: list[dict], fixed_us: float, us_per_byte: float) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=pathlib.Path, default=RESULTS / "bench_w8a8_layers_large_run18.json")
-    parser.add_argument("--quantize", type=pathlib.Path, default=RESULTS / "bench_quantize_rows_run18.json")
+    parser.add_argument("--layers", type=pathlib.Path, default=DEFAULT_LAYERS)
+    parser.add_argument("--quantize", type=pathlib.Path, default=DEFAULT_QUANTIZE)
     args = parser.parse_args()
     layers = json.loads(args.layers.read_text())["results"]
     fixed_us, us_per_byte = fit_quantize_cost(json.loads(args.quantize.read_text())["cases"])
-    print(f"quantization pass: {fixed_us:.1f} us + 3 bytes/element at {1e-6 / us_per_byte:.2f} TB/s")
+    print(f"quantization pass: {fixed_us:.1f} us + {BYTES_PER_ELEMENT} bytes/element "
+          f"at {1e-6 / us_per_byte:.2f} TB/s")
     for name, median in modelled_medians(layers, fixed_us, us_per_byte).items():
         print(f"{name:55s} median {median:.3f}x bf16")
     return 0

@@ -48,8 +48,8 @@ def test_what_ifs_on_a_hand_checked_pair():
 
 
 def test_recorded_run_matches_its_own_summary():
-    record = json.loads((gap.RESULTS / "bench_w8a8_layers_large_run18.json").read_text())
-    quantize_cases = json.loads((gap.RESULTS / "bench_quantize_rows_run18.json").read_text())["cases"]
+    record = json.loads(gap.DEFAULT_LAYERS.read_text())
+    quantize_cases = json.loads(gap.DEFAULT_QUANTIZE.read_text())["cases"]
     fixed_us, us_per_byte = gap.fit_quantize_cost(quantize_cases)
     medians = gap.modelled_medians(record["results"], fixed_us, us_per_byte)
     recorded_median = record["summary"]["graph_median_speedup_vs_bf16_m_ge_1024"]
