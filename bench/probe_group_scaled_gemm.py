@@ -45,11 +45,12 @@ from dit_quant.kernels.w8a8_triton import _round_to_int8, _row_scale, _tile_coor
 LAYERS = [(4608, 3072, 3072), (4608, 3072, 12288), (1024, 3072, 3072), (4608, 12288, 3072),
           (9216, 3072, 3072), (4608, 2304, 2304), (4608, 5120, 5120), (1024, 3072, 12288),
           (4608, 3072, 21504)]
-# (block_m, block_n, block_k, warps, stages, promote_every) for "group"; promote_every is 0 for "rowscale".
-GROUP_VARIANTS = [(128, 128, 128, 8, 3, 1), (128, 128, 128, 8, 4, 1), (128, 128, 64, 8, 5, 2),
-                  (128, 128, 128, 4, 3, 1), (64, 256, 128, 4, 3, 1), (128, 256, 64, 8, 3, 1),
-                  (128, 256, 128, 8, 2, 1), (128, 128, 128, 8, 3, 2), (64, 128, 128, 4, 3, 1),
-                  (64, 256, 64, 4, 4, 1)]
+# (block_m, block_n, block_k, warps, stages, promote_every) for "group" (promote_every -1: 1 with SKEW);
+# promote_every is 0 for "rowscale".
+# All compile for sm_90 without spills (local AOT check); 128 x 256 tiles spill with the two accumulators.
+GROUP_VARIANTS = [(128, 128, 128, 8, 3, 1), (128, 128, 128, 8, 4, 1), (128, 128, 64, 8, 3, 2),
+                  (128, 128, 64, 8, 5, 1), (64, 128, 128, 4, 3, 1), (64, 128, 128, 4, 2, 1),
+                  (128, 128, 128, 8, 3, -1), (128, 128, 64, 8, 4, -1), (64, 128, 128, 4, 3, -1)]
 ROWSCALE_VARIANTS = [(128, 256, 128, 8, 3, 0), (128, 256, 64, 8, 4, 0), (128, 128, 128, 8, 4, 0)]
 GROUP_M = 8
 
@@ -58,17 +59,29 @@ GROUP_M = 8
 def _group_scaled_gemm_kernel(x_desc, w_desc, out_desc, w_scale_ptr, bias_ptr, M, N, K, num_programs,
                               HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr,
-                              PROMOTE_EVERY: tl.constexpr):
+                              PROMOTE_EVERY: tl.constexpr, SKEW: tl.constexpr):
     """out = sum over K groups g of s_g[:, None] * (q_g @ w_g.T), times w_scale (+ bias); q_g, s_g: the
     int8 values and fp32 row scales of x's 1 x (PROMOTE_EVERY * BLOCK_K) group g (PROMOTE_EVERY: 1 or 2),
-    computed here."""
+    computed here. SKEW (PROMOTE_EVERY 1): group g + 1 is quantized between group g's MMA and its
+    promotion, so that Triton's wait for the asynchronous MMA comes after the quantization."""
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile_id in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
         pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in tl.range(0, K, BLOCK_K * PROMOTE_EVERY, num_stages=STAGES):
+        if SKEW:
+            x = x_desc.load([off_m, 0]).to(tl.float32)
+            scale, inverse = _row_scale(tl.max(tl.abs(x), axis=1))
+            q = _round_to_int8(x * inverse[:, None])
+            for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+                part = tl.dot(q, w_desc.load([off_n, k0]).T, out_dtype=tl.int32)
+                x = x_desc.load([off_m, k0 + BLOCK_K]).to(tl.float32)  # past K: zero-filled, unused
+                next_scale, next_inverse = _row_scale(tl.max(tl.abs(x), axis=1))
+                q = _round_to_int8(x * next_inverse[:, None])
+                acc += part.to(tl.float32) * scale[:, None]
+                scale = next_scale
+        for k0 in tl.range(0, K if not SKEW else 0, BLOCK_K * PROMOTE_EVERY, num_stages=STAGES):
             x = x_desc.load([off_m, k0]).to(tl.float32)
             w = w_desc.load([off_n, k0])
             amax = tl.max(tl.abs(x), axis=1)
@@ -134,11 +147,13 @@ def group_scaled_linear(x, weight, weight_scale, bias, out, variant, programs: i
     """out = the "group" scheme's linear (see the module docstring); x bf16 [M, K], weight int8 [N, K].
     Returns the compiled GEMM (registers, spills, assembly)."""
     block_m, block_n, block_k, warps, stages, promote = variant
+    skew = promote == -1
     m, k = x.shape
     return _group_scaled_gemm_kernel[(programs,)](
         *_descriptors(x, weight, out, block_m, block_n, block_k), weight_scale, bias, m, weight.shape[0],
         k, programs, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        GROUP_M=GROUP_M, STAGES=stages, PROMOTE_EVERY=promote, num_warps=warps, enable_fp_fusion=False)
+        GROUP_M=GROUP_M, STAGES=stages, PROMOTE_EVERY=1 if skew else promote, SKEW=skew, num_warps=warps,
+        enable_fp_fusion=False)
 
 
 def rowscale_linear(x, weight, weight_scale, bias, out, scale, inverse, variant, programs: int):
@@ -185,7 +200,7 @@ def probe_layer(m: int, k: int, n: int, slots: int) -> dict:
         if entry["kind"] == "group":
             def run(v=variant, programs=slots):
                 return group_scaled_linear(x, weight, weight_scale, bias, out, v, programs)
-            reference = group_scaled_reference(x, weight, weight_scale, bias, variant[2] * variant[5])
+            reference = group_scaled_reference(x, weight, weight_scale, bias, variant[2] * abs(variant[5]))
         else:
             def run(v=variant, programs=slots):
                 return rowscale_linear(x, weight, weight_scale, bias, out, scale, inverse, v, programs)
