@@ -10,10 +10,11 @@ quantize-on-load kernel (scales over the whole K in every program) lost. Two in-
   GEMMs use). More accurate than one scale per row; costs a CUDA-core pass over the accumulator per step
   (PROMOTE_EVERY K steps share one group to halve that).
 - "rowscale": an amax-only pass (reads 2 bytes per element, writes one scale per row), then a GEMM that
-  reads the bf16 A tiles and quantizes them with the known row scale (the pack's math: bit-identical).
-Both read A through TMA as bf16 and run persistent on one program per SM. For each layer this times
-bf16 F.linear, the pack's W8A8 linear (autotuned) and every variant below, after checking each variant
-against a float64 evaluation of its own quantization scheme.
+  reads the bf16 A tiles and quantizes them with the known row scale (the pack's scheme; checked against
+  the pack's own output).
+Both read A through TMA as bf16 and run persistent, one program per SM (4-warp variants also two per
+SM). For each layer this times bf16 F.linear, the pack's W8A8 linear (autotuned) and every variant
+below, after checking each variant against a float64 evaluation of its own quantization scheme.
 
     python bench/probe_group_scaled_gemm.py [--out DIR]
 
