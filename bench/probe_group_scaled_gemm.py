@@ -17,11 +17,16 @@ SM). For each layer this times bf16 F.linear, the pack's W8A8 linear (autotuned)
 below, after checking each variant against a float64 evaluation of its own quantization scheme.
 
     python bench/probe_group_scaled_gemm.py [--out DIR]
+    python bench/probe_group_scaled_gemm.py --aot   # no GPU: compile every variant for sm_90 and print
+                                                    # shared memory, registers, spills, wgmma waits
 
 Writes probe_group_scaled_gemm.{json,md} to bench/results/ and --out ($OUT).
 """
 
 from __future__ import annotations
+
+import json
+import pathlib
 
 import torch
 import triton
@@ -225,8 +230,42 @@ def _fastest(entry: dict) -> float:
     return min(entry["ms"], entry.get("ms_two_per_sm", entry["ms"]))
 
 
+def print_sm90_compile_report() -> None:
+    """Compile every variant for sm_90 without a GPU (tests/test_kernels_aot.py's helper, which needs a
+    Triton wheel with ptxas and cuobjdump) and print what limits it before any timing, one JSON object
+    per line."""
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+    from test_kernels_aot import _compile
+
+    for variant in GROUP_VARIANTS + ROWSCALE_VARIANTS:
+        block_m, block_n, block_k, warps, stages, promote = variant
+        signature = {"x_desc": f"tensordesc<bf16[{block_m}, {block_k}]>",
+                     "w_desc": f"tensordesc<i8[{block_n}, {block_k}]>",
+                     "out_desc": f"tensordesc<bf16[{block_m}, {block_n}]>"}
+        constants = {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                     "GROUP_M": GROUP_M, "STAGES": stages}
+        if promote:
+            kernel = _group_scaled_gemm_kernel
+            constants.update(PROMOTE_EVERY=max(promote, 1), SKEW=promote == -1)
+        else:
+            kernel = _rowscale_gemm_kernel
+            signature.update(scale_ptr="*fp32", inverse_ptr="*fp32")
+        signature.update(w_scale_ptr="*fp32", bias_ptr="*bf16", M="i32", N="i32", K="i32", num_programs="i32")
+        report = _compile(kernel, signature, constants, 90, warps, stages, enable_fp_fusion=False)
+        line = {"variant": variant, "wgmma_s8": report["wgmma_s8"], "shared_bytes": report["shared"],
+                **(report["resources"] or {}), "wgmma_wait_pendings": report["wgmma_wait_pendings"]}
+        print(json.dumps(line), flush=True)
+
+
 def main() -> int:
-    args = arg_parser(__doc__).parse_args()
+    parser = arg_parser(__doc__)
+    parser.add_argument("--aot", action="store_true", help="compile for sm_90 and report; no GPU needed")
+    args = parser.parse_args()
+    if args.aot:
+        print_sm90_compile_report()
+        return 0
     require_cuda("probe_group_scaled_gemm")
     from dit_quant.kernels import w8a8_triton as wt
 

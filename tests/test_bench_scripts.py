@@ -6,6 +6,9 @@ machine without CUDA from reaching a user who runs one.
 
 from __future__ import annotations
 
+import ast
+import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -41,3 +44,21 @@ def test_without_a_gpu_exits_2_with_one_line(script):
     result = _run(script)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip() == f"{script.stem} needs a CUDA GPU (torch {torch.__version__} sees none)"
+
+
+def test_in_gemm_quantization_probe_compiles_for_sm90():
+    """The probe's --aot report (no GPU): every variant it would time builds for sm_90 with int8 wgmma,
+    fits the H100's 227 KB of shared memory per block and keeps its values in registers."""
+    probe = BENCH / "probe_group_scaled_gemm.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    result = subprocess.run([sys.executable, str(probe), "--aot"], capture_output=True, text=True,
+                            timeout=300, cwd=BENCH.parent, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    lists = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(probe.read_text()).body
+             if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "").endswith("_VARIANTS")}
+    variants = lists["GROUP_VARIANTS"] + lists["ROWSCALE_VARIANTS"]
+    assert [r["variant"] for r in reports] == [list(v) for v in variants], result.stdout
+    for report in reports:
+        assert report["wgmma_s8"] and report["shared_bytes"] <= 227 * 1024, report
+        assert report["stack_bytes"] == 0, report

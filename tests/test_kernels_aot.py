@@ -69,7 +69,8 @@ def _compile(fn, signature, constexprs, cc, num_warps, num_stages, **options):
             "shared": kernel.metadata.shared,
             "gdc_wait": "griddepcontrol.wait" in ptx, "prefetch_l2": "prefetch.global.L2" in ptx,
             "gdc_launch_dependents": "griddepcontrol.launch_dependents" in ptx,
-            "cubin_bytes": len(kernel.asm["cubin"]), "resources": _resource_usage(kernel.asm["cubin"])}
+            "cubin_bytes": len(kernel.asm["cubin"]), "resources": _resource_usage(kernel.asm["cubin"]),
+            "wgmma_wait_pendings": sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)))}
 
 
 def _case_id(cc, config):
