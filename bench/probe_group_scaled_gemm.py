@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 import torch
 import triton
@@ -45,8 +46,14 @@ from w8a8_common import (
     time_ms,
 )
 
-import_kernels()
-from dit_quant.kernels.w8a8_triton import _round_to_int8, _row_scale, _tile_coords  # noqa: E402
+kernels = import_kernels()
+from dit_quant.kernels.w8a8_triton import (  # noqa: E402
+    _epilogue,
+    _round_to_int8,
+    _row_scale,
+    _row_scale_of,
+    _tile_coords,
+)
 
 LAYERS = [(4608, 3072, 3072), (4608, 3072, 12288), (1024, 3072, 3072), (4608, 12288, 3072),
           (4608, 2304, 2304), (9216, 3072, 3072)]
@@ -85,19 +92,21 @@ def _group_scaled_gemm_kernel(x_desc, w_desc, out_desc, w_scale_ptr, bias_ptr, M
                 q = _round_to_int8(x * next_inverse[:, None])
                 acc += part.to(tl.float32) * scale[:, None]
                 scale = next_scale
-        for k0 in tl.range(0, K if not SKEW else 0, BLOCK_K * PROMOTE_EVERY, num_stages=STAGES):
-            x = x_desc.load([off_m, k0]).to(tl.float32)
-            w = w_desc.load([off_n, k0])
-            amax = tl.max(tl.abs(x), axis=1)
-            if PROMOTE_EVERY == 2:
-                x_next = x_desc.load([off_m, k0 + BLOCK_K]).to(tl.float32)
-                w_next = w_desc.load([off_n, k0 + BLOCK_K])
-                amax = tl.maximum(amax, tl.max(tl.abs(x_next), axis=1))
-            scale, inverse = _row_scale(amax)
-            part = tl.dot(_round_to_int8(x * inverse[:, None]), w.T, out_dtype=tl.int32)
-            if PROMOTE_EVERY == 2:
-                part = tl.dot(_round_to_int8(x_next * inverse[:, None]), w_next.T, part, out_dtype=tl.int32)
-            acc += part.to(tl.float32) * scale[:, None]
+        else:
+            for k0 in tl.range(0, K, BLOCK_K * PROMOTE_EVERY, num_stages=STAGES):
+                x = x_desc.load([off_m, k0]).to(tl.float32)
+                w = w_desc.load([off_n, k0])
+                amax = tl.max(tl.abs(x), axis=1)
+                if PROMOTE_EVERY == 2:
+                    x_next = x_desc.load([off_m, k0 + BLOCK_K]).to(tl.float32)
+                    w_next = w_desc.load([off_n, k0 + BLOCK_K])
+                    amax = tl.maximum(amax, tl.max(tl.abs(x_next), axis=1))
+                scale, inverse = _row_scale(amax)
+                part = tl.dot(_round_to_int8(x * inverse[:, None]), w.T, out_dtype=tl.int32)
+                if PROMOTE_EVERY == 2:
+                    part = tl.dot(_round_to_int8(x_next * inverse[:, None]), w_next.T, part,
+                                  out_dtype=tl.int32)
+                acc += part.to(tl.float32) * scale[:, None]
         cols = (off_n + tl.arange(0, BLOCK_N)) % N
         out = acc * tl.load(w_scale_ptr + cols)[None, :]
         if HAS_BIAS:
@@ -109,9 +118,7 @@ def _group_scaled_gemm_kernel(x_desc, w_desc, out_desc, w_scale_ptr, bias_ptr, M
 def _row_amax_kernel(x_ptr, scale_ptr, inverse_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
     """One program per row: the pack's row scale and its reciprocal (no int8 row written)."""
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_K)
-    scale, inverse = _row_scale(tl.max(tl.abs(tl.load(x_ptr + row * stride_xm + offs, mask=offs < K,
-                                                         other=0.0).to(tl.float32)), axis=0))
+    scale, inverse = _row_scale_of(x_ptr + row * stride_xm, x_ptr, K, False, BLOCK_K)
     tl.store(scale_ptr + row, scale)
     tl.store(inverse_ptr + row, inverse)
 
@@ -135,9 +142,7 @@ def _rowscale_gemm_kernel(x_desc, w_desc, out_desc, scale_ptr, inverse_ptr, w_sc
             w = w_desc.load([off_n, k0])
             acc = tl.dot(_round_to_int8(x * inverse[:, None]), w.T, acc, out_dtype=tl.int32)
         cols = (off_n + tl.arange(0, BLOCK_N)) % N
-        out = acc.to(tl.float32) * tl.load(scale_ptr + rows)[:, None] * tl.load(w_scale_ptr + cols)[None, :]
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        out = _epilogue(acc, tl.load(scale_ptr + rows), w_scale_ptr, bias_ptr, cols, HAS_BIAS)
         out_desc.store([off_m, off_n], out.to(out_desc.dtype))
 
 
@@ -186,7 +191,6 @@ def group_scaled_reference(x, weight, weight_scale, bias, group: int) -> torch.T
 
 def probe_layer(m: int, k: int, n: int, slots: int) -> dict:
     """Checks and timings (ms) of one layer; see the module docstring."""
-    kernels = import_kernels()
     inputs = layer_inputs(m, k, n, seed=m + k + n)
     x, weight, weight_scale, bias = inputs["x"], inputs["weight"], inputs["weight_scale"], inputs["bias"]
     exact = torch.nn.functional.linear(x.double(), weight.double() * weight_scale.double()[:, None],
@@ -234,8 +238,6 @@ def print_sm90_compile_report() -> None:
     """Compile every variant for sm_90 without a GPU (tests/test_kernels_aot.py's helper, which needs a
     Triton wheel with ptxas and cuobjdump) and print what limits it before any timing, one JSON object
     per line."""
-    import sys
-
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
     from test_kernels_aot import _compile
 
@@ -267,9 +269,7 @@ def main() -> int:
         print_sm90_compile_report()
         return 0
     require_cuda("probe_group_scaled_gemm")
-    from dit_quant.kernels import w8a8_triton as wt
-
-    slots = wt.program_slots(torch.device("cuda"))
+    slots = kernels.w8a8_triton.program_slots(torch.device("cuda"))
     env = environment()
     results, table = [], []
     for m, k, n in LAYERS:

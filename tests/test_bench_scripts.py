@@ -62,3 +62,36 @@ def test_in_gemm_quantization_probe_compiles_for_sm90():
     for report in reports:
         assert report["wgmma_s8"] and report["shared_bytes"] <= 227 * 1024, report
         assert report["stack_bytes"] == 0, report
+
+
+def test_in_gemm_quantization_probe_kernels_match_their_schemes():
+    """Under the CPU interpreter, the probe's "group" kernels (plain, two K steps per group, skewed)
+    match the float64 evaluation of their scheme and its "rowscale" pass + GEMM matches the pack's own
+    linear, within bf16 output rounding (max rel. err 1e-2, as the probe requires before timing)."""
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(BENCH)!r})
+import probe_group_scaled_gemm as probe
+g = torch.Generator().manual_seed(5)
+x = torch.randn(128, 256, generator=g).mul(2.0)
+x[:, 3] *= 30.0
+x = x.bfloat16()
+w = torch.randint(-127, 128, (192, 256), dtype=torch.int8, generator=g)
+ws = torch.rand(192, generator=g) * 0.01 + 1e-3
+b = torch.randn(192, generator=g).bfloat16()
+out = torch.full((128, 192), float("nan"), dtype=torch.bfloat16)
+for variant in [(64, 64, 64, 4, 1, 1), (64, 64, 64, 4, 1, 2), (64, 64, 64, 4, 1, -1)]:
+    probe.group_scaled_linear(x, w, ws, b, out, variant, 3)
+    ref = probe.group_scaled_reference(x, w, ws, b, 64 * abs(variant[5]))
+    print(probe.compare(out, ref)["max_rel_err"])
+    out.fill_(float("nan"))
+scale, inverse = torch.empty(128), torch.empty(128)
+probe.rowscale_linear(x, w, ws, b, out, scale, inverse, (64, 64, 64, 4, 1, 0), 3)
+print(probe.compare(out, probe.kernels.w8a8_linear(x, w, ws, b).double())["max_rel_err"])
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=BENCH.parent, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    errors = [float(line) for line in result.stdout.split()]
+    assert len(errors) == 4 and all(0.0 <= e < 1e-2 for e in errors), errors
