@@ -100,6 +100,18 @@ def _row_scale_of(x_row, smooth_ptr, K, HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.co
 
 
 @triton.jit
+def _store_quantized_row(x_row, smooth_ptr, q_row, K, inverse, HAS_SMOOTH: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """Writes the int8 row ``q_row`` of the row at ``x_row`` (scaled by ``inverse``, the reciprocal of its
+    scale), in steps of BLOCK_K elements."""
+    offs = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        mask = k0 + offs < K
+        xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, mask, HAS_SMOOTH)
+        tl.store(q_row + k0 + offs, _round_to_int8(xs * inverse), mask=mask)
+
+
+@triton.jit
 def _quantize_rows_kernel(
     x_ptr, smooth_ptr, q_ptr, scale_ptr,
     K, stride_xm, stride_qm,
@@ -122,10 +134,7 @@ def _quantize_rows_kernel(
         tl.store(q_row + offs, _round_to_int8(xs * inverse), mask=mask)
     else:
         scale, inverse = _row_scale_of(x_row, smooth_ptr, K, HAS_SMOOTH, BLOCK_K)
-        for k0 in range(0, K, BLOCK_K):
-            mask = k0 + offs < K
-            xs = _load_smoothed(x_row + k0 + offs, smooth_ptr + k0 + offs, mask, HAS_SMOOTH)
-            tl.store(q_row + k0 + offs, _round_to_int8(xs * inverse), mask=mask)
+        _store_quantized_row(x_row, smooth_ptr, q_row, K, inverse, HAS_SMOOTH, BLOCK_K)
     tl.store(scale_ptr + row, scale)
 
 

@@ -95,3 +95,29 @@ print(probe.compare(out, probe.kernels.w8a8_linear(x, w, ws, b).double())["max_r
     assert result.returncode == 0, result.stderr[-2000:]
     errors = [float(line) for line in result.stdout.split()]
     assert len(errors) == 4 and all(0.0 <= e < 1e-2 for e in errors), errors
+
+
+def test_coresident_quantization_probe_writes_the_reference_rows():
+    """Under the CPU interpreter, the co-resident probe's strided quantize kernel (rows spread over a few
+    programs, each row in several masked steps) writes exactly the reference's int8 rows and scales, as the
+    probe checks on the GPU before timing."""
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(BENCH)!r})
+import probe_quant_coresident as probe
+from dit_quant.kernels.w8a8_reference import quantize_rows_reference
+g = torch.Generator().manual_seed(7)
+x = torch.randn(37, 2500, generator=g).mul(3.0)
+x[:, 11] *= 40.0
+x = x.bfloat16()
+q_ref, scale_ref = quantize_rows_reference(x)
+q, scale = torch.empty_like(q_ref), torch.empty_like(scale_ref)
+for warps in probe.SIDE_WARPS:
+    print(probe.writes_reference_rows(lambda: probe.quantize_rows_strided(x, q, scale, 4, warps), q, scale,
+                                      q_ref, scale_ref))
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=BENCH.parent, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True"] * 2, result.stdout
