@@ -3,30 +3,47 @@ GEMM leaves free, for less than it costs as a separate pass? (GPU time, CUDA-gra
 
 Run 17 (probe_quant_beside_gemm) gave the quantization a few whole SMs, and each moved only 22-55 GB/s:
 too little. Here the 128x256 GEMM keeps all SMs, its registers capped (``maxnreg``) so that a small
-quantize program (one or two warps, no shared memory) fits beside it on each SM: the GEMM takes 225 KB of
-the SM's 228 KB of shared memory and, uncapped, nearly all of its 65,536 registers. For each layer this
-times, with no dependency between the two (an upper bound for a version whose GEMM waits on per-row-block
-flags and quantizes only its first wave's rows before it starts):
+quantize program (one to four warps, a few bytes of shared memory) fits beside it on each SM: the GEMM
+takes 225 KB of the SM's 228 KB of shared memory and, uncapped, nearly all of its 65,536 registers. For
+each layer this times, with no dependency between the two (an upper bound for a version whose GEMM waits
+on per-row-block flags and quantizes only its first wave's rows before it starts), and then that version
+itself:
 - today's path: the quantize kernel on all SMs, then the GEMM;
 - the GEMM alone, with the compiler's register count and with each cap;
 - the persistent quantize program alone, one per SM (GB/s per program: what it must reach is the
   activation's 3 bytes per element over the GEMM's time);
-- both at once on two streams.
+- both at once on two streams, no dependency (the upper bound);
+- "overlapped": the pack's quantize kernel on the rows of the GEMM's first wave, the strided program on
+  the rest on a second stream, counting finished rows per 128-row block, and a GEMM that waits
+  for each row block's count before its tiles load it (the tile loop is not flattened, so that no load of
+  a tile is issued before its wait); GROUP_M 8 (the pack's tile order) and 1 (row-major: a smaller first
+  wave), at each register cap. Its control is the same GEMM with no waits, on rows quantized
+  beforehand.
 Each row also says whether the two kernels fit on one SM together, from their compiled register counts and
-shared memory, and whether the quantize program writes the reference's int8 rows and scales.
+shared memory (the overlapped version runs only where they fit: a GEMM program spinning on a count that a
+quantize program cannot be scheduled to raise would wait forever), and whether the outputs are the
+reference's (the quantize program's int8 rows and scales; the overlapped linear's output bit-identical to
+today's).
 
     python bench/probe_quant_coresident.py [--out DIR]
+    python bench/probe_quant_coresident.py --aot   # no GPU: compile for sm_90, print registers, spills,
+                                                   # shared memory and which pairs fit one SM
 
 Writes probe_quant_coresident.{json,md} to bench/results/ and --out ($OUT).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import pathlib
+import sys
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 from w8a8_common import (
     arg_parser,
     environment,
@@ -42,44 +59,151 @@ from w8a8_common import (
 # The jit helpers below are called from this file's kernel, so the pack is imported before it is defined.
 import_kernels()
 from dit_quant.kernels import w8a8_triton as wt  # noqa: E402
-from dit_quant.kernels.w8a8_triton import _row_scale_of, _store_quantized_row  # noqa: E402
+from dit_quant.kernels.w8a8_triton import (  # noqa: E402
+    _row_scale_of,
+    _store_quantized_row,
+    _tile_coords,
+    _tma_gemm_tile,
+)
 
 SHAPES = [(4608, 3072, 3072), (4608, 12288, 3072), (4608, 3072, 12288), (9216, 3072, 3072),
           (4608, 2304, 2304)]
 REGISTER_CAPS = (None, 240, 232)  # None: as the compiler chooses
-SIDE_WARPS = (1, 2)
+SIDE_WARPS = (1, 2, 4)
+OVERLAP_GROUP_M = (8, 1)
+# reads per row-block wait: a stalled overlapped call ends (wrong, and reported) instead of hanging
+MAX_SPINS = 200_000
 SM_REGISTERS = 65536
 SM_SHARED_BYTES = 228 * 1024
 BLOCK_RESERVED_SHARED_BYTES = 1024  # the driver's per-block reservation on sm_80+
 
 
 @triton.jit
-def _quantize_rows_strided_kernel(x_ptr, q_ptr, scale_ptr, M, K, num_programs, BLOCK_K: tl.constexpr):
-    """Rows pid, pid + num_programs, ... of x [M, K] bf16: the pack's two-pass quantization of a row
-    (``_quantize_rows_kernel`` without ONE_TILE), one row at a time."""
-    for row in range(tl.program_id(0), M, num_programs):
+def _quantize_rows_strided_kernel(x_ptr, q_ptr, scale_ptr, ready_ptr, first_row, M, K, num_programs,
+                                  BLOCK_K: tl.constexpr, SIGNAL_BLOCK_M: tl.constexpr):
+    """Rows first_row + pid, + num_programs, ... of x [M, K] bf16: the pack's two-pass quantization of a
+    row (``_quantize_rows_kernel`` without ONE_TILE), one row at a time. SIGNAL_BLOCK_M > 0: after each
+    row, add 1 (release, GPU scope) to ready_ptr[row // SIGNAL_BLOCK_M]."""
+    for row in range(first_row + tl.program_id(0), M, num_programs):
         offset = tl.cast(row, tl.int64) * K
         scale, inverse = _row_scale_of(x_ptr + offset, x_ptr, K, False, BLOCK_K)
         _store_quantized_row(x_ptr + offset, x_ptr, q_ptr + offset, K, inverse, False, BLOCK_K)
         tl.store(scale_ptr + row, scale)
+        if SIGNAL_BLOCK_M > 0:
+            tl.debug_barrier()  # every thread's stores of the row come before the release
+            tl.atomic_add(ready_ptr + row // SIGNAL_BLOCK_M, 1, sem="release", scope="gpu")
 
 
-def quantize_rows_strided(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, programs: int,
-                          warps: int):
+def quantize_rows_strided(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, programs: int, warps: int,
+                          first_row: int = 0, ready: torch.Tensor | None = None, block_m: int = 0):
     """``_quantize_rows_strided_kernel`` on ``programs`` programs of ``warps`` warps (32 row elements per
-    thread and step); returns the compiled kernel (None in the interpreter)."""
+    thread and step) over rows ``first_row`` on; with ``ready``, counting finished rows per ``block_m``
+    rows there. Returns the compiled kernel (None in the interpreter)."""
     m, k = x.shape
-    return _quantize_rows_strided_kernel[(programs,)](x, q, scale, m, k, programs, BLOCK_K=1024 * warps,
-                                                      num_warps=warps, enable_fp_fusion=False)
+    return _quantize_rows_strided_kernel[(programs,)](
+        x, q, scale, ready if ready is not None else scale, first_row, m, k, programs, BLOCK_K=1024 * warps,
+        SIGNAL_BLOCK_M=block_m if ready is not None else 0, num_warps=warps, enable_fp_fusion=False)
 
 
-def _warp_registers(compiled, warps: int) -> int:
+@triton.jit
+def _wait_for_rows(count_ptr, target, max_spins, FENCE: tl.constexpr):
+    """Spin (acquire, GPU scope) until count_ptr holds target or max_spins reads went by; then, with FENCE,
+    order those generic-proxy reads before the TMA (async-proxy) loads of the rows they announce."""
+    count = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+    spins = 0
+    while (count < target) & (spins < max_spins):
+        count = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+        spins += 1
+    if FENCE:
+        tl.inline_asm_elementwise("fence.proxy.async.global;\n\tmov.u32 $0, $1;", "=r,r", [count],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _gemm_waiting_for_rows_kernel(
+    a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, ready_ptr,
+    M, N, K, num_programs, first_waited_block, max_spins,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_EPILOGUE: tl.constexpr, FENCE: tl.constexpr,
+):
+    """The pack's persistent TMA GEMM (no bias), whose tiles in row blocks from first_waited_block on wait
+    until ready_ptr[row block] counts the block's rows."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile_id in range(tl.program_id(0), num_tiles, num_programs):
+        pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        if pid_m >= first_waited_block:
+            _wait_for_rows(ready_ptr + pid_m, tl.minimum(BLOCK_M, M - pid_m * BLOCK_M), max_spins, FENCE)
+        _tma_gemm_tile(a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, b_scale_ptr, b_scale_ptr, pid_m,
+                       pid_n, M, N, K, 0, 1, 0, False, False, False, BLOCK_M, BLOCK_N, BLOCK_K,
+                       SPLIT_EPILOGUE)
+
+
+def first_wave_rows(m: int, n: int, config, group_m: int, programs: int) -> int:
+    """Rows of the row blocks that the first ``programs`` tiles (in ``_tile_coords`` order) read."""
+    blocks_m, blocks_n = -(-m // config.block_m), -(-n // config.block_n)
+    last = 0
+    for tile in range(min(programs, blocks_m * blocks_n)):
+        first = tile // (group_m * blocks_n) * group_m
+        last = max(last, first + (tile % (group_m * blocks_n)) % min(blocks_m - first, group_m))
+    return min(m, (last + 1) * config.block_m)
+
+
+class OverlappedLinear:
+    """The overlapped linear of the module docstring for one layer's tensors: ``run()`` writes ``out``."""
+
+    def __init__(self, x, weight, weight_scale, out, config, group_m: int, programs: int, side_warps: int,
+                 cap: int | None, side: torch.cuda.Stream | None, wait: bool = True):
+        m, k = x.shape
+        n = weight.shape[0]
+        self.x, self.out, self.side, self.programs, self.side_warps = x, out, side, programs, side_warps
+        self.q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+        self.scale = torch.empty(m, dtype=torch.float32, device=x.device)
+        self.block_m = config.block_m
+        self.ready = torch.zeros(-(-m // config.block_m), dtype=torch.int32, device=x.device)
+        self.head_rows = first_wave_rows(m, n, config, group_m, programs) if wait else m
+        out_block_n = config.block_n // 2 if config.split_epilogue else config.block_n
+        self.gemm_args = (TensorDescriptor.from_tensor(self.q, [config.block_m, config.block_k]),
+                          TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
+                          TensorDescriptor.from_tensor(out, [config.block_m, out_block_n]),
+                          self.scale, weight_scale, self.ready, m, n, k, programs,
+                          self.head_rows // config.block_m, MAX_SPINS)
+        self.gemm_constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                                   GROUP_M=group_m, SPLIT_EPILOGUE=config.split_epilogue,
+                                   FENCE=not wt.INTERPRETED, num_warps=config.num_warps,
+                                   num_stages=config.num_stages, **({} if cap is None else {"maxnreg": cap}))
+
+    def run(self):
+        """One call; returns the GEMM's compiled kernel (None in the interpreter)."""
+        rest = self.head_rows < self.x.shape[0]
+        if rest:
+            self.ready.zero_()
+            if self.side is not None:
+                self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext():
+                quantize_rows_strided(self.x, self.q, self.scale, self.programs, self.side_warps,
+                                      self.head_rows, self.ready, self.block_m)
+        head = slice(0, self.head_rows)
+        wt._prepare_quantize(self.x[head], None, self.q[head], self.scale[head])()
+        compiled = _gemm_waiting_for_rows_kernel[(self.programs,)](*self.gemm_args, **self.gemm_constants)
+        if rest and self.side is not None:
+            torch.cuda.current_stream().wait_stream(self.side)
+        return compiled
+
+
+def _warp_registers(registers_per_thread: int, warps: int) -> int:
     """Registers a kernel's program takes from the SM's file (allocated per warp in steps of 256)."""
-    return warps * math.ceil(compiled.n_regs * 32 / 256) * 256
+    return warps * math.ceil(registers_per_thread * 32 / 256) * 256
+
+
+def fits_one_sm(gemm: tuple[int, int, int], side: tuple[int, int, int]) -> bool:
+    """Whether one program of each kernel, given as (registers per thread, warps, shared bytes), fit on an
+    SM together (sm_90: 65,536 registers, 228 KB of shared memory less 1 KB per program)."""
+    return (_warp_registers(*gemm[:2]) + _warp_registers(*side[:2]) <= SM_REGISTERS
+            and gemm[2] + side[2] + 2 * BLOCK_RESERVED_SHARED_BYTES <= SM_SHARED_BYTES)
 
 
 def probe_shape(m: int, k: int, n: int, slots: int, side: torch.cuda.Stream) -> dict:
-    """Timings (ms) and fit of one layer shape; see the module docstring."""
+    """Timings (ms), fit and checks of one layer shape; see the module docstring."""
     from dit_quant.kernels.w8a8_reference import quantize_rows_reference
 
     config = wt._HOPPER_WIDE
@@ -98,17 +222,19 @@ def probe_shape(m: int, k: int, n: int, slots: int, side: torch.cuda.Stream) -> 
         options = {} if cap is None else {"maxnreg": cap}
         return wt._w8a8_gemm_tma_kernel[(slots,)](*gemm_args, **gemm_constants, **options)
 
+    def today():
+        return wt.w8a8_linear_triton(x, weight, weight_scale, None, None, config)
+
+    expected = today()
     q_ref, scale_ref = quantize_rows_reference(x)
-    row = {"m": m, "k": k, "n": n,
-           "today_ms": time_ms(lambda: wt.w8a8_linear_triton(x, weight, weight_scale, None, None, config),
-                               graph=True),
-           "quant_full_ms": time_ms(lambda: wt.quantize_rows_triton(x), graph=True), "gemm": {}, "side": {}}
+    row = {"m": m, "k": k, "n": n, "today_ms": time_ms(today, graph=True),
+           "quant_full_ms": time_ms(lambda: wt.quantize_rows_triton(x), graph=True), "gemm": {}, "side": {},
+           "overlapped": []}
     for cap in REGISTER_CAPS:
         compiled = gemm(cap)
         row["gemm"][str(cap)] = {"ms": time_ms(lambda cap=cap: gemm(cap), graph=True),
                                  "regs": compiled.n_regs, "spills": compiled.n_spills,
-                                 "shared": compiled.metadata.shared,
-                                 "sm_registers": _warp_registers(compiled, config.num_warps)}
+                                 "shared": compiled.metadata.shared}
     for warps in SIDE_WARPS:
         def side_quantize(warps=warps):
             return quantize_rows_strided(x2, q2, scale2, slots, warps)
@@ -128,12 +254,40 @@ def probe_shape(m: int, k: int, n: int, slots: int, side: torch.cuda.Stream) -> 
                 gemm(cap)
                 torch.cuda.current_stream().wait_stream(side)
 
-            fits = (gemm_fit["sm_registers"] + _warp_registers(compiled, warps) <= SM_REGISTERS
-                    and gemm_fit["shared"] + compiled.metadata.shared + 2 * BLOCK_RESERVED_SHARED_BYTES
-                    <= SM_SHARED_BYTES)
+            fits = fits_one_sm((gemm_fit["regs"], config.num_warps, gemm_fit["shared"]),
+                               (compiled.n_regs, warps, compiled.metadata.shared))
             entry["together"][str(cap)] = {"ms": time_ms(both, graph=True), "fits": fits}
         row["side"][warps] = entry
+    for group_m in OVERLAP_GROUP_M:
+        for cap in REGISTER_CAPS:
+            control = OverlappedLinear(x, weight, weight_scale, out, config, group_m, slots, 1, cap, None,
+                                       wait=False)
+            waiting = control.run()
+            entry = {"group_m": group_m, "cap": cap, "regs": waiting.n_regs, "spills": waiting.n_spills,
+                     "control": _checked_ms(control, out, expected), "side_warps": {}}
+            for warps in SIDE_WARPS:
+                side_program = (row["side"][warps]["regs"], warps, row["side"][warps]["shared"])
+                if fits_one_sm((waiting.n_regs, config.num_warps, waiting.metadata.shared), side_program):
+                    overlapped = OverlappedLinear(x, weight, weight_scale, out, config, group_m, slots, warps,
+                                                  cap, side)
+                    entry["head_rows"] = overlapped.head_rows
+                    entry["side_warps"][warps] = _checked_ms(overlapped, out, expected)
+            row["overlapped"].append(entry)
     return row
+
+
+def _checked_ms(linear: OverlappedLinear, out: torch.Tensor, expected: torch.Tensor) -> dict:
+    """Whether ``linear.run()`` writes ``expected`` into ``out`` (three eager calls, then once more after
+    the timed graph replays), and its time; no time where an eager call was wrong."""
+    calls_equal = []
+    for _ in range(3):
+        out.fill_(float("nan"))
+        linear.run()
+        calls_equal.append(torch.equal(out, expected))
+    if not all(calls_equal):
+        return {"equal": False, "ms": None}
+    ms = time_ms(linear.run, graph=True)
+    return {"equal": torch.equal(out, expected), "ms": ms}
 
 
 def table_rows(row: dict) -> list[list]:
@@ -151,23 +305,100 @@ def table_rows(row: dict) -> list[list]:
     return lines
 
 
+def _us(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms * 1e3:.1f}"
+
+
+def overlapped_rows(row: dict) -> list[list]:
+    """One table line per (GROUP_M, register cap, side warps) of a probed layer's overlapped version."""
+    lines = []
+    for entry in row["overlapped"]:
+        control = entry["control"]
+        for warps, timed in entry["side_warps"].items():
+            speedup = "-" if timed["ms"] is None else f"{row['today_ms'] / timed['ms']:.3f}"
+            lines.append([f"{row['m']}x{row['k']}->{row['n']}", entry["group_m"], entry["cap"],
+                          f"{entry['regs']}/{entry['spills']}", entry["head_rows"], warps,
+                          _us(row["today_ms"]), _us(control["ms"]),
+                          "yes" if control["equal"] else "NO", _us(timed["ms"]), speedup,
+                          "yes" if timed["equal"] else "NO"])
+    return lines
+
+
+def print_sm90_compile_report() -> None:
+    """Compile the kernels for sm_90 without a GPU (tests/test_kernels_aot.py's helper, which needs a
+    Triton wheel with ptxas and cuobjdump) and print, one JSON object per line: each GEMM (the pack's and
+    the waiting one) at each register cap, each strided quantize program, and which pairs fit one SM."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+    from test_kernels_aot import GATE_TYPES, _compile
+
+    config = wt._HOPPER_WIDE
+    out_n = config.block_n // 2 if config.split_epilogue else config.block_n
+    descriptors = {"a_desc": f"tensordesc<i8[{config.block_m}, {config.block_k}]>",
+                   "b_desc": f"tensordesc<i8[{config.block_n}, {config.block_k}]>",
+                   "out_desc": f"tensordesc<bf16[{config.block_m}, {out_n}]>",
+                   "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32"}
+    tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
+             "GROUP_M": config.group_m, "SPLIT_EPILOGUE": config.split_epilogue}
+    kernels = {
+        "pack": (wt._w8a8_gemm_tma_kernel, dict(descriptors, bias_ptr="*bf16", M="i32", N="i32", K="i32",
+                                                  num_programs="i32", **GATE_TYPES),
+                 dict(tiles, HAS_BIAS=False, GATED_ADD=False, ADD_IN_L2=True, WAIT_FOR_PRODUCER=False)),
+        "waiting": (_gemm_waiting_for_rows_kernel,
+                    dict(descriptors, ready_ptr="*i32", M="i32", N="i32", K="i32", num_programs="i32",
+                         first_waited_block="i32", max_spins="i32"), dict(tiles, FENCE=True)),
+    }
+    gemms = {}
+    for name, (kernel, signature, constants) in kernels.items():
+        for cap in REGISTER_CAPS:
+            options = {} if cap is None else {"maxnreg": cap}
+            report = _compile(kernel, dict(signature), dict(constants), 90, config.num_warps,
+                              config.num_stages, **options)
+            gemms[name, cap] = report
+            print(json.dumps({"kernel": f"{name} GEMM", "maxnreg": cap, "wgmma_s8": report["wgmma_s8"],
+                              "shared_bytes": report["shared"], **(report["resources"] or {})}), flush=True)
+    side_signature = {"x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", "ready_ptr": "*i32",
+                      "first_row": "i32", "M": "i32", "K": "i32", "num_programs": "i32"}
+    for warps in SIDE_WARPS:
+        report = _compile(_quantize_rows_strided_kernel, dict(side_signature),
+                          {"BLOCK_K": 1024 * warps, "SIGNAL_BLOCK_M": config.block_m}, 90, warps, 1,
+                          enable_fp_fusion=False)
+        side = (report["resources"]["registers"], warps, report["shared"])
+        fits = {cap: fits_one_sm((gemms["waiting", cap]["resources"]["registers"], config.num_warps,
+                                  gemms["waiting", cap]["shared"]), side) for cap in REGISTER_CAPS}
+        print(json.dumps({"kernel": "strided quantize", "warps": warps, "shared_bytes": report["shared"],
+                          **report["resources"],
+                          "fits_beside_waiting_gemm": {str(c): f for c, f in fits.items()}}), flush=True)
+
+
 def main() -> int:
-    args = arg_parser(__doc__).parse_args()
+    parser = arg_parser(__doc__)
+    parser.add_argument("--aot", action="store_true", help="compile for sm_90 and report; no GPU needed")
+    args = parser.parse_args()
+    if args.aot:
+        print_sm90_compile_report()
+        return 0
     require_cuda("probe_quant_coresident")
     slots = wt.program_slots(torch.device("cuda"))
     side = torch.cuda.Stream()
     env = environment()
-    results, table = [], []
+    results, table, overlapped = [], [], []
     headers = ["layer", "side warps", "GEMM maxnreg", "today µs", "quant µs", "GEMM µs", "GEMM regs/spills",
                "side quant µs", "GB/s per program", "both at once µs", "fit one SM", "today / both", "= ref"]
+    overlapped_headers = ["layer", "GROUP_M", "GEMM maxnreg", "GEMM regs/spills", "first-wave rows",
+                          "side warps", "today µs", "control µs", "control = today", "overlapped µs",
+                          "today / overlapped", "= today"]
     for m, k, n in SHAPES:
         row = probe_shape(m, k, n, slots, side)
         results.append(row)
         for line in table_rows(row):
             table.append(line)
             print(line, flush=True)
+        for line in overlapped_rows(row):
+            overlapped.append(line)
+            print(line, flush=True)
         markdown = probe_markdown("Quantization beside the GEMM on every SM", env, __doc__,
-                                  markdown_table(headers, table))
+                                  markdown_table(headers, table), "Overlapped (flag-synchronized) version:",
+                                  markdown_table(overlapped_headers, overlapped))
         # after every layer: a run cut short keeps what it measured
         save_results("probe_quant_coresident", {"environment": env, "results": results}, markdown, args.out)
     print(markdown)

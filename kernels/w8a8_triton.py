@@ -300,29 +300,42 @@ def _w8a8_gemm_tma_kernel(
     if WAIT_FOR_PRODUCER:
         gdc_wait()
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
     for tile_id in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
         pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k_step in range(k_tiles):
-            a = a_desc.load([off_m, k_step * BLOCK_K])
-            b = b_desc.load([off_n, k_step * BLOCK_K])
-            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-        rows = off_m + tl.arange(0, BLOCK_M)
-        cols = (off_n + tl.arange(0, BLOCK_N)) % N  # clipped columns read a valid scale; not stored
-        a_scale = tl.load(a_scale_ptr + rows % M)
-        out = _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, cols, HAS_BIAS)
-        if GATED_ADD:
-            out *= _gate_row(gate_ptr, gate_stride, first_row, off_m, rows_per_gate, cols)[None, :]
-        out = out.to(out_desc.dtype)
-        if SPLIT_EPILOGUE:
-            left, right = tl.split(tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            _write_tile(out_desc, [off_m, off_n], left, GATED_ADD, ADD_IN_L2)
-            _write_tile(out_desc, [off_m, off_n + BLOCK_N // 2], right, GATED_ADD, ADD_IN_L2)
-        else:
-            _write_tile(out_desc, [off_m, off_n], out, GATED_ADD, ADD_IN_L2)
+        _tma_gemm_tile(a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, bias_ptr, gate_ptr, pid_m, pid_n,
+                       M, N, K, gate_stride, rows_per_gate, first_row, HAS_BIAS, GATED_ADD, ADD_IN_L2,
+                       BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_EPILOGUE)
+
+
+@triton.jit
+def _tma_gemm_tile(
+    a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, bias_ptr, gate_ptr, pid_m, pid_n,
+    M, N, K, gate_stride, rows_per_gate, first_row,
+    HAS_BIAS: tl.constexpr, GATED_ADD: tl.constexpr, ADD_IN_L2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
+):
+    """Output tile (pid_m, pid_n) of ``_w8a8_gemm_tma_kernel``: the full-K int32 dot product, epilogue and
+    store."""
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k_step in range(tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([off_m, k_step * BLOCK_K])
+        b = b_desc.load([off_n, k_step * BLOCK_K])
+        acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+    rows = off_m + tl.arange(0, BLOCK_M)
+    cols = (off_n + tl.arange(0, BLOCK_N)) % N  # clipped columns read a valid scale; not stored
+    a_scale = tl.load(a_scale_ptr + rows % M)
+    out = _epilogue(acc, a_scale, b_scale_ptr, bias_ptr, cols, HAS_BIAS)
+    if GATED_ADD:
+        out *= _gate_row(gate_ptr, gate_stride, first_row, off_m, rows_per_gate, cols)[None, :]
+    out = out.to(out_desc.dtype)
+    if SPLIT_EPILOGUE:
+        left, right = tl.split(tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        _write_tile(out_desc, [off_m, off_n], left, GATED_ADD, ADD_IN_L2)
+        _write_tile(out_desc, [off_m, off_n + BLOCK_N // 2], right, GATED_ADD, ADD_IN_L2)
+    else:
+        _write_tile(out_desc, [off_m, off_n], out, GATED_ADD, ADD_IN_L2)
 
 
 @triton.jit
