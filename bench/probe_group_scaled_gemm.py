@@ -34,14 +34,13 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 from w8a8_common import (
-    arg_parser,
     compare,
     environment,
     import_kernels,
     layer_inputs,
     markdown_table,
+    probe_arguments,
     probe_markdown,
-    require_cuda,
     save_results,
     time_ms,
 )
@@ -262,13 +261,9 @@ def print_sm90_compile_report() -> None:
 
 
 def main() -> int:
-    parser = arg_parser(__doc__)
-    parser.add_argument("--aot", action="store_true", help="compile for sm_90 and report; no GPU needed")
-    args = parser.parse_args()
-    if args.aot:
-        print_sm90_compile_report()
+    args = probe_arguments(__doc__, "probe_group_scaled_gemm", print_sm90_compile_report)
+    if args is None:
         return 0
-    require_cuda("probe_group_scaled_gemm")
     slots = kernels.w8a8_triton.program_slots(torch.device("cuda"))
     env = environment()
     results, table = [], []

@@ -25,6 +25,7 @@ from w8a8_common import (
     import_kernels,
     markdown_table,
     probe_markdown,
+    quantize_beside_inputs,
     require_cuda,
     save_results,
     time_ms,
@@ -90,14 +91,9 @@ def probe_shape(m: int, k: int, n: int, slots: int, side: torch.cuda.Stream) -> 
     from dit_quant.kernels.w8a8_reference import quantize_rows_reference
 
     config = wt._HOPPER_WIDE
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = (torch.randn(m, k, device="cuda", generator=g) * 3).bfloat16()
-    x2 = x.clone()
-    weight = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8, generator=g)
-    weight_scale = torch.rand(n, device="cuda", generator=g) * 0.01 + 1e-3
-    q, scale = wt.quantize_rows_triton(x)
-    q2, scale2 = torch.empty_like(q), torch.empty_like(scale)
-    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    inputs = quantize_beside_inputs(m, k, n)
+    x, x2, weight, weight_scale, q, scale, q2, scale2, out = (inputs[name] for name in (
+        "x", "x2", "weight", "weight_scale", "q", "scale", "q2", "scale2", "out"))
 
     def gemm(programs):
         args = wt._tma_gemm_args(config, q, scale, weight, weight_scale, None, out, programs)

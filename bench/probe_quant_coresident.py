@@ -45,12 +45,12 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 from w8a8_common import (
-    arg_parser,
     environment,
     import_kernels,
     markdown_table,
+    probe_arguments,
     probe_markdown,
-    require_cuda,
+    quantize_beside_inputs,
     save_results,
     time_ms,
     writes_reference_rows,
@@ -207,14 +207,9 @@ def probe_shape(m: int, k: int, n: int, slots: int, side: torch.cuda.Stream) -> 
     from dit_quant.kernels.w8a8_reference import quantize_rows_reference
 
     config = wt._HOPPER_WIDE
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = (torch.randn(m, k, device="cuda", generator=g) * 3).bfloat16()
-    x2 = x.clone()
-    weight = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8, generator=g)
-    weight_scale = torch.rand(n, device="cuda", generator=g) * 0.01 + 1e-3
-    q, scale = wt.quantize_rows_triton(x)
-    q2, scale2 = torch.empty_like(q), torch.empty_like(scale)
-    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    inputs = quantize_beside_inputs(m, k, n)
+    x, x2, weight, weight_scale, q, scale, q2, scale2, out = (inputs[name] for name in (
+        "x", "x2", "weight", "weight_scale", "q", "scale", "q2", "scale2", "out"))
     gemm_args = wt._tma_gemm_args(config, q, scale, weight, weight_scale, None, out, slots)
     gemm_constants = dict(wt._tma_gemm_constants(config, False, False, False))
 
@@ -371,13 +366,9 @@ def print_sm90_compile_report() -> None:
 
 
 def main() -> int:
-    parser = arg_parser(__doc__)
-    parser.add_argument("--aot", action="store_true", help="compile for sm_90 and report; no GPU needed")
-    args = parser.parse_args()
-    if args.aot:
-        print_sm90_compile_report()
+    args = probe_arguments(__doc__, "probe_quant_coresident", print_sm90_compile_report)
+    if args is None:
         return 0
-    require_cuda("probe_quant_coresident")
     slots = wt.program_slots(torch.device("cuda"))
     side = torch.cuda.Stream()
     env = environment()

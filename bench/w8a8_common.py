@@ -41,6 +41,19 @@ def arg_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def probe_arguments(doc: str, script: str, print_sm90_report) -> argparse.Namespace | None:
+    """The arguments of a probe that also has an ``--aot`` mode: with --aot, ``print_sm90_report()`` runs
+    (no GPU needed) and None comes back; otherwise the probe needs a CUDA GPU (``require_cuda``)."""
+    parser = arg_parser(doc)
+    parser.add_argument("--aot", action="store_true", help="compile for sm_90 and report; no GPU needed")
+    args = parser.parse_args()
+    if args.aot:
+        print_sm90_report()
+        return None
+    require_cuda(script)
+    return args
+
+
 def require_cuda(script: str) -> None:
     """Exit with status 2 and a one-line message where no CUDA GPU is visible (every benchmark needs one)."""
     if not torch.cuda.is_available():
@@ -78,6 +91,19 @@ def layer_inputs(m: int, k: int, n: int, seed: int, with_bias: bool = True) -> d
     bias = torch.randn(n, device="cuda", generator=g).bfloat16() if with_bias else None
     return {"x": x.bfloat16(), "weight": weight, "weight_scale": weight_scale, "bias": bias,
             "weight_bf16": (weight.float() * weight_scale[:, None]).bfloat16()}
+
+
+def quantize_beside_inputs(m: int, k: int, n: int) -> dict:
+    """``layer_inputs`` without bias for the probes that quantize beside a GEMM: also ``q``/``scale`` (the
+    pack's quantization of ``x``, the GEMM's operand), ``x2`` (a copy of ``x``) with empty ``q2``/``scale2``
+    for the side quantization to write, and an empty bf16 ``out`` [m, n]."""
+    from dit_quant.kernels import w8a8_triton
+
+    layer = layer_inputs(m, k, n, 0, with_bias=False)
+    q, scale = w8a8_triton.quantize_rows_triton(layer["x"])
+    return {**layer, "q": q, "scale": scale, "x2": layer["x"].clone(), "q2": torch.empty_like(q),
+            "scale2": torch.empty_like(scale),
+            "out": torch.empty(m, n, device=layer["x"].device, dtype=torch.bfloat16)}
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:

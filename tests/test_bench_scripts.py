@@ -25,6 +25,24 @@ def _run(script: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
                           cwd=BENCH.parent)
 
 
+def _interpreted(script: str) -> str:
+    """Stdout of a Python ``script`` run under the Triton CPU interpreter (which must exit 0)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=BENCH.parent, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def _sm90_report(probe: pathlib.Path) -> list[dict]:
+    """The JSON lines of a probe's ``--aot`` report (compiled, not interpreted)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(probe), "--aot"], capture_output=True, text=True,
+                            timeout=300, cwd=BENCH.parent, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
 def test_every_benchmark_is_listed():
     assert len(SCRIPTS) >= 7, [p.name for p in SCRIPTS]
 
@@ -50,15 +68,11 @@ def test_in_gemm_quantization_probe_compiles_for_sm90():
     """The probe's --aot report (no GPU): every variant it would time builds for sm_90 with int8 wgmma,
     fits the H100's 227 KB of shared memory per block and keeps its values in registers."""
     probe = BENCH / "probe_group_scaled_gemm.py"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
-    result = subprocess.run([sys.executable, str(probe), "--aot"], capture_output=True, text=True,
-                            timeout=300, cwd=BENCH.parent, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    reports = _sm90_report(probe)
     lists = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(probe.read_text()).body
              if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "").endswith("_VARIANTS")}
     variants = lists["GROUP_VARIANTS"] + lists["ROWSCALE_VARIANTS"]
-    assert [r["variant"] for r in reports] == [list(v) for v in variants], result.stdout
+    assert [r["variant"] for r in reports] == [list(v) for v in variants], reports
     for report in reports:
         assert report["wgmma_s8"] and report["shared_bytes"] <= 227 * 1024, report
         assert report["stack_bytes"] == 0, report
@@ -89,11 +103,8 @@ scale, inverse = torch.empty(128), torch.empty(128)
 probe.rowscale_linear(x, w, ws, b, out, scale, inverse, (64, 64, 64, 4, 1, 0), 3)
 print(probe.compare(out, probe.kernels.w8a8_linear(x, w, ws, b).double())["max_rel_err"])
 """
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            cwd=BENCH.parent, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    errors = [float(line) for line in result.stdout.split()]
+    stdout = _interpreted(script)
+    errors = [float(line) for line in stdout.split()]
     assert len(errors) == 4 and all(0.0 <= e < 1e-2 for e in errors), errors
 
 
@@ -117,12 +128,9 @@ for warps in probe.SIDE_WARPS:
     print(probe.writes_reference_rows(lambda: probe.quantize_rows_strided(x, q, scale, 4, warps), q, scale,
                                       q_ref, scale_ref))
 """
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            cwd=BENCH.parent, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    count, *checks = result.stdout.split()
-    assert checks == ["True"] * int(count), result.stdout
+    stdout = _interpreted(script)
+    count, *checks = stdout.split()
+    assert checks == ["True"] * int(count), stdout
 
 
 def test_overlapped_quantization_probe_matches_todays_linear():
@@ -147,11 +155,8 @@ linear = probe.OverlappedLinear(x, w, ws, out, config, 1, 2, 1, None, None)
 linear.run()
 print(linear.head_rows, linear.ready.tolist(), torch.equal(out, expected))
 """
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            cwd=BENCH.parent, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["128", "[0,", "0,", "64,", "8]", "True"], result.stdout
+    stdout = _interpreted(script)
+    assert stdout.split() == ["128", "[0,", "0,", "64,", "8]", "True"], stdout
 
 
 def test_coresident_quantization_probe_compiles_for_sm90():
@@ -159,14 +164,10 @@ def test_coresident_quantization_probe_compiles_for_sm90():
     KB of shared memory and without spills at every register cap, and every strided quantize program fits
     on an SM beside the waiting GEMM under each cap (which the overlapped version needs to make progress)."""
     probe = BENCH / "probe_quant_coresident.py"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
-    result = subprocess.run([sys.executable, str(probe), "--aot"], capture_output=True, text=True,
-                            timeout=300, cwd=BENCH.parent, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    reports = _sm90_report(probe)
     gemms = [r for r in reports if r["kernel"].endswith("GEMM")]
     sides = [r for r in reports if r["kernel"] == "strided quantize"]
-    assert len(gemms) == 6 and len(sides) == 3, result.stdout
+    assert len(gemms) == 6 and len(sides) == 3, reports
     for report in gemms:
         assert report["wgmma_s8"] and report["shared_bytes"] <= 227 * 1024, report
         assert report["stack_bytes"] == 0, report
