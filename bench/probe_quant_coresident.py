@@ -166,7 +166,7 @@ class OverlappedLinear:
                           TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
                           TensorDescriptor.from_tensor(out, [config.block_m, out_block_n]),
                           self.scale, weight_scale, self.ready, m, n, k, programs,
-                          self.head_rows // config.block_m, MAX_SPINS)
+                          -(-self.head_rows // config.block_m), MAX_SPINS)
         self.gemm_constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                                    GROUP_M=group_m, SPLIT_EPILOGUE=config.split_epilogue,
                                    FENCE=not wt.INTERPRETED, num_warps=config.num_warps,
@@ -272,17 +272,22 @@ def probe_shape(m: int, k: int, n: int, slots: int, side: torch.cuda.Stream) -> 
 
 
 def _checked_ms(linear: OverlappedLinear, out: torch.Tensor, expected: torch.Tensor) -> dict:
-    """Whether ``linear.run()`` writes ``expected`` into ``out`` (three eager calls, then once more after
-    the timed graph replays), and its time; no time where an eager call was wrong."""
-    calls_equal = []
-    for _ in range(3):
+    """Whether ``linear.run()`` writes ``expected`` into ``out`` in three eager calls, each after its int8
+    rows, scales and output were poisoned (so that a GEMM tile that read rows before they were written
+    cannot pass on the last call's values), and its time (CUDA-graph replays); no time where a call was
+    wrong. ``equal`` repeats the check after the replays."""
+
+    def poisoned_call_equal() -> bool:
+        linear.q.fill_(99)
+        linear.scale.fill_(float("nan"))
         out.fill_(float("nan"))
         linear.run()
-        calls_equal.append(torch.equal(out, expected))
-    if not all(calls_equal):
+        return torch.equal(out, expected)
+
+    if not all([poisoned_call_equal() for _ in range(3)]):
         return {"equal": False, "ms": None}
     ms = time_ms(linear.run, graph=True)
-    return {"equal": torch.equal(out, expected), "ms": ms}
+    return {"equal": poisoned_call_equal(), "ms": ms}
 
 
 def table_rows(row: dict) -> list[list]:

@@ -137,7 +137,8 @@ def test_overlapped_quantization_probe_matches_todays_linear():
     """Under the CPU interpreter (programs one after another, so the counts are complete before the GEMM
     reads them), the co-resident probe's overlapped linear, which quantizes the first wave's rows with the
     pack's kernel, the rest with the counting strided kernel and runs a GEMM that waits per row block,
-    writes exactly the output of the pack's linear with the same tiles; the counts are the rows per block."""
+    writes exactly the output of the pack's linear with the same tiles; the counts are the rows per block.
+    Its control (every row quantized first, no waits; 200 rows, so the last block is partial) too."""
     script = f"""
 import sys, torch
 sys.path.insert(0, {str(BENCH)!r})
@@ -154,9 +155,13 @@ out = torch.full_like(expected, float("nan"))
 linear = probe.OverlappedLinear(x, w, ws, out, config, 1, 2, 1, None, None)
 linear.run()
 print(linear.head_rows, linear.ready.tolist(), torch.equal(out, expected))
+out.fill_(float("nan"))
+control = probe.OverlappedLinear(x, w, ws, out, config, 1, 2, 1, None, None, wait=False)
+control.run()
+print(control.head_rows, torch.equal(out, expected))
 """
     stdout = _interpreted(script)
-    assert stdout.split() == ["128", "[0,", "0,", "64,", "8]", "True"], stdout
+    assert stdout.split() == ["128", "[0,", "0,", "64,", "8]", "True", "200", "True"], stdout
 
 
 def test_coresident_quantization_probe_compiles_for_sm90():
