@@ -35,6 +35,7 @@ Writes probe_quant_coresident.{json,md} to bench/results/ and --out ($OUT).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import pathlib
@@ -60,6 +61,8 @@ from w8a8_common import (
 import_kernels()
 from dit_quant.kernels import w8a8_triton as wt  # noqa: E402
 from dit_quant.kernels.w8a8_triton import (  # noqa: E402
+    _round_to_int8,
+    _row_scale,
     _row_scale_of,
     _store_quantized_row,
     _tile_coords,
@@ -79,30 +82,57 @@ BLOCK_RESERVED_SHARED_BYTES = 1024  # the driver's per-block reservation on sm_8
 
 
 @triton.jit
+def _signal_row(ready_ptr, row, SIGNAL_BLOCK_M: tl.constexpr):
+    if SIGNAL_BLOCK_M > 0:
+        tl.debug_barrier()  # every thread's stores of the row come before the release
+        tl.atomic_add(ready_ptr + row // SIGNAL_BLOCK_M, 1, sem="release", scope="gpu")
+
+
+@triton.jit
 def _quantize_rows_strided_kernel(x_ptr, q_ptr, scale_ptr, ready_ptr, first_row, M, K, num_programs,
-                                  BLOCK_K: tl.constexpr, SIGNAL_BLOCK_M: tl.constexpr):
-    """Rows first_row + pid, + num_programs, ... of x [M, K] bf16: the pack's two-pass quantization of a
-    row (``_quantize_rows_kernel`` without ONE_TILE), one row at a time. SIGNAL_BLOCK_M > 0: after each
-    row, add 1 (release, GPU scope) to ready_ptr[row // SIGNAL_BLOCK_M]."""
-    for row in range(first_row + tl.program_id(0), M, num_programs):
-        offset = tl.cast(row, tl.int64) * K
-        scale, inverse = _row_scale_of(x_ptr + offset, x_ptr, K, False, BLOCK_K)
-        _store_quantized_row(x_ptr + offset, x_ptr, q_ptr + offset, K, inverse, False, BLOCK_K)
-        tl.store(scale_ptr + row, scale)
-        if SIGNAL_BLOCK_M > 0:
-            tl.debug_barrier()  # every thread's stores of the row come before the release
-            tl.atomic_add(ready_ptr + row // SIGNAL_BLOCK_M, 1, sem="release", scope="gpu")
+                                  BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
+                                  SIGNAL_BLOCK_M: tl.constexpr):
+    """Rows first_row + pid, + num_programs, ... of x [M, K] bf16, one at a time, as the pack's
+    ``_quantize_rows_kernel`` quantizes a row. ONE_TILE (K <= BLOCK_K): the row in registers, and the next
+    row's load issued before this one is quantized (two rows in flight); otherwise two passes over each
+    row. SIGNAL_BLOCK_M > 0: after each row, add 1 (release, GPU scope) to
+    ready_ptr[row // SIGNAL_BLOCK_M]."""
+    first = first_row + tl.program_id(0)
+    if ONE_TILE:
+        offs = tl.arange(0, BLOCK_K)
+        mask = offs < K
+        x_next = tl.load(x_ptr + tl.cast(first, tl.int64) * K + offs, mask=mask & (offs * 0 + first < M),
+                         other=0.0)
+        for row in range(first, M, num_programs):
+            xs = x_next.to(tl.float32)
+            following = row + num_programs
+            x_next = tl.load(x_ptr + tl.cast(following, tl.int64) * K + offs,
+                             mask=mask & (offs * 0 + following < M), other=0.0)
+            scale, inverse = _row_scale(tl.max(tl.abs(xs), axis=0))
+            tl.store(q_ptr + tl.cast(row, tl.int64) * K + offs, _round_to_int8(xs * inverse), mask=mask)
+            tl.store(scale_ptr + row, scale)
+            _signal_row(ready_ptr, row, SIGNAL_BLOCK_M)
+    else:
+        for row in range(first, M, num_programs):
+            offset = tl.cast(row, tl.int64) * K
+            scale, inverse = _row_scale_of(x_ptr + offset, x_ptr, K, False, BLOCK_K)
+            _store_quantized_row(x_ptr + offset, x_ptr, q_ptr + offset, K, inverse, False, BLOCK_K)
+            tl.store(scale_ptr + row, scale)
+            _signal_row(ready_ptr, row, SIGNAL_BLOCK_M)
 
 
 def quantize_rows_strided(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, programs: int, warps: int,
                           first_row: int = 0, ready: torch.Tensor | None = None, block_m: int = 0):
     """``_quantize_rows_strided_kernel`` on ``programs`` programs of ``warps`` warps (32 row elements per
-    thread and step) over rows ``first_row`` on; with ``ready``, counting finished rows per ``block_m``
-    rows there. Returns the compiled kernel (None in the interpreter)."""
+    thread and step, so rows up to 1024 * warps long are held in registers) over rows ``first_row`` on;
+    with ``ready``, counting finished rows per ``block_m`` rows there. Returns the compiled kernel (None
+    in the interpreter)."""
     m, k = x.shape
+    block_k = 1024 * warps
     return _quantize_rows_strided_kernel[(programs,)](
-        x, q, scale, ready if ready is not None else scale, first_row, m, k, programs, BLOCK_K=1024 * warps,
-        SIGNAL_BLOCK_M=block_m if ready is not None else 0, num_warps=warps, enable_fp_fusion=False)
+        x, q, scale, ready if ready is not None else scale, first_row, m, k, programs, BLOCK_K=block_k,
+        ONE_TILE=k <= block_k, SIGNAL_BLOCK_M=block_m if ready is not None else 0, num_warps=warps,
+        enable_fp_fusion=False)
 
 
 @triton.jit
@@ -358,14 +388,15 @@ def print_sm90_compile_report() -> None:
                               "shared_bytes": report["shared"], **(report["resources"] or {})}), flush=True)
     side_signature = {"x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", "ready_ptr": "*i32",
                       "first_row": "i32", "M": "i32", "K": "i32", "num_programs": "i32"}
-    for warps in SIDE_WARPS:
+    for warps, one_tile in itertools.product(SIDE_WARPS, (False, True)):
         report = _compile(_quantize_rows_strided_kernel, dict(side_signature),
-                          {"BLOCK_K": 1024 * warps, "SIGNAL_BLOCK_M": config.block_m}, 90, warps, 1,
-                          enable_fp_fusion=False)
+                          {"BLOCK_K": 1024 * warps, "ONE_TILE": one_tile, "SIGNAL_BLOCK_M": config.block_m},
+                          90, warps, 1, enable_fp_fusion=False)
         side = (report["resources"]["registers"], warps, report["shared"])
         fits = {cap: fits_one_sm((gemms["waiting", cap]["resources"]["registers"], config.num_warps,
                                   gemms["waiting", cap]["shared"]), side) for cap in REGISTER_CAPS}
-        print(json.dumps({"kernel": "strided quantize", "warps": warps, "shared_bytes": report["shared"],
+        print(json.dumps({"kernel": "strided quantize", "warps": warps, "one_tile": one_tile,
+                          "shared_bytes": report["shared"],
                           **report["resources"],
                           "fits_beside_waiting_gemm": {str(c): f for c, f in fits.items()}}), flush=True)
 

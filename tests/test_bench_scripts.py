@@ -136,32 +136,34 @@ for warps in probe.SIDE_WARPS:
 def test_overlapped_quantization_probe_matches_todays_linear():
     """Under the CPU interpreter (programs one after another, so the counts are complete before the GEMM
     reads them), the co-resident probe's overlapped linear, which quantizes the first wave's rows with the
-    pack's kernel, the rest with the counting strided kernel and runs a GEMM that waits per row block,
-    writes exactly the output of the pack's linear with the same tiles; the counts are the rows per block.
-    Its control (every row quantized first, no waits; 200 rows, so the last block is partial) too."""
+    pack's kernel, the rest with the counting strided kernel (rows in registers at K = 128, two passes at
+    K = 1104) and runs a GEMM that waits per row block, writes exactly the output of the pack's linear with
+    the same tiles; the counts are the rows per block. Its control (every row quantized first, no waits;
+    200 rows, so the last block is partial) too."""
     script = f"""
 import sys, torch
 sys.path.insert(0, {str(BENCH)!r})
 import probe_quant_coresident as probe
 g = torch.Generator().manual_seed(9)
-x = torch.randn(200, 128, generator=g).mul(3.0)
-x[:, 5] *= 25.0
-x = x.bfloat16()
-w = torch.randint(-127, 128, (64, 128), dtype=torch.int8, generator=g)
-ws = torch.rand(64, generator=g) * 0.01 + 1e-3
 config = probe.wt.GemmConfig("tma", 64, 64, 64, 8, 4, 1)
-expected = probe.wt.w8a8_linear_triton(x, w, ws, None, None, config)
-out = torch.full_like(expected, float("nan"))
-linear = probe.OverlappedLinear(x, w, ws, out, config, 1, 2, 1, None, None)
-linear.run()
-print(linear.head_rows, linear.ready.tolist(), torch.equal(out, expected))
-out.fill_(float("nan"))
-control = probe.OverlappedLinear(x, w, ws, out, config, 1, 2, 1, None, None, wait=False)
-control.run()
-print(control.head_rows, torch.equal(out, expected))
+for k in (128, 1104):
+    x = torch.randn(200, k, generator=g).mul(3.0)
+    x[:, 5] *= 25.0
+    x = x.bfloat16()
+    w = torch.randint(-127, 128, (64, k), dtype=torch.int8, generator=g)
+    ws = torch.rand(64, generator=g) * 0.01 + 1e-3
+    expected = probe.wt.w8a8_linear_triton(x, w, ws, None, None, config)
+    out = torch.full_like(expected, float("nan"))
+    linear = probe.OverlappedLinear(x, w, ws, out, config, 1, 2, 1, None, None)
+    linear.run()
+    print(linear.head_rows, linear.ready.tolist(), torch.equal(out, expected))
+    out.fill_(float("nan"))
+    control = probe.OverlappedLinear(x, w, ws, out, config, 1, 2, 1, None, None, wait=False)
+    control.run()
+    print(control.head_rows, torch.equal(out, expected))
 """
     stdout = _interpreted(script)
-    assert stdout.split() == ["128", "[0,", "0,", "64,", "8]", "True", "200", "True"], stdout
+    assert stdout.split() == ["128", "[0,", "0,", "64,", "8]", "True", "200", "True"] * 2, stdout
 
 
 def test_coresident_quantization_probe_compiles_for_sm90():
@@ -172,7 +174,7 @@ def test_coresident_quantization_probe_compiles_for_sm90():
     reports = _sm90_report(probe)
     gemms = [r for r in reports if r["kernel"].endswith("GEMM")]
     sides = [r for r in reports if r["kernel"] == "strided quantize"]
-    assert len(gemms) == 6 and len(sides) == 3, reports
+    assert len(gemms) == 6 and len(sides) == 6, reports
     for report in gemms:
         assert report["wgmma_s8"] and report["shared_bytes"] <= 227 * 1024, report
         assert report["stack_bytes"] == 0, report
