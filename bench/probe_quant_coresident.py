@@ -26,10 +26,13 @@ reference's (the quantize program's int8 rows and scales; the overlapped linear'
 today's).
 
     python bench/probe_quant_coresident.py [--out DIR]
+    python bench/probe_quant_coresident.py --median [--budget-s S]   # the overlapped linear at all 60
+                                                   # M >= 1024 pairs of the per-layer benchmark
     python bench/probe_quant_coresident.py --aot   # no GPU: compile for sm_90, print registers, spills,
                                                    # shared memory and which pairs fit one SM
 
-Writes probe_quant_coresident.{json,md} to bench/results/ and --out ($OUT).
+Writes probe_quant_coresident.{json,md} (--median: probe_quant_coresident_median.{json,md}) to
+bench/results/ and --out ($OUT).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ import itertools
 import json
 import math
 import pathlib
+import statistics
 import sys
+import time
 
 import torch
 import triton
@@ -48,6 +53,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from w8a8_common import (
     environment,
     import_kernels,
+    layer_inputs,
     markdown_table,
     probe_arguments,
     probe_markdown,
@@ -401,13 +407,81 @@ def print_sm90_compile_report() -> None:
                           "fits_beside_waiting_gemm": {str(c): f for c, f in fits.items()}}), flush=True)
 
 
+def _median_pair(m: int, k: int, n: int, slots: int, side: torch.cuda.Stream) -> dict:
+    """One pair of ``median_sweep``: times (ms) and checks."""
+    config = wt._HOPPER_WIDE
+    layer = layer_inputs(m, k, n, seed=m + 3 * k + 5 * n, with_bias=False)
+    x, weight, weight_scale = layer["x"], layer["weight"], layer["weight_scale"]
+    expected = wt.w8a8_linear_triton(x, weight, weight_scale, None, None, config)
+    out = torch.empty_like(expected)
+    record = {"m": m, "k": k, "n": n,
+              "bf16_ms": time_ms(lambda: torch.nn.functional.linear(x, layer["weight_bf16"]), graph=True),
+              "today_ms": time_ms(lambda: wt.w8a8_linear_triton(x, weight, weight_scale, None, None, config),
+                                  graph=True),
+              "overlapped": {}}
+    for group_m in OVERLAP_GROUP_M:
+        linear = OverlappedLinear(x, weight, weight_scale, out, config, group_m, slots, 4, None, side)
+        record["overlapped"][group_m] = _checked_ms(linear, out, expected)
+    timed = [entry["ms"] for entry in record["overlapped"].values() if entry["ms"] is not None]
+    record["overlapped_ms"] = min(timed) if timed else None
+    return record
+
+
+def median_sweep(slots: int, side: torch.cuda.Stream, env: dict, budget_s: float,
+                 out_dir: str | None) -> None:
+    """``--median``: at every M >= 1024 pair of the per-layer benchmark, bf16 ``F.linear``, today's path
+    and the overlapped linear (4-warp side program, no register cap, both tile orders; the faster counts),
+    both with the 128x256 tiles, CUDA-graph replays; their medians against bf16."""
+    from bench_w8a8_layers import SHAPES as FAMILIES
+
+    started, records, table = time.time(), [], []
+    pairs = [(m, k, n) for shapes in FAMILIES.values() for k, n in shapes for m in (1024, 4096, 4608, 9216)]
+    for m, k, n in pairs:
+        if time.time() - started > budget_s:
+            break
+        record = _median_pair(m, k, n, slots, side)
+        records.append(record)
+        overlapped = record["overlapped_ms"]
+        table.append([f"{m}x{k}->{n}", _us(record["bf16_ms"]), _us(record["today_ms"]),
+                      *(_us(record["overlapped"][g]["ms"]) for g in OVERLAP_GROUP_M),
+                      f"{record['bf16_ms'] / record['today_ms']:.2f}",
+                      "-" if overlapped is None else f"{record['bf16_ms'] / overlapped:.2f}",
+                      "yes" if all(e["equal"] for e in record["overlapped"].values()) else "NO"])
+        print(table[-1], flush=True)
+        torch.cuda.empty_cache()
+    complete = [r for r in records if r["overlapped_ms"] is not None]
+    summary = {"pairs": len(records), "pairs_planned": len(pairs),
+               "median_today_vs_bf16": statistics.median(r["bf16_ms"] / r["today_ms"] for r in records),
+               "median_overlapped_vs_bf16": statistics.median(r["bf16_ms"] / r["overlapped_ms"]
+                                                              for r in complete) if complete else None}
+    headers = ["layer", "bf16 µs", "today µs", *(f"overlapped GROUP_M {g} µs" for g in OVERLAP_GROUP_M),
+               "bf16 / today", "bf16 / overlapped", "= today"]
+    notes = [f"- {name}: {value:.3f}" if isinstance(value, float) else f"- {name}: {value}"
+             for name, value in summary.items()]
+    markdown = probe_markdown("Overlapped quantization at every M >= 1024 pair", env, __doc__,
+                              markdown_table(headers, table), "\n".join(notes))
+    save_results("probe_quant_coresident_median",
+                 {"environment": env, "summary": summary, "results": records}, markdown, out_dir)
+    print(markdown)
+
+
+def _options(parser) -> None:
+    parser.add_argument("--median", action="store_true",
+                        help="time the overlapped linear at every M >= 1024 pair of the per-layer benchmark")
+    parser.add_argument("--budget-s", type=float, default=240.0,
+                        help="--median: stop starting pairs after this")
+
+
 def main() -> int:
-    args = probe_arguments(__doc__, "probe_quant_coresident", print_sm90_compile_report)
+    args = probe_arguments(__doc__, "probe_quant_coresident", print_sm90_compile_report, _options)
     if args is None:
         return 0
     slots = wt.program_slots(torch.device("cuda"))
     side = torch.cuda.Stream()
     env = environment()
+    if args.median:
+        median_sweep(slots, side, env, args.budget_s, args.out)
+        return 0
     results, table, overlapped = [], [], []
     headers = ["layer", "side warps", "GEMM maxnreg", "today µs", "quant µs", "GEMM µs", "GEMM regs/spills",
                "side quant µs", "GB/s per program", "both at once µs", "fit one SM", "today / both", "= ref"]

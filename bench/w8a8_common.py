@@ -41,11 +41,14 @@ def arg_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
-def probe_arguments(doc: str, script: str, print_sm90_report) -> argparse.Namespace | None:
+def probe_arguments(doc: str, script: str, print_sm90_report, configure=None) -> argparse.Namespace | None:
     """The arguments of a probe that also has an ``--aot`` mode: with --aot, ``print_sm90_report()`` runs
-    (no GPU needed) and None comes back; otherwise the probe needs a CUDA GPU (``require_cuda``)."""
+    (no GPU needed) and None comes back; otherwise the probe needs a CUDA GPU (``require_cuda``).
+    ``configure(parser)`` adds the probe's own options."""
     parser = arg_parser(doc)
     parser.add_argument("--aot", action="store_true", help="compile for sm_90 and report; no GPU needed")
+    if configure is not None:
+        configure(parser)
     args = parser.parse_args()
     if args.aot:
         print_sm90_report()
