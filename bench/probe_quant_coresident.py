@@ -17,8 +17,8 @@ itself:
   the rest on a second stream, counting finished rows per 128-row block, and a GEMM that waits
   for each row block's count before its tiles load it (the tile loop is not flattened, so that no load of
   a tile is issued before its wait); GROUP_M 8 (the pack's tile order) and 1 (row-major: a smaller first
-  wave), at each register cap. Its control is the same GEMM with no waits, on rows quantized
-  beforehand.
+  wave), at each register cap, launched with programmatic dependent launch as the pack's GEMM. Its
+  control is the same GEMM with no waits, on rows quantized beforehand.
 Each row also says whether the two kernels fit on one SM together, from their compiled register counts and
 shared memory (the overlapped version runs only where they fit: a GEMM program spinning on a count that a
 quantize program cannot be scheduled to raise would wait forever), and whether the outputs are the
@@ -73,6 +73,7 @@ from dit_quant.kernels.w8a8_triton import (  # noqa: E402
     _store_quantized_row,
     _tile_coords,
     _tma_gemm_tile,
+    gdc_wait,
 )
 
 SHAPES = [(4608, 3072, 3072), (4608, 12288, 3072), (4608, 3072, 12288), (9216, 3072, 3072),
@@ -160,10 +161,13 @@ def _gemm_waiting_for_rows_kernel(
     a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, ready_ptr,
     M, N, K, num_programs, first_waited_block, max_spins,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_EPILOGUE: tl.constexpr, FENCE: tl.constexpr,
+    SPLIT_EPILOGUE: tl.constexpr, FENCE: tl.constexpr, WAIT_FOR_PRODUCER: tl.constexpr,
 ):
     """The pack's persistent TMA GEMM (no bias), whose tiles in row blocks from first_waited_block on wait
-    until ready_ptr[row block] counts the block's rows."""
+    until ready_ptr[row block] counts the block's rows. WAIT_FOR_PRODUCER: launched with programmatic
+    dependent launch after the quantize kernel of the first wave's rows, as the pack's GEMM."""
+    if WAIT_FOR_PRODUCER:
+        gdc_wait()
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile_id in range(tl.program_id(0), num_tiles, num_programs):
         pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -205,7 +209,8 @@ class OverlappedLinear:
                           -(-self.head_rows // config.block_m), MAX_SPINS)
         self.gemm_constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                                    GROUP_M=group_m, SPLIT_EPILOGUE=config.split_epilogue,
-                                   FENCE=not wt.INTERPRETED, num_warps=config.num_warps,
+                                   FENCE=not wt.INTERPRETED, **dict(wt._dependent_launch_constants(
+                                       wt.uses_pdl(x.device))), num_warps=config.num_warps,
                                    num_stages=config.num_stages, **({} if cap is None else {"maxnreg": cap}))
 
     def run(self):
@@ -381,7 +386,8 @@ def print_sm90_compile_report() -> None:
                  dict(tiles, HAS_BIAS=False, GATED_ADD=False, ADD_IN_L2=True, WAIT_FOR_PRODUCER=False)),
         "waiting": (_gemm_waiting_for_rows_kernel,
                     dict(descriptors, ready_ptr="*i32", M="i32", N="i32", K="i32", num_programs="i32",
-                         first_waited_block="i32", max_spins="i32"), dict(tiles, FENCE=True)),
+                         first_waited_block="i32", max_spins="i32"),
+                    dict(tiles, FENCE=True, WAIT_FOR_PRODUCER=True)),
     }
     gemms = {}
     for name, (kernel, signature, constants) in kernels.items():
