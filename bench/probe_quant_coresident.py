@@ -16,14 +16,15 @@ itself:
 - "overlapped": the pack's quantize kernel on the rows of the GEMM's first wave, the strided program on
   the rest on a second stream, counting finished rows per 128-row block, and a GEMM that waits
   for each row block's count before its tiles load it (the tile loop is not flattened, so that no load of
-  a tile is issued before its wait); GROUP_M 8 (the pack's tile order) and 1 (row-major: a smaller first
+  a tile is issued before its wait). A program that waits past MAX_SPINS reads quantizes the block
+  itself (counted as a fallback), so the version cannot hang where the quantize program finds no room.
+  GROUP_M 8 (the pack's tile order) and 1 (row-major: a smaller first
   wave), at each register cap, launched with programmatic dependent launch as the pack's GEMM. Its
   control is the same GEMM with no waits, on rows quantized beforehand.
 Each row also says whether the two kernels fit on one SM together, from their compiled register counts and
-shared memory (the overlapped version runs only where they fit: a GEMM program spinning on a count that a
-quantize program cannot be scheduled to raise would wait forever), and whether the outputs are the
-reference's (the quantize program's int8 rows and scales; the overlapped linear's output bit-identical to
-today's).
+shared memory (the overlapped version runs only where they fit), how many row blocks the GEMM had to
+quantize itself, and whether the outputs are the reference's (the quantize program's int8 rows and
+scales; the overlapped linear's output bit-identical to today's).
 
     python bench/probe_quant_coresident.py [--out DIR]
     python bench/probe_quant_coresident.py --median [--budget-s S]   # the overlapped linear at all 60
@@ -81,8 +82,9 @@ SHAPES = [(4608, 3072, 3072), (4608, 12288, 3072), (4608, 3072, 12288), (9216, 3
 REGISTER_CAPS = (None, 240, 232)  # None: as the compiler chooses
 SIDE_WARPS = (1, 2, 4)
 OVERLAP_GROUP_M = (8, 1)
-# reads per row-block wait: a stalled overlapped call ends (wrong, and reported) instead of hanging
-MAX_SPINS = 200_000
+# reads of a row block's count (~10 ms) before a GEMM program quantizes the block itself
+MAX_SPINS = 20_000
+QUANT_BLOCK_K = 1024  # row elements per step of the GEMM's own fallback quantization
 SM_REGISTERS = 65536
 SM_SHARED_BYTES = 228 * 1024
 BLOCK_RESERVED_SHARED_BYTES = 1024  # the driver's per-block reservation on sm_80+
@@ -143,28 +145,49 @@ def quantize_rows_strided(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 
 
 @triton.jit
-def _wait_for_rows(count_ptr, target, max_spins, FENCE: tl.constexpr):
-    """Spin (acquire, GPU scope) until count_ptr holds target or max_spins reads went by; then, with FENCE,
-    order those generic-proxy reads before the TMA (async-proxy) loads of the rows they announce."""
+def _rows_counted(count_ptr, target, max_spins):
+    """Whether count_ptr reaches target (read with acquire, GPU scope) within max_spins reads."""
     count = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
     spins = 0
     while (count < target) & (spins < max_spins):
         count = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
         spins += 1
+    return count >= target
+
+
+@triton.jit
+def _ensure_rows(x_ptr, q_ptr, scale_ptr, count_ptr, fallbacks_ptr, first_row, rows, K, max_spins,
+                 FENCE: tl.constexpr, QUANT_BLOCK_K: tl.constexpr):
+    """Make rows first_row .. first_row + rows - 1 of q (int8 [M, K]) and their scales ready for this
+    program's TMA loads: wait until count_ptr counts them, or, past max_spins reads (the strided program
+    was not scheduled beside this one), quantize them here and add 1 to fallbacks_ptr. Both write the
+    same values, so a race between the two is harmless. With FENCE, each thread then orders its
+    generic-proxy accesses before the async-proxy (TMA) loads, and the barrier brings every thread's there
+    before the loads are issued."""
+    if not _rows_counted(count_ptr, rows, max_spins):
+        tl.atomic_add(fallbacks_ptr, 1)
+        for r in range(rows):
+            offset = tl.cast(first_row + r, tl.int64) * K
+            scale, inverse = _row_scale_of(x_ptr + offset, x_ptr, K, False, QUANT_BLOCK_K)
+            _store_quantized_row(x_ptr + offset, x_ptr, q_ptr + offset, K, inverse, False, QUANT_BLOCK_K)
+            tl.store(scale_ptr + first_row + r, scale)
     if FENCE:
-        tl.inline_asm_elementwise("fence.proxy.async.global;\n\tmov.u32 $0, $1;", "=r,r", [count],
+        tl.inline_asm_elementwise("fence.proxy.async.global;\n\tmov.u32 $0, $1;", "=r,r", [rows],
                                   dtype=tl.int32, is_pure=False, pack=1)
+    tl.debug_barrier()
 
 
 @triton.jit
 def _gemm_waiting_for_rows_kernel(
-    a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, ready_ptr,
+    a_desc, b_desc, out_desc, x_ptr, q_ptr, a_scale_ptr, b_scale_ptr, ready_ptr, fallbacks_ptr,
     M, N, K, num_programs, first_waited_block, max_spins,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_EPILOGUE: tl.constexpr, FENCE: tl.constexpr, WAIT_FOR_PRODUCER: tl.constexpr,
+    QUANT_BLOCK_K: tl.constexpr,
 ):
-    """The pack's persistent TMA GEMM (no bias), whose tiles in row blocks from first_waited_block on wait
-    until ready_ptr[row block] counts the block's rows. WAIT_FOR_PRODUCER: launched with programmatic
+    """The pack's persistent TMA GEMM (no bias) of q = quantized x, whose tiles in row blocks from
+    first_waited_block on first make their block's rows ready (``_ensure_rows``: wait for
+    ready_ptr[row block] to count them, else quantize them). WAIT_FOR_PRODUCER: launched with programmatic
     dependent launch after the quantize kernel of the first wave's rows, as the pack's GEMM."""
     if WAIT_FOR_PRODUCER:
         gdc_wait()
@@ -172,7 +195,8 @@ def _gemm_waiting_for_rows_kernel(
     for tile_id in range(tl.program_id(0), num_tiles, num_programs):
         pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         if pid_m >= first_waited_block:
-            _wait_for_rows(ready_ptr + pid_m, tl.minimum(BLOCK_M, M - pid_m * BLOCK_M), max_spins, FENCE)
+            _ensure_rows(x_ptr, q_ptr, a_scale_ptr, ready_ptr + pid_m, fallbacks_ptr, pid_m * BLOCK_M,
+                         tl.minimum(BLOCK_M, M - pid_m * BLOCK_M), K, max_spins, FENCE, QUANT_BLOCK_K)
         _tma_gemm_tile(a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, b_scale_ptr, b_scale_ptr, pid_m,
                        pid_n, M, N, K, 0, 1, 0, False, False, False, BLOCK_M, BLOCK_N, BLOCK_K,
                        SPLIT_EPILOGUE)
@@ -192,10 +216,15 @@ class OverlappedLinear:
     """The overlapped linear of the module docstring for one layer's tensors: ``run()`` writes ``out``."""
 
     def __init__(self, x, weight, weight_scale, out, config, group_m: int, programs: int, side_warps: int,
-                 cap: int | None, side: torch.cuda.Stream | None, wait: bool = True):
+                 cap: int | None, side: torch.cuda.Stream | None, wait: bool = True,
+                 quantize_beside: bool = True, max_spins: int = MAX_SPINS):
+        """``wait=False``: the control (every row quantized first). ``quantize_beside=False`` leaves the
+        rows past the first wave to the GEMM's own fallback (a test of it)."""
         m, k = x.shape
         n = weight.shape[0]
         self.x, self.out, self.side, self.programs, self.side_warps = x, out, side, programs, side_warps
+        self.quantize_beside = quantize_beside
+        self.fallbacks = torch.zeros(1, dtype=torch.int32, device=x.device)  # row blocks the GEMM quantized
         self.q = torch.empty(m, k, dtype=torch.int8, device=x.device)
         self.scale = torch.empty(m, dtype=torch.float32, device=x.device)
         self.block_m = config.block_m
@@ -205,18 +234,21 @@ class OverlappedLinear:
         self.gemm_args = (TensorDescriptor.from_tensor(self.q, [config.block_m, config.block_k]),
                           TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
                           TensorDescriptor.from_tensor(out, [config.block_m, out_block_n]),
-                          self.scale, weight_scale, self.ready, m, n, k, programs,
-                          -(-self.head_rows // config.block_m), MAX_SPINS)
+                          x, self.q, self.scale, weight_scale, self.ready, self.fallbacks, m, n, k, programs,
+                          -(-self.head_rows // config.block_m), max_spins)
         self.gemm_constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                                    GROUP_M=group_m, SPLIT_EPILOGUE=config.split_epilogue,
                                    FENCE=not wt.INTERPRETED, **dict(wt._dependent_launch_constants(
-                                       wt.uses_pdl(x.device))), num_warps=config.num_warps,
+                                       wt.uses_pdl(x.device))), QUANT_BLOCK_K=QUANT_BLOCK_K,
+                                   # the fallback's quantized values as the quantize kernels' (no bias, so
+                                   # the epilogue has nothing to contract either)
+                                   enable_fp_fusion=False, num_warps=config.num_warps,
                                    num_stages=config.num_stages, **({} if cap is None else {"maxnreg": cap}))
 
     def run(self):
         """One call; returns the GEMM's compiled kernel (None in the interpreter)."""
         rest = self.head_rows < self.x.shape[0]
-        if rest:
+        if rest and self.quantize_beside:
             self.ready.zero_()
             if self.side is not None:
                 self.side.wait_stream(torch.cuda.current_stream())
@@ -226,7 +258,7 @@ class OverlappedLinear:
         head = slice(0, self.head_rows)
         wt._prepare_quantize(self.x[head], None, self.q[head], self.scale[head])()
         compiled = _gemm_waiting_for_rows_kernel[(self.programs,)](*self.gemm_args, **self.gemm_constants)
-        if rest and self.side is not None:
+        if rest and self.quantize_beside and self.side is not None:
             torch.cuda.current_stream().wait_stream(self.side)
         return compiled
 
@@ -316,7 +348,8 @@ def _checked_ms(linear: OverlappedLinear, out: torch.Tensor, expected: torch.Ten
     """Whether ``linear.run()`` writes ``expected`` into ``out`` in three eager calls, each after its int8
     rows, scales and output were poisoned (so that a GEMM tile that read rows before they were written
     cannot pass on the last call's values), and its time (CUDA-graph replays); no time where a call was
-    wrong. ``equal`` repeats the check after the replays."""
+    wrong. ``equal`` repeats the check after the replays; ``fallbacks``: row blocks the GEMM quantized
+    itself during the checked calls and during the timing."""
 
     def poisoned_call_equal() -> bool:
         linear.q.fill_(99)
@@ -325,10 +358,15 @@ def _checked_ms(linear: OverlappedLinear, out: torch.Tensor, expected: torch.Ten
         linear.run()
         return torch.equal(out, expected)
 
-    if not all([poisoned_call_equal() for _ in range(3)]):
-        return {"equal": False, "ms": None}
+    linear.fallbacks.zero_()
+    checked = all([poisoned_call_equal() for _ in range(3)])
+    fallbacks = {"checked_calls": int(linear.fallbacks.item())}
+    if not checked:
+        return {"equal": False, "ms": None, "fallbacks": fallbacks}
+    linear.fallbacks.zero_()
     ms = time_ms(linear.run, graph=True)
-    return {"equal": poisoned_call_equal(), "ms": ms}
+    fallbacks["timing"] = int(linear.fallbacks.item())
+    return {"equal": poisoned_call_equal(), "ms": ms, "fallbacks": fallbacks}
 
 
 def table_rows(row: dict) -> list[list]:
@@ -350,6 +388,12 @@ def _us(ms: float | None) -> str:
     return "-" if ms is None else f"{ms * 1e3:.1f}"
 
 
+def _fallbacks(timed: dict) -> str:
+    """'checked calls / timing' row blocks the GEMM quantized itself."""
+    counts = timed["fallbacks"]
+    return f"{counts['checked_calls']}/{counts.get('timing', '-')}"
+
+
 def overlapped_rows(row: dict) -> list[list]:
     """One table line per (GROUP_M, register cap, side warps) of a probed layer's overlapped version."""
     lines = []
@@ -361,7 +405,7 @@ def overlapped_rows(row: dict) -> list[list]:
                           f"{entry['regs']}/{entry['spills']}", entry["head_rows"], warps,
                           _us(row["today_ms"]), _us(control["ms"]),
                           "yes" if control["equal"] else "NO", _us(timed["ms"]), speedup,
-                          "yes" if timed["equal"] else "NO"])
+                          "yes" if timed["equal"] else "NO", _fallbacks(timed)])
     return lines
 
 
@@ -383,16 +427,18 @@ def print_sm90_compile_report() -> None:
     kernels = {
         "pack": (wt._w8a8_gemm_tma_kernel, dict(descriptors, bias_ptr="*bf16", M="i32", N="i32", K="i32",
                                                   num_programs="i32", **GATE_TYPES),
-                 dict(tiles, HAS_BIAS=False, GATED_ADD=False, ADD_IN_L2=True, WAIT_FOR_PRODUCER=False)),
+                 dict(tiles, HAS_BIAS=False, GATED_ADD=False, ADD_IN_L2=True, WAIT_FOR_PRODUCER=False), {}),
         "waiting": (_gemm_waiting_for_rows_kernel,
-                    dict(descriptors, ready_ptr="*i32", M="i32", N="i32", K="i32", num_programs="i32",
-                         first_waited_block="i32", max_spins="i32"),
-                    dict(tiles, FENCE=True, WAIT_FOR_PRODUCER=True)),
+                    dict(descriptors, x_ptr="*bf16", q_ptr="*i8", ready_ptr="*i32", fallbacks_ptr="*i32",
+                         M="i32", N="i32", K="i32", num_programs="i32", first_waited_block="i32",
+                         max_spins="i32"),
+                    dict(tiles, FENCE=True, WAIT_FOR_PRODUCER=True, QUANT_BLOCK_K=QUANT_BLOCK_K),
+                    {"enable_fp_fusion": False}),
     }
     gemms = {}
-    for name, (kernel, signature, constants) in kernels.items():
+    for name, (kernel, signature, constants, kernel_options) in kernels.items():
         for cap in REGISTER_CAPS:
-            options = {} if cap is None else {"maxnreg": cap}
+            options = dict(kernel_options, **({} if cap is None else {"maxnreg": cap}))
             report = _compile(kernel, dict(signature), dict(constants), 90, config.num_warps,
                               config.num_stages, **options)
             gemms[name, cap] = report
@@ -452,7 +498,8 @@ def median_sweep(slots: int, side: torch.cuda.Stream, env: dict, budget_s: float
                       *(_us(record["overlapped"][g]["ms"]) for g in OVERLAP_GROUP_M),
                       f"{record['bf16_ms'] / record['today_ms']:.2f}",
                       "-" if overlapped is None else f"{record['bf16_ms'] / overlapped:.2f}",
-                      "yes" if all(e["equal"] for e in record["overlapped"].values()) else "NO"])
+                      "yes" if all(e["equal"] for e in record["overlapped"].values()) else "NO",
+                      " ".join(_fallbacks(e) for e in record["overlapped"].values())])
         print(table[-1], flush=True)
         torch.cuda.empty_cache()
     complete = [r for r in records if r["overlapped_ms"] is not None]
@@ -461,7 +508,7 @@ def median_sweep(slots: int, side: torch.cuda.Stream, env: dict, budget_s: float
                "median_overlapped_vs_bf16": statistics.median(r["bf16_ms"] / r["overlapped_ms"]
                                                               for r in complete) if complete else None}
     headers = ["layer", "bf16 µs", "today µs", *(f"overlapped GROUP_M {g} µs" for g in OVERLAP_GROUP_M),
-               "bf16 / today", "bf16 / overlapped", "= today"]
+               "bf16 / today", "bf16 / overlapped", "= today", "GEMM's own blocks (checked/timed)"]
     notes = [f"- {name}: {value:.3f}" if isinstance(value, float) else f"- {name}: {value}"
              for name, value in summary.items()]
     markdown = probe_markdown("Overlapped quantization at every M >= 1024 pair", env, __doc__,
@@ -493,7 +540,7 @@ def main() -> int:
                "side quant µs", "GB/s per program", "both at once µs", "fit one SM", "today / both", "= ref"]
     overlapped_headers = ["layer", "GROUP_M", "GEMM maxnreg", "GEMM regs/spills", "first-wave rows",
                           "side warps", "today µs", "control µs", "control = today", "overlapped µs",
-                          "today / overlapped", "= today"]
+                          "today / overlapped", "= today", "GEMM's own blocks (checked/timed)"]
     for m, k, n in SHAPES:
         row = probe_shape(m, k, n, slots, side)
         results.append(row)

@@ -139,7 +139,8 @@ def test_overlapped_quantization_probe_matches_todays_linear():
     pack's kernel, the rest with the counting strided kernel (rows in registers at K = 128, two passes at
     K = 1104) and runs a GEMM that waits per row block, writes exactly the output of the pack's linear with
     the same tiles; the counts are the rows per block. Its control (every row quantized first, no waits;
-    200 rows, so the last block is partial) too."""
+    200 rows, so the last block is partial) too, and so does the GEMM alone when no quantize program
+    runs beside it: each waiting program gives up and quantizes its row block itself (2 blocks)."""
     script = f"""
 import sys, torch
 sys.path.insert(0, {str(BENCH)!r})
@@ -161,9 +162,15 @@ for k in (128, 1104):
     control = probe.OverlappedLinear(x, w, ws, out, config, 1, 2, 1, None, None, wait=False)
     control.run()
     print(control.head_rows, torch.equal(out, expected))
+    out.fill_(float("nan"))
+    alone = probe.OverlappedLinear(x, w, ws, out, config, 1, 2, 1, None, None, quantize_beside=False,
+                                   max_spins=2)
+    alone.q.fill_(99)
+    alone.run()
+    print(alone.fallbacks.item(), torch.equal(out, expected))
 """
     stdout = _interpreted(script)
-    assert stdout.split() == ["128", "[0,", "0,", "64,", "8]", "True", "200", "True"] * 2, stdout
+    assert stdout.split() == ["128", "[0,", "0,", "64,", "8]", "True", "200", "True", "2", "True"] * 2, stdout
 
 
 def test_coresident_quantization_probe_compiles_for_sm90():
