@@ -26,14 +26,13 @@ Writes probe_group_scaled_gemm.{json,md} to bench/results/ and --out ($OUT).
 from __future__ import annotations
 
 import json
-import pathlib
-import sys
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 from w8a8_common import (
+    aot_compile_helpers,
     compare,
     environment,
     import_kernels,
@@ -237,9 +236,7 @@ def print_sm90_compile_report() -> None:
     """Compile every variant for sm_90 without a GPU (tests/test_kernels_aot.py's helper, which needs a
     Triton wheel with ptxas and cuobjdump) and print what limits it before any timing, one JSON object
     per line."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
-    from test_kernels_aot import _compile
-
+    _compile = aot_compile_helpers()._compile
     for variant in GROUP_VARIANTS + ROWSCALE_VARIANTS:
         block_m, block_n, block_k, warps, stages, promote = variant
         signature = {"x_desc": f"tensordesc<bf16[{block_m}, {block_k}]>",

@@ -91,9 +91,7 @@ def probe_shape(m: int, k: int, n: int, slots: int, side: torch.cuda.Stream) -> 
     from dit_quant.kernels.w8a8_reference import quantize_rows_reference
 
     config = wt._HOPPER_WIDE
-    inputs = quantize_beside_inputs(m, k, n)
-    x, x2, weight, weight_scale, q, scale, q2, scale2, out = (inputs[name] for name in (
-        "x", "x2", "weight", "weight_scale", "q", "scale", "q2", "scale2", "out"))
+    x, x2, weight, weight_scale, q, scale, q2, scale2, out = quantize_beside_inputs(m, k, n)
 
     def gemm(programs):
         args = wt._tma_gemm_args(config, q, scale, weight, weight_scale, None, out, programs)

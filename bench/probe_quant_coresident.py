@@ -42,16 +42,14 @@ import contextlib
 import itertools
 import json
 import math
-import pathlib
 import statistics
-import sys
 import time
 
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 from w8a8_common import (
+    aot_compile_helpers,
     environment,
     import_kernels,
     layer_inputs,
@@ -230,12 +228,11 @@ class OverlappedLinear:
         self.block_m = config.block_m
         self.ready = torch.zeros(-(-m // config.block_m), dtype=torch.int32, device=x.device)
         self.head_rows = first_wave_rows(m, n, config, group_m, programs) if wait else m
-        out_block_n = config.block_n // 2 if config.split_epilogue else config.block_n
-        self.gemm_args = (TensorDescriptor.from_tensor(self.q, [config.block_m, config.block_k]),
-                          TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
-                          TensorDescriptor.from_tensor(out, [config.block_m, out_block_n]),
-                          x, self.q, self.scale, weight_scale, self.ready, self.fallbacks, m, n, k, programs,
-                          -(-self.head_rows // config.block_m), max_spins)
+        # the pack GEMM's A, weight and output descriptors
+        descriptors = wt._tma_gemm_args(config, self.q, self.scale, weight, weight_scale, None, out,
+                                        programs)[:3]
+        self.gemm_args = (*descriptors, x, self.q, self.scale, weight_scale, self.ready, self.fallbacks, m, n,
+                          k, programs, -(-self.head_rows // config.block_m), max_spins)
         self.gemm_constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                                    GROUP_M=group_m, SPLIT_EPILOGUE=config.split_epilogue,
                                    FENCE=not wt.INTERPRETED, **dict(wt._dependent_launch_constants(
@@ -280,9 +277,7 @@ def probe_shape(m: int, k: int, n: int, slots: int, side: torch.cuda.Stream) -> 
     from dit_quant.kernels.w8a8_reference import quantize_rows_reference
 
     config = wt._HOPPER_WIDE
-    inputs = quantize_beside_inputs(m, k, n)
-    x, x2, weight, weight_scale, q, scale, q2, scale2, out = (inputs[name] for name in (
-        "x", "x2", "weight", "weight_scale", "q", "scale", "q2", "scale2", "out"))
+    x, x2, weight, weight_scale, q, scale, q2, scale2, out = quantize_beside_inputs(m, k, n)
     gemm_args = wt._tma_gemm_args(config, q, scale, weight, weight_scale, None, out, slots)
     gemm_constants = dict(wt._tma_gemm_constants(config, False, False, False))
 
@@ -375,10 +370,9 @@ def table_rows(row: dict) -> list[list]:
     for warps, side in row["side"].items():
         for cap, together in side["together"].items():
             gemm = row["gemm"][cap]
-            lines.append([f"{row['m']}x{row['k']}->{row['n']}", warps, cap, f"{row['today_ms'] * 1e3:.1f}",
-                          f"{row['quant_full_ms'] * 1e3:.1f}", f"{gemm['ms'] * 1e3:.1f}",
-                          f"{gemm['regs']}/{gemm['spills']}", f"{side['ms'] * 1e3:.1f}",
-                          f"{side['gb_s_per_program']:.1f}", f"{together['ms'] * 1e3:.1f}",
+            lines.append([f"{row['m']}x{row['k']}->{row['n']}", warps, cap, _us(row["today_ms"]),
+                          _us(row["quant_full_ms"]), _us(gemm["ms"]), f"{gemm['regs']}/{gemm['spills']}",
+                          _us(side["ms"]), f"{side['gb_s_per_program']:.1f}", _us(together["ms"]),
                           "yes" if together["fits"] else "no", f"{row['today_ms'] / together['ms']:.3f}",
                           "yes" if side["exact"] else "NO"])
     return lines
@@ -413,20 +407,15 @@ def print_sm90_compile_report() -> None:
     """Compile the kernels for sm_90 without a GPU (tests/test_kernels_aot.py's helper, which needs a
     Triton wheel with ptxas and cuobjdump) and print, one JSON object per line: each GEMM (the pack's and
     the waiting one) at each register cap, each strided quantize program, and which pairs fit one SM."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
-    from test_kernels_aot import GATE_TYPES, _compile
-
+    aot = aot_compile_helpers()
+    _compile = aot._compile
     config = wt._HOPPER_WIDE
-    out_n = config.block_n // 2 if config.split_epilogue else config.block_n
-    descriptors = {"a_desc": f"tensordesc<i8[{config.block_m}, {config.block_k}]>",
-                   "b_desc": f"tensordesc<i8[{config.block_n}, {config.block_k}]>",
-                   "out_desc": f"tensordesc<bf16[{config.block_m}, {out_n}]>",
-                   "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32"}
+    descriptors = dict(aot.tma_descriptor_types(config), a_scale_ptr="*fp32", b_scale_ptr="*fp32")
     tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
              "GROUP_M": config.group_m, "SPLIT_EPILOGUE": config.split_epilogue}
     kernels = {
         "pack": (wt._w8a8_gemm_tma_kernel, dict(descriptors, bias_ptr="*bf16", M="i32", N="i32", K="i32",
-                                                  num_programs="i32", **GATE_TYPES),
+                                                  num_programs="i32", **aot.GATE_TYPES),
                  dict(tiles, HAS_BIAS=False, GATED_ADD=False, ADD_IN_L2=True, WAIT_FOR_PRODUCER=False), {}),
         "waiting": (_gemm_waiting_for_rows_kernel,
                     dict(descriptors, x_ptr="*bf16", q_ptr="*i8", ready_ptr="*i32", fallbacks_ptr="*i32",

@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from typing import NamedTuple
 
 import torch
 
@@ -57,6 +58,15 @@ def probe_arguments(doc: str, script: str, print_sm90_report, configure=None) ->
     return args
 
 
+def aot_compile_helpers():
+    """tests/test_kernels_aot.py, whose ``_compile`` (and signature tables) the probes' --aot reports use:
+    a Triton wheel's ptxas and cuobjdump, no GPU."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    import test_kernels_aot
+
+    return test_kernels_aot
+
+
 def require_cuda(script: str) -> None:
     """Exit with status 2 and a one-line message where no CUDA GPU is visible (every benchmark needs one)."""
     if not torch.cuda.is_available():
@@ -96,17 +106,31 @@ def layer_inputs(m: int, k: int, n: int, seed: int, with_bias: bool = True) -> d
             "weight_bf16": (weight.float() * weight_scale[:, None]).bfloat16()}
 
 
-def quantize_beside_inputs(m: int, k: int, n: int) -> dict:
-    """``layer_inputs`` without bias for the probes that quantize beside a GEMM: also ``q``/``scale`` (the
-    pack's quantization of ``x``, the GEMM's operand), ``x2`` (a copy of ``x``) with empty ``q2``/``scale2``
-    for the side quantization to write, and an empty bf16 ``out`` [m, n]."""
+class BesideInputs(NamedTuple):
+    """A layer for the probes that quantize beside a GEMM (see ``quantize_beside_inputs``)."""
+
+    x: torch.Tensor
+    x2: torch.Tensor
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    q: torch.Tensor
+    scale: torch.Tensor
+    q2: torch.Tensor
+    scale2: torch.Tensor
+    out: torch.Tensor
+
+
+def quantize_beside_inputs(m: int, k: int, n: int) -> BesideInputs:
+    """``layer_inputs`` without bias, plus ``q``/``scale`` (the pack's quantization of ``x``, the GEMM's
+    operand), ``x2`` (a copy of ``x``) with empty ``q2``/``scale2`` for the side quantization to write, and
+    an empty bf16 ``out`` [m, n]."""
     from dit_quant.kernels import w8a8_triton
 
     layer = layer_inputs(m, k, n, 0, with_bias=False)
-    q, scale = w8a8_triton.quantize_rows_triton(layer["x"])
-    return {**layer, "q": q, "scale": scale, "x2": layer["x"].clone(), "q2": torch.empty_like(q),
-            "scale2": torch.empty_like(scale),
-            "out": torch.empty(m, n, device=layer["x"].device, dtype=torch.bfloat16)}
+    x = layer["x"]
+    q, scale = w8a8_triton.quantize_rows_triton(x)
+    return BesideInputs(x, x.clone(), layer["weight"], layer["weight_scale"], q, scale, torch.empty_like(q),
+                        torch.empty_like(scale), torch.empty(m, n, device=x.device, dtype=torch.bfloat16))
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:

@@ -98,6 +98,14 @@ def _compile_gemv(cc: int, config) -> dict:
                     config.num_stages, enable_fp_fusion=False)
 
 
+def tma_descriptor_types(config) -> dict[str, str]:
+    """The signature types of the TMA GEMM's A, weight and output descriptors for ``config``."""
+    out_n = config.block_n // 2 if config.split_epilogue else config.block_n
+    return {"a_desc": f"tensordesc<i8[{config.block_m}, {config.block_k}]>",
+            "b_desc": f"tensordesc<i8[{config.block_n}, {config.block_k}]>",
+            "out_desc": f"tensordesc<bf16[{config.block_m}, {out_n}]>"}
+
+
 def compile_all(shard: int, num_shards: int) -> dict[str, dict]:
     """Compile one shard of the cases; runs in a subprocess where TRITON_INTERPRET is unset (the
     interpreter's kernel objects cannot be compiled)."""
@@ -112,12 +120,9 @@ def compile_all(shard: int, num_shards: int) -> dict[str, dict]:
         # the GEMMs of quantized rows also with the gated residual add of DiT blocks in their epilogue
         for gated in (False, True) if config.kind != "fused" else (False,):
             if config.kind == "tma":
-                out_n = config.block_n // 2 if config.split_epilogue else config.block_n
-                signature = {"a_desc": f"tensordesc<i8[{config.block_m}, {config.block_k}]>",
-                             "b_desc": f"tensordesc<i8[{config.block_n}, {config.block_k}]>",
-                             "out_desc": f"tensordesc<bf16[{config.block_m}, {out_n}]>",
-                             "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "bias_ptr": "*bf16",
-                             "M": "i32", "N": "i32", "K": "i32", "num_programs": "i32", **GATE_TYPES}
+                signature = {**tma_descriptor_types(config), "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
+                             "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "num_programs": "i32",
+                             **GATE_TYPES}
                 kernel = w8a8_triton._w8a8_gemm_tma_kernel
                 constexprs = dict(tiles, HAS_BIAS=True, GATED_ADD=gated, ADD_IN_L2=True,
                                   SPLIT_EPILOGUE=config.split_epilogue)
